@@ -1,0 +1,2 @@
+"""Spectral helpers shared by spectral consumers: reference spectra I/O, energy axes,
+edge-step normalisation."""

@@ -1,0 +1,87 @@
+"""The daemon's lifecycle: sources -> router -> consumers, with the HTTP sink beside them.
+
+Start order is router, HTTP server, then sources (nothing is received before it can be routed);
+stop order is the reverse: sources stop receiving, the router drains its queue and closes open runs,
+then the HTTP server stops.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from .config import Config
+from .metrics import Metrics
+from .results import RunStore
+from .router import Router
+from .sinks.http import HTTPServer
+from .sources.bluesky_zmq import BlueskyZmqSource
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One beamlens daemon built from a validated :class:`Config`.
+
+    Args:
+        config: the configuration.
+        registry: Prometheus registry (a fresh one by default, so tests can run several daemons).
+    """
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None):
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.store = RunStore(config.router.keep_runs)
+        self.router = Router(config, self.metrics, self.store)
+        self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
+        self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness)
+        self._stopped = threading.Event()
+
+    def readiness(self) -> dict[str, bool]:
+        return {s.name: s.connected.is_set() for s in self.sources}
+
+    def start(self) -> None:
+        self.router.start()
+        self.http.start()
+        for source in self.sources:
+            source.start()
+        log.info("beamlens started: %d source(s), %d consumer(s), HTTP on %s",
+                 len(self.sources), len(self.config.consumers), self.http.url)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop receiving, process what is queued (up to ``drain_timeout`` s), close open runs as
+        ``incomplete``, stop serving."""
+        for source in self.sources:
+            source.stop()
+        if not self.router.wait_idle(drain_timeout):
+            log.error("document queue not drained within %.0f s", drain_timeout)
+        self.router.stop()
+        self.http.stop()
+        self._stopped.set()
+        log.info("beamlens stopped")
+
+    def __enter__(self) -> Daemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run_until_signalled(self) -> None:
+        """Start, serve until SIGINT or SIGTERM, then stop cleanly (main thread only)."""
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: object) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            done.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            done.wait()
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,80 @@
+"""``beamlens``: the one command-line entry point.
+
+- ``beamlens run --config FILE``: run the daemon until SIGINT/SIGTERM.
+- ``beamlens demo [--config FILE]``: proxy + daemon + simulated beamline on 127.0.0.1.
+- ``beamlens check-config FILE``: validate a config and exit (0 valid, 2 invalid), naming the YAML
+  path of every bad field.
+- ``beamlens schema``: print the config's JSON schema (generated from the pydantic models).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("beamlens")
+
+
+def default_demo_config() -> Path:
+    """The demo config shipped in ``configs/demo.yaml`` (source tree) or beside the package."""
+    here = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    return here if here.exists() else Path(str(files("beamlens.daemon") / "demo.yaml"))
+
+
+def _load(path: str | Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="beamlens", description="Live analysis of Bluesky documents and detector frames.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the daemon")
+    p_run.add_argument("--config", required=True, help="YAML config file")
+    p_demo = sub.add_parser("demo", help="run the daemon on the embedded simulated beamline")
+    p_demo.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
+    p_demo.add_argument("--no-serve", action="store_true", help="exit after the demo runs instead of serving")
+    p_demo.add_argument("--stxm-points", type=int, default=150, help="replay an N x N corner of the STXM image")
+    p_check = sub.add_parser("check-config", help="validate a config file")
+    p_check.add_argument("file")
+    sub.add_parser("schema", help="print the config JSON schema")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        config = _load(args.file)
+        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), {len(config.consumers)} consumer(s))")
+        return 0
+    if args.command == "schema":
+        print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))
+        return 0
+    if args.command == "run":
+        config = _load(args.config)
+        _logging(config.log_level)
+        from .app import Daemon
+        Daemon(config).run_until_signalled()
+        return 0
+    if args.command == "demo":
+        config = _load(args.config or default_demo_config())
+        _logging(config.log_level)
+        from .sim.demo import run_demo
+        n = args.stxm_points
+        region = None if n >= 150 else (slice(0, n), slice(0, n))
+        run_demo(config, stxm_region=region, serve=not args.no_serve)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

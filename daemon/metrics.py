@@ -1,0 +1,75 @@
+"""Every Prometheus metric of the daemon, defined once (prometheus client_python conventions).
+
+Names carry the ``beamlens_`` prefix and base units (``_seconds``, ``_bytes``, ``_ratio``), counters
+end in ``_total``, and no label takes a run uid, path or other unbounded value. The registry is
+injected, so each test builds a fresh :class:`Metrics` on its own ``CollectorRegistry``.
+
+Science gauges (explained variance, reconstruction error, defect counts, ...) are listed in
+:data:`SCIENCE_GAUGES`; a consumer binds a ``single`` result buffer to one of them by name
+(``BufferSpec(metric=...)``) and the daemon keeps the gauge equal to the buffer.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: name -> (documentation, label names besides ``consumer`` and ``index``).
+SCIENCE_GAUGES: dict[str, str] = {
+    "explained_variance_ratio": "Fraction of the spectra's variance explained by each principal component of the current run.",
+    "reconstruction_error_ratio": "Relative reconstruction error ||X - WH|| / ||X|| of the current run's unmixing.",
+    "embedding_residual_ratio": "Relative out-of-sample reconstruction residual of the newest spectra in the current embedding.",
+    "defects": "Defects detected in the newest frame, by class.",
+    "defect_density_per_square_pixel": "Defects per px^2 in the newest frame.",
+}
+
+PROCESSING_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class Metrics:
+    """The daemon's metrics on one registry.
+
+    Args:
+        registry: where to register; a fresh ``CollectorRegistry()`` by default (never the global
+            one, so that several daemons can live in one test process).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.documents_received = Counter(
+            "beamlens_documents_received_total", "Bluesky documents received and accepted, by source and document type.",
+            ["source", "type"], registry=r)
+        self.bad_messages = Counter(
+            "beamlens_bad_messages_total", "Messages or documents rejected, by source and reason.",
+            ["source", "reason"], registry=r)
+        self.events_processed = Counter(
+            "beamlens_events_processed_total", "Events routed to the consumers of their run.", registry=r)
+        self.points_skipped = Counter(
+            "beamlens_points_skipped_total", "Scan points a consumer skipped as unusable, by consumer and reason.",
+            ["consumer", "reason"], registry=r)
+        self.consumer_failures = Counter(
+            "beamlens_consumer_failures_total", "Exceptions raised by a consumer.", ["consumer"], registry=r)
+        self.consumers_quarantined = Counter(
+            "beamlens_consumers_quarantined_total", "Consumers stopped for the rest of a run after repeated failures.",
+            ["consumer"], registry=r)
+        self.processing_seconds = Histogram(
+            "beamlens_consumer_processing_seconds", "Time a consumer spent on one document or page.",
+            ["consumer", "method"], buckets=PROCESSING_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "beamlens_queue_depth", "Items waiting in a daemon queue.", ["queue"], registry=r)
+        self.run_progress = Gauge(
+            "beamlens_run_progress_ratio", "Points processed / points expected for the newest open run (1 when it has stopped).",
+            registry=r)
+        self.runs_open = Gauge("beamlens_runs_open", "Runs started and not yet stopped.", registry=r)
+        self.runs = Counter("beamlens_runs_total", "Runs seen, by how they ended.", ["exit_status"], registry=r)
+        self.runs_joined_midway = Counter(
+            "beamlens_runs_joined_midway_total", "Runs first seen after their RunStart (daemon joined mid-run).", registry=r)
+        self.last_event_time = Gauge(
+            "beamlens_last_event_timestamp_seconds", "Unix time at which the last event was received.", registry=r)
+        self.source_connected = Gauge(
+            "beamlens_source_connected", "1 while a source has a live connection to its peer.", ["source"], registry=r)
+        self.probes_received = Counter(
+            "beamlens_probes_received_total", "Readiness probes received through a bluesky proxy.", ["source"], registry=r)
+        self.science = {
+            name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
+            for name, doc in SCIENCE_GAUGES.items()
+        }

@@ -1,0 +1,189 @@
+"""Per-run state and the store the sinks read from.
+
+The router (one thread) mutates :class:`RunState`; sinks (the HTTP thread, file writers) only read,
+through :meth:`RunStore.snapshot` and :meth:`RunStore.summaries`, which copy what they return.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from beamlens.consumers.base import BufferSpec, Consumer, Results, RunInfo
+
+
+@dataclass
+class ConsumerSlot:
+    """One consumer instance inside one run, with its buffers and failure count."""
+
+    name: str
+    consumer: Consumer
+    specs: dict[str, BufferSpec] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    failures: int = 0
+    quarantined: bool = False
+    inactive_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self.quarantined and self.inactive_reason is None
+
+    def allocate(self, nav_capacity: int) -> None:
+        self.arrays = {name: spec.allocate(nav_capacity) for name, spec in self.specs.items()}
+        self.consumer.results = Results(self.arrays)
+
+    def grow_nav(self, nav_capacity: int) -> None:
+        """Enlarge ``nav`` buffers of a run of unknown length to ``nav_capacity`` points."""
+        for name, spec in self.specs.items():
+            if spec.kind == "nav" and len(self.arrays[name]) < nav_capacity:
+                new = spec.allocate(nav_capacity)
+                old = self.arrays[name]
+                new[: len(old)] = old
+                self.arrays[name] = new
+        self.consumer.results = Results(self.arrays)
+
+
+@dataclass
+class RunState:
+    """What the daemon knows of one raw run."""
+
+    uid: str
+    start_doc: dict[str, Any]
+    nav_shape: tuple[int, ...]
+    snaking: tuple[bool, ...]
+    info: RunInfo
+    joined_midway: bool = False
+    status: str = "open"  # open | success | abort | fail | incomplete
+    opened: float = field(default_factory=time.time)
+    closed: float | None = None
+    last_event: float | None = None
+    events_done: int = 0
+    max_position: int = -1
+    primary_descriptors: set[str] = field(default_factory=set)
+    descriptor_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slots: list[ConsumerSlot] = field(default_factory=list)
+    buffers_allocated: bool = False
+
+    @property
+    def expected_points(self) -> int | None:
+        n = int(np.prod(self.nav_shape))
+        return n if n > 0 else None
+
+    @property
+    def progress(self) -> float:
+        if self.status != "open":
+            return 1.0
+        expected = self.expected_points
+        if not expected:
+            return 0.0
+        return min(1.0, self.events_done / expected)
+
+    @property
+    def published_nav_shape(self) -> tuple[int, ...]:
+        """The map shape sinks see; for runs of unknown length, the points seen so far."""
+        return self.nav_shape if self.nav_shape != (0,) else (self.max_position + 1,)
+
+    def summary(self) -> dict[str, Any]:
+        start = self.start_doc
+        return {
+            "uid": self.uid,
+            "scan_id": start.get("scan_id"),
+            "plan_name": start.get("plan_name"),
+            "status": self.status,
+            "joined_midway": self.joined_midway,
+            "nav_shape": list(self.published_nav_shape),
+            "expected_points": self.expected_points,
+            "events_done": self.events_done,
+            "progress": self.progress,
+            "opened": self.opened,
+            "closed": self.closed,
+            "last_event": self.last_event,
+            "consumers": {
+                slot.name: {
+                    "active": slot.active,
+                    "quarantined": slot.quarantined,
+                    "inactive_reason": slot.inactive_reason,
+                    "failures": slot.failures,
+                    "buffers": {
+                        name: {"kind": spec.kind, "units": spec.units, "description": spec.description,
+                               "extra_shape": list(spec.extra_shape), "axis": spec.axis}
+                        for name, spec in slot.specs.items()
+                    },
+                }
+                for slot in self.slots
+            },
+        }
+
+
+@dataclass
+class BufferSnapshot:
+    """A copy of one result buffer, ready to publish.
+
+    ``data`` is ``(*nav_shape, *extra_shape)`` for ``nav`` buffers, ``extra_shape`` otherwise.
+    ``axis`` is ``(values, units)`` of the signal axis of a ``sig`` buffer when the consumer set one.
+    """
+
+    run_uid: str
+    consumer: str
+    spec: BufferSpec
+    data: np.ndarray
+    axis: tuple[np.ndarray, str] | None = None
+
+
+class RunStore:
+    """Open runs plus the ``keep`` most recently finished ones, readable from any thread."""
+
+    def __init__(self, keep: int = 10):
+        self.keep = keep
+        self._runs: OrderedDict[str, RunState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, run: RunState) -> None:
+        with self._lock:
+            self._runs[run.uid] = run
+            finished = [uid for uid, r in self._runs.items() if r.status != "open"]
+            for uid in finished[: max(0, len(finished) - self.keep)]:
+                del self._runs[uid]
+
+    def get(self, uid: str) -> RunState | None:
+        with self._lock:
+            if uid == "latest":
+                return next(reversed(self._runs.values()), None)
+            return self._runs.get(uid)
+
+    def open_runs(self) -> list[RunState]:
+        with self._lock:
+            return [r for r in self._runs.values() if r.status == "open"]
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Newest first."""
+        with self._lock:
+            runs = list(self._runs.values())
+        return [r.summary() for r in reversed(runs)]
+
+    def snapshot(self, uid: str, consumer: str, buffer: str) -> BufferSnapshot:
+        """Copy one buffer of one run (``uid`` may be ``"latest"``).
+
+        Raises:
+            KeyError: unknown run, consumer or buffer.
+        """
+        run = self.get(uid)
+        if run is None:
+            raise KeyError(f"no run {uid!r}")
+        slot = next((s for s in run.slots if s.name == consumer), None)
+        if slot is None or buffer not in slot.arrays:
+            raise KeyError(f"no buffer {consumer}/{buffer} in run {run.uid}")
+        spec = slot.specs[buffer]
+        arr = slot.arrays[buffer]
+        if spec.kind == "nav":
+            shape = run.published_nav_shape
+            n = int(np.prod(shape))
+            data = arr[:n].copy().reshape(*shape, *spec.extra_shape)
+        else:
+            data = arr.copy()
+        axis = slot.consumer.run.axes.get(spec.axis) if spec.axis else None
+        return BufferSnapshot(run.uid, consumer, spec, data, axis)
