@@ -124,6 +124,28 @@ class RunInfo:
     axes: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A detector frame series (one acquisition: DECTRIS series, array-1.0 stream, camera movie),
+    as the frame path announces it to frame consumers.
+
+    Attributes:
+        source: config name of the frame source.
+        series_id: the detector's series id (or unique id), as a string.
+        sig_shape: frame shape in numpy order ``(rows, cols)``, px.
+        dtype: numpy dtype string of the frames on the wire (e.g. ``"uint16"``).
+        n_frames: frames announced for the series, or None when open-ended.
+        meta: the rest of the series header (format-specific, JSON-like).
+    """
+
+    source: str
+    series_id: str
+    sig_shape: tuple[int, ...]
+    dtype: str
+    n_frames: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Consumer:
     """Base class of every analysis plug-in.
 
@@ -137,6 +159,10 @@ class Consumer:
 
     name: ClassVar[str] = "consumer"
     Params: ClassVar[type[ConsumerParams]] = ConsumerParams
+    inputs: ClassVar[Literal["events", "frames"]] = "events"
+    """What the consumer analyses: ``"events"`` (Bluesky event data; buffers are declared after the
+    first primary descriptor) or ``"frames"`` (detector frames; buffers are declared after
+    :meth:`series`)."""
 
     def __init__(self, params: ConsumerParams, run: RunInfo):
         self.params = params
@@ -164,6 +190,20 @@ class Consumer:
             positions: int64 array ``(n_events,)`` of flat nav indices where each event belongs
                 (placement follows the RunStart ``shape``/``snaking``); ``-1`` where an event falls
                 outside the declared scan shape.
+        """
+
+    def series(self, info: SeriesInfo) -> None:
+        """A frame series starts in this run (frame consumers). Raise :class:`NotApplicable` to
+        sit it out (e.g. a frame shape the model cannot take)."""
+
+    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
+        """A batch of detector frames of the current series.
+
+        Args:
+            frames: ``(n_frames, *info.sig_shape)`` in the wire dtype (``info.dtype``), px.
+            positions: int64 ``(n_frames,)`` flat nav indices (from the frame numbers, with the
+                RunStart's ``shape``/``snaking``); ``-1`` outside the scan.
+            info: the series the frames belong to.
         """
 
     def stop(self, doc: Mapping[str, Any]) -> None:

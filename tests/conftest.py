@@ -1,0 +1,43 @@
+"""Shared fixtures: real components on 127.0.0.1 with free ports, started and stopped per test."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from beamlens.daemon.app import Daemon
+from beamlens.daemon.config import load_config
+from beamlens.daemon.sim.beamline import SimulatedBeamline
+from beamlens.daemon.sim.proxy import ProxyProcess
+
+
+@pytest.fixture
+def proxy() -> Iterator[ProxyProcess]:
+    """A real bluesky 0MQ Proxy in a subprocess, on random loopback ports."""
+    with ProxyProcess() as p:
+        yield p
+
+
+@pytest.fixture
+def make_daemon() -> Iterator[Callable[..., Daemon]]:
+    """Build and start a daemon from YAML text (HTTP on a free port); stopped at teardown."""
+    daemons: list[Daemon] = []
+
+    def make(yaml_text: str, environ: dict[str, str] | None = None) -> Daemon:
+        config = load_config(text=yaml_text, environ=environ or {})
+        config = config.model_copy(update={"http": config.http.model_copy(update={"port": 0})})
+        daemon = Daemon(config)
+        daemon.start()
+        daemons.append(daemon)
+        return daemon
+
+    yield make
+    for d in daemons:
+        d.stop()
+
+
+@pytest.fixture
+def beamline(proxy: ProxyProcess) -> Iterator[SimulatedBeamline]:
+    bl = SimulatedBeamline(proxy.in_address)
+    yield bl
+    bl.close()
