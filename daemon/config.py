@@ -112,6 +112,7 @@ class RouterConfig(Strict):
     max_page_size: int = Field(256, gt=0, description="consecutive events are coalesced into pages of at most this many")
     max_failures_per_run: int = Field(10, gt=0, description="a consumer is quarantined for the run after this many exceptions")
     keep_runs: int = Field(10, gt=0, description="finished runs kept for the HTTP API")
+    blas_threads: int = Field(1, ge=1, le=64, description="threads each BLAS call may use; 1 avoids oversubscription with the daemon's own threads")
     strict: bool = Field(False, description="re-raise consumer exceptions (tests only)")
 
 

@@ -100,6 +100,25 @@ def _depth(obj: Any, limit: int) -> int:
     return deepest
 
 
+def _schema_view(name: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The document as the schema sees it, with data values the schemas leave unconstrained
+    replaced by empty stand-ins.
+
+    event_model's Event schema allows any value in ``data`` and the EventPage schema any array, but
+    jsonschema's ``unevaluatedProperties`` check formats every value it visits (``repr`` of a numpy
+    array costs about a millisecond). Validating the stand-ins checks the same structure at a
+    fraction of the cost.
+    """
+    data = doc.get("data")
+    if not isinstance(data, dict) or name not in ("event", "event_page"):
+        return doc
+    if name == "event":
+        light = {k: None for k in data}
+    else:
+        light = {k: [] if isinstance(v, (list, np.ndarray)) else v for k, v in data.items()}
+    return {**doc, "data": light}
+
+
 def make_deserializer(serializer: str, allow_pickle: bool = False) -> Callable[[bytes], Any]:
     """Return ``bytes -> object`` for a configured serializer name.
 
@@ -160,7 +179,7 @@ def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *,
         raise DecodeError("too_deep", f"document nested deeper than {MAX_NESTING}")
     if validate:
         try:
-            schema_validators[DocumentNames[name]].validate(doc)
+            schema_validators[DocumentNames[name]].validate(_schema_view(name, doc))
         except SchemaError as exc:
             raise DecodeError("schema_invalid", f"{name} fails event_model schema: {exc.message}"[:300]) from None
         except RecursionError:

@@ -70,7 +70,7 @@ class RawPublisher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             nonce = uuid.uuid4().hex
-            self.socket.send(b"beamlens-probe beamlens_probe " + nonce.encode())
+            self.socket.send(b"beamlens-probe beamlens_probe \xc1" + nonce.encode())
             try:
                 wait_for(lambda: any(s.probe_seen(nonce) for s in daemon.sources), timeout=0.05, interval=0.005)
                 return

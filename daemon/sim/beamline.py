@@ -108,8 +108,13 @@ def wait_until_subscribed(proxy_in: str, seen: Callable[[str], bool], timeout: f
 
     PUB/SUB drops messages published before a subscription has propagated (bluesky#2014). This
     sends ``beamlens_probe <nonce>`` with prefix :data:`~beamlens.daemon.documents.PROBE_PREFIX`
-    (ignored by every bluesky RemoteDispatcher, which filters on its own prefix) every 50 ms until
-    ``seen(nonce)`` is true.
+    every 50 ms until ``seen(nonce)`` is true. The payload starts with byte 0xC1, which pickle,
+    msgpack and JSON all refuse, so a bluesky RemoteDispatcher on the same proxy that does not filter
+    on a prefix drops the probe as undeserializable and carries on.
+
+    The probe proves the proxy -> subscriber leg and that the proxy is up. Create the document
+    ``Publisher`` *before* calling this, so that its own connection to the proxy is made while the
+    probes go round.
 
     Args:
         proxy_in: the proxy's in address.
@@ -119,7 +124,7 @@ def wait_until_subscribed(proxy_in: str, seen: Callable[[str], bool], timeout: f
     Raises:
         TimeoutError: if no probe got through in time.
     """
-    publisher = Publisher(proxy_in, prefix=PROBE_PREFIX, serializer=str.encode)
+    publisher = Publisher(proxy_in, prefix=PROBE_PREFIX, serializer=lambda nonce: b"\xc1" + nonce.encode())
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

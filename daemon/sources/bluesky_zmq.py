@@ -149,7 +149,7 @@ class BlueskyZmqSource:
         self.emit(Document(name=name, doc=doc, source=self.name, received=time.time()))
 
     def _on_probe(self, payload: bytes) -> None:
-        nonce = payload[:64].decode("ascii", "replace")
+        nonce = payload[1:65].decode("ascii", "replace")  # after the 0xC1 guard byte
         with self._probe_lock:
             if len(self._probes) > 1000:
                 self._probes.clear()
