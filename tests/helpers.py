@@ -50,3 +50,12 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def wait_run_finished(daemon: Daemon, uid: str, timeout: float = 60.0) -> None:
+    """Wait until the daemon has processed the RunStop of run ``uid``. (``router.wait_idle`` alone
+    can return while the last documents are still in flight between the proxy and the daemon.)"""
+    def finished() -> bool:
+        run = daemon.store.get(uid)
+        return run is not None and run.status != "open"
+    wait_for(finished, timeout)
