@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean system-deps
+.PHONY: demo test venv bench clean system-deps lock
 
 # System packages the tests use: promtool (Debian `prometheus`) and headless Chromium for the live
 # page. `make system-deps` installs the missing ones when run as root (CI, fresh machines) and
@@ -42,6 +42,12 @@ test: $(STAMP)
 ## Run the benchmarks (JSON lines on stdout).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+## Re-pin the container image's dependencies (hashes) after changing pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		-o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache test-artifacts

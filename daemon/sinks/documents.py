@@ -179,6 +179,7 @@ class DocumentsSink:
         self.metrics = metrics
         self._publisher = publisher or Publisher(config.address, prefix=config.prefix.encode(),
                                                  serializer=msgpack_serializer)
+        metrics.output_failures.labels("documents").inc(0)  # exported from the start, so increase() sees the first
         self._derived: dict[str, dict[str, DerivedRun]] = {}
         self._last_flush: dict[str, float] = {}
 

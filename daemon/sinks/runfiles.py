@@ -268,6 +268,7 @@ class RunFileWriter:
         self.metrics = metrics
         self.store = store
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.outputs.files.queue_size)
+        metrics.output_failures.labels("files").inc(0)  # exported from the start, so increase() sees the first
         self._motor_units: dict[str, dict[str, str]] = {}
         self._thread: threading.Thread | None = None
         self.written: list[Path] = []
