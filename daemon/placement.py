@@ -3,8 +3,9 @@
 Follows bluesky's grid conventions (``bluesky.callbacks.mpl_plotting.LiveGrid`` and
 ``bluesky.plan_patterns``): the RunStart of a ``grid_scan`` carries ``shape`` (slowest axis first) and
 ``snaking`` (one bool per axis); event ``seq_num`` counts from 1 in acquisition order. An axis with
-``snaking[k]`` true runs backwards whenever the combined index of the axes before it is odd (for a
-2-D scan: odd rows are flipped). Without a ``shape`` the map is one-dimensional in seq_num order,
+``snaking[k]`` true runs backwards on every other pass, i.e. when the number of completed passes
+``(seq_num - 1) // prod(shape[k:])`` is odd (``bluesky.utils.snake_cyclers``; for a 2-D scan: odd
+rows are flipped). Without a ``shape`` the map is one-dimensional in seq_num order,
 with length ``num_points`` when the RunStart gives it.
 """
 from __future__ import annotations
@@ -54,8 +55,8 @@ def flat_positions(seq_nums: np.ndarray, shape: tuple[int, ...], snaking: tuple[
     multi = list(np.unravel_index(safe, shape))
     for axis in range(1, len(shape)):
         if snaking[axis]:
-            outer = np.ravel_multi_index(multi[:axis], shape[:axis]) if axis > 1 else multi[0]
-            flip = (outer % 2) == 1
-            multi[axis] = np.where(flip, shape[axis] - 1 - multi[axis], multi[axis])
+            # how many times this axis has been restarted so far (bluesky.utils.snake_cyclers)
+            restarts = safe // int(np.prod(shape[axis:]))
+            multi[axis] = np.where(restarts % 2 == 1, shape[axis] - 1 - multi[axis], multi[axis])
     flat = np.ravel_multi_index(multi, shape)
     return np.where(valid, flat, -1).astype(np.int64)
