@@ -35,9 +35,10 @@ class EventStream:
         self.conn.request("GET", "/api/stream", headers={"Accept": "text/event-stream"})
         self.response = self.conn.getresponse()
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
         if self.response.status == 200:
             self.conn.sock.settimeout(None)
-            threading.Thread(target=self._read, daemon=True).start()
+            self.reader.start()
 
     def _read(self) -> None:
         try:
@@ -72,8 +73,11 @@ class EventStream:
         return out
 
     def close(self) -> None:
+        """Shut the socket down, let the reader see the end of the stream, then close."""
         if self.conn.sock is not None:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
+        if self.reader.is_alive():
+            self.reader.join(5)
         self.conn.close()
 
 
