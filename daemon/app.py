@@ -1,8 +1,10 @@
-"""The daemon's lifecycle: sources -> router -> consumers, with the HTTP sink beside them.
+"""The daemon's lifecycle: sources -> router -> consumers, with the sinks beside them.
 
-Start order is router, HTTP server, then sources (nothing is received before it can be routed);
-stop order is the reverse: sources stop receiving, the router drains its queue and closes open runs,
-then the HTTP server stops.
+Sinks hang on the router's listener hook: the live page's feed always, derived documents and run
+files when enabled in ``outputs``. Start order is sinks, router, HTTP server, then sources (nothing
+is received before it can be routed and published); stop order is the reverse: sources stop
+receiving, the router drains its queue and closes open runs (their documents and files are still
+written), the sinks finish, then the HTTP server stops.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from .config import Config
 from .metrics import Metrics
 from .results import RunStore
 from .router import Router
+from .sinks.documents import DocumentsSink
 from .sinks.http import HTTPServer
+from .sinks.live import LiveFeed
+from .sinks.runfiles import RunFileWriter
 from .sources.bluesky_zmq import BlueskyZmqSource
 
 log = logging.getLogger(__name__)
@@ -40,13 +45,23 @@ class Daemon:
         self.store = RunStore(config.router.keep_runs)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
-        self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness)
+        self.feed = LiveFeed(self.store, self.metrics.registry)
+        self.router.listeners.append(self.feed)
+        outputs = config.outputs
+        self.documents = DocumentsSink(outputs.documents, self.metrics) if outputs.documents.enabled else None
+        self.files = RunFileWriter(config, self.metrics, self.store) if outputs.files.enabled else None
+        self.router.listeners += [s for s in (self.documents, self.files) if s is not None]
+        self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness,
+                               feed=self.feed, push_interval_s=outputs.web.push_interval_s,
+                               max_clients=outputs.web.max_clients)
         self._stopped = threading.Event()
 
     def readiness(self) -> dict[str, bool]:
         return {s.name: s.connected.is_set() for s in self.sources}
 
     def start(self) -> None:
+        if self.files is not None:
+            self.files.start()
         self.router.start()
         self.http.start()
         for source in self.sources:
@@ -62,6 +77,10 @@ class Daemon:
         if not self.router.wait_idle(drain_timeout):
             log.error("document queue not drained within %.0f s", drain_timeout)
         self.router.stop()
+        if self.documents is not None:
+            self.documents.close()
+        if self.files is not None:
+            self.files.close()
         self.http.stop()
         self._stopped.set()
         log.info("beamlens stopped")

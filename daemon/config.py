@@ -116,6 +116,40 @@ class RouterConfig(Strict):
     strict: bool = Field(False, description="re-raise consumer exceptions (tests only)")
 
 
+class WebConfig(Strict):
+    """The live web page at ``/`` and its server-sent event stream ``/api/stream``."""
+
+    push_interval_s: float = Field(0.5, gt=0, le=60, description="at most one update pushed to browsers per interval")
+    max_clients: int = Field(32, gt=0, description="open live-page connections; more are refused with 503")
+
+
+class DocumentsOutputConfig(Strict):
+    """Derived Bluesky documents: each consumer's results for a run as a run of its own, published
+    through a bluesky 0MQ Proxy (``bluesky.callbacks.zmq.Publisher``, msgpack + msgpack-numpy)."""
+
+    enabled: bool = Field(False, description="off by default")
+    address: str = Field("tcp://127.0.0.1:5577", description="the proxy's IN address")
+    prefix: str = Field("beamlens", pattern=r"^[^ ]*$",
+                        description="Publisher prefix; subscribers filter on it (RemoteDispatcher(prefix=b'beamlens'))")
+    event_interval_s: float = Field(1.0, ge=0, description="points processed are published at most this often")
+
+    _addr = field_validator("address")(_check_zmq_address)
+
+
+class FilesOutputConfig(Strict):
+    """Run files: one NeXus-style HDF5 file per run, written atomically at RunStop and on shutdown."""
+
+    enabled: bool = Field(False, description="off by default")
+    directory: Path = Field(Path("beamlens-runs"), description="created if missing")
+    queue_size: int = Field(16, gt=0, description="runs waiting to be written; more block the router")
+
+
+class OutputsConfig(Strict):
+    web: WebConfig = Field(default_factory=WebConfig)
+    documents: DocumentsOutputConfig = Field(default_factory=DocumentsOutputConfig)
+    files: FilesOutputConfig = Field(default_factory=FilesOutputConfig)
+
+
 class Config(Strict):
     """Root of the configuration tree."""
 
@@ -123,6 +157,7 @@ class Config(Strict):
     consumers: list[ConsumerConfig] = Field(default_factory=list)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ Each document is then checked against event_model's JSON schemas (``event_model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle  # only used when the config explicitly opts in (allow_pickle)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import msgpack_numpy
 import numpy as np
 from event_model import DocumentNames, schema_validators
 from jsonschema.exceptions import ValidationError as SchemaError
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 PROBE_NAME = "beamlens_probe"
 """Name used by readiness probes (sent with the separate prefix :data:`PROBE_PREFIX`)."""
 PROBE_PREFIX = b"beamlens-probe"
+
+msgpack_serializer = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
+"""The serializer beamlens publishes with and expects by default: msgpack, numpy arrays in
+msgpack-numpy's map form (pair: ``serializer: msgpack`` in a source config, or
+``make_deserializer("msgpack")`` in a RemoteDispatcher)."""
 
 MAX_NESTING = 64
 """Deepest container nesting accepted in a document (events are about 4 deep)."""

@@ -69,6 +69,14 @@ class Metrics:
             "beamlens_source_connected", "1 while a source has a live connection to its peer.", ["source"], registry=r)
         self.probes_received = Counter(
             "beamlens_probes_received_total", "Readiness probes received through a bluesky proxy.", ["source"], registry=r)
+        self.documents_published = Counter(
+            "beamlens_documents_published_total", "Derived Bluesky documents published, by document type.",
+            ["type"], registry=r)
+        self.run_files_written = Counter(
+            "beamlens_run_files_written_total", "Run files written completely and renamed into place.", registry=r)
+        self.output_failures = Counter(
+            "beamlens_output_failures_total", "Failures of an output (documents, files): results not published.",
+            ["output"], registry=r)
         self.science = {
             name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
             for name, doc in SCIENCE_GAUGES.items()

@@ -138,3 +138,12 @@ def map_run_documents(spectra, *, shape=None, snaking=None, energy=None, page=No
                 seq_num=list(range(i + 1, i + 1 + len(rows))), time=[now] * len(rows), uid=None)))
     docs.append(("stop", bundle.compose_stop()))
     return docs
+
+
+def wait_run_finished(daemon: Daemon, uid: str, timeout: float = 60.0) -> None:
+    """Wait until the daemon has processed the RunStop of run ``uid``. (``router.wait_idle`` alone
+    can return while the last documents are still in flight between the proxy and the daemon.)"""
+    def finished() -> bool:
+        run = daemon.store.get(uid)
+        return run is not None and run.status != "open"
+    wait_for(finished, timeout)

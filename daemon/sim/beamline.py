@@ -12,14 +12,11 @@ Document traffic is bluesky's own (``Publisher``); the only beamlens addition is
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable
 
-import msgpack
-import msgpack_numpy
 import numpy as np
 from bluesky import RunEngine
 from bluesky import plans as bp
@@ -28,13 +25,10 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 from ophyd.sim import SynAxis, SynSignal
 
-from ..documents import PROBE_NAME, PROBE_PREFIX
+from ..documents import PROBE_NAME, PROBE_PREFIX, msgpack_serializer
 from .datasets import SpectralMap
 
 log = logging.getLogger(__name__)
-
-msgpack_serializer = functools.partial(msgpack.packb, default=msgpack_numpy.encode)
-"""The serializer beamlens expects by default (pair: ``serializer: msgpack`` in the config)."""
 
 
 class SpectrumDetector(Device):

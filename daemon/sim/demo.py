@@ -37,7 +37,7 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
         config = config.model_copy(update={"sources": SourcesConfig(bluesky=[source])})
         daemon = Daemon(config)
         daemon.start()
-        announce(f"beamlens is serving maps on {daemon.http.url}/ and metrics on {daemon.http.url}/metrics")
+        announce(f"beamlens live page: {daemon.http.url}/  (metrics: {daemon.http.url}/metrics)")
         beamline = SimulatedBeamline(proxy.in_address)
         try:
             wait_until_subscribed(proxy.in_address, lambda n: any(s.probe_seen(n) for s in daemon.sources))
