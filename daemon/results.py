@@ -140,14 +140,24 @@ class RunStore:
     def __init__(self, keep: int = 10):
         self.keep = keep
         self._runs: OrderedDict[str, RunState] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def add(self, run: RunState) -> None:
+        """Add or re-add (after a status change) a run; prunes the oldest finished runs."""
         with self._lock:
             self._runs[run.uid] = run
             finished = [uid for uid, r in self._runs.items() if r.status != "open"]
             for uid in finished[: max(0, len(finished) - self.keep)]:
                 del self._runs[uid]
+            self._lock.notify_all()
+
+    def wait_finished(self, uid: str, timeout: float) -> bool:
+        """Block until run ``uid`` is known and no longer open; False on timeout."""
+        def finished() -> bool:
+            run = self._runs.get(uid)
+            return run is not None and run.status != "open"
+        with self._lock:
+            return self._lock.wait_for(finished, timeout)
 
     def get(self, uid: str) -> RunState | None:
         with self._lock:

@@ -143,7 +143,4 @@ def map_run_documents(spectra, *, shape=None, snaking=None, energy=None, page=No
 def wait_run_finished(daemon: Daemon, uid: str, timeout: float = 60.0) -> None:
     """Wait until the daemon has processed the RunStop of run ``uid``. (``router.wait_idle`` alone
     can return while the last documents are still in flight between the proxy and the daemon.)"""
-    def finished() -> bool:
-        run = daemon.store.get(uid)
-        return run is not None and run.status != "open"
-    wait_for(finished, timeout)
+    assert daemon.store.wait_finished(uid, timeout), f"run {uid} not finished within {timeout} s"

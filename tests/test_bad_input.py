@@ -12,7 +12,7 @@ import numpy as np
 from event_model import compose_run
 
 from beamlens.daemon.sim.datasets import corroding_steel_map
-from helpers import RawPublisher, scrape, source_yaml, subscribe, wait_for
+from helpers import RawPublisher, scrape, source_yaml, subscribe, wait_for, wait_run_finished
 
 CONSUMERS = "consumers:\n  - {name: stats, class: stats}\n  - {name: pca, class: pca}\n"
 
@@ -75,7 +75,7 @@ def test_hostile_messages_are_counted_and_harmless(proxy, beamline, make_daemon,
     subscribe(daemon, proxy)
     steel = corroding_steel_map().region(slice(0, 6), slice(0, 7))
     uid = beamline.map_scan(steel)
-    assert daemon.router.wait_idle(60)
+    wait_run_finished(daemon, uid)
     run = daemon.store.get(uid)
     assert run.status == "success" and run.events_done == 42 and run.progress == 1.0
     total = daemon.store.snapshot(uid, "stats", "total").data
@@ -97,7 +97,7 @@ def test_nan_spectra_are_skipped_and_counted(proxy, beamline, make_daemon):
     steel.spectra[1, 2, 10] = np.nan
     steel.spectra[3, 4, :] = np.inf
     uid = beamline.map_scan(steel)
-    assert daemon.router.wait_idle(60)
+    wait_run_finished(daemon, uid)
     m = scrape(daemon.http.url)
     for consumer in ("stats", "pca"):
         assert m[("beamlens_points_skipped_total", (("consumer", consumer), ("reason", "nonfinite")))] == 2

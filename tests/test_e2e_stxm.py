@@ -8,7 +8,7 @@ import pytest
 
 from beamlens.daemon.sim.datasets import stxm_map
 
-from helpers import http_get, scrape, source_yaml, subscribe
+from helpers import http_get, scrape, source_yaml, subscribe, wait_run_finished
 
 CONSUMERS = """
 consumers:
@@ -23,7 +23,7 @@ def test_stxm_grid_scan_end_to_end(proxy, beamline, make_daemon, snake):
     subscribe(daemon, proxy)
     data = stxm_map().region(slice(60, 72), slice(40, 50))  # 12 x 10 points, Fe-rich area
     uid = beamline.map_scan(data, snake=snake)
-    assert daemon.router.wait_idle(60)
+    wait_run_finished(daemon, uid)
 
     metrics = scrape(daemon.http.url)
     assert metrics[("beamlens_events_processed_total", ())] == 120

@@ -52,7 +52,7 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
             n = stxm.shape[0] * stxm.shape[1]
             t0 = time.perf_counter()
             uid = beamline.map_scan(stxm, md={"purpose": "demo: real Fe L-edge STXM image"})
-            daemon.router.wait_idle(120)
+            daemon.store.wait_finished(uid, 120)
             dt = time.perf_counter() - t0
             announce(f"STXM image: {n} points in {dt:.1f} s ({n / dt:.0f} events/s end to end) "
                      f"-> {daemon.http.url}/api/runs/{uid}")
