@@ -200,8 +200,6 @@ class Preprocessor:
                 raise ValueError(f"energy window {lo}-{hi} eV selects {int(self.window.sum())} channels")
         self.energy = None if energy is None else self.raw_energy[self.window]
         self.e0 = params.e0
-        self._pre: np.ndarray | None = None
-        self._post: np.ndarray | None = None
 
     @property
     def n_out(self) -> int:
@@ -234,16 +232,36 @@ class Preprocessor:
         e = self.raw_energy
         if self.e0 is None:
             self.e0 = find_e0(e, x[ok].mean(axis=0))
-        if self._pre is None:
-            self._pre = _fit_range(e, self.e0, *self.params.pre_edge, at_start=True)
-            self._post = _fit_range(e, self.e0, *self.params.post_edge, at_start=False)
         safe = np.where(ok[:, None], x, 0.0)
-        pre = _line_fits(e, safe, self._pre)
+        pre, step = edge_lines(e, safe, self.e0, self.params.pre_edge, self.params.post_edge)
         out = safe - (pre[:, :1] * e + pre[:, 1:])
         no_edge = np.zeros(len(x), dtype=bool)
         if self.params.normalize == "edge":
-            post = _line_fits(e, safe, self._post)
-            step = (post[:, 0] - pre[:, 0]) * self.e0 + post[:, 1] - pre[:, 1]
             no_edge = ok & ~(step > 0)
             out /= np.where(step > 0, step, 1.0)[:, None]
         return out, no_edge
+
+    def edge_step(self, y: np.ndarray, e0: float) -> np.ndarray:
+        """Edge step ``(n,)`` of preprocessed, non-derivative spectra ``y`` ``(n, n_out)`` at ``e0``
+        (eV), with this run's fit ranges on the analysed channels. Linear in ``y``: the step of a
+        mixture is the abundance-weighted sum of its components' steps."""
+        return edge_lines(self.energy, y, e0, self.params.pre_edge, self.params.post_edge)[1]
+
+
+def edge_lines(energy: np.ndarray, y: np.ndarray, e0: float, pre: tuple[float, float],
+               post: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-edge lines and edge steps of many spectra at once.
+
+    Args:
+        energy: ``(c,)`` eV; y: ``(n, c)``; e0: eV; pre, post: fit ranges relative to ``e0`` (eV),
+            replaced by the first / last tenth of the channels where fewer than 3 fall inside.
+
+    Returns:
+        ``(pre-edge lines (n, 2) as (slope, offset), edge steps (n,))``.
+    """
+    pre_sel = _fit_range(energy, e0, *pre, at_start=True)
+    post_sel = _fit_range(energy, e0, *post, at_start=False)
+    pre_line = _line_fits(energy, y, pre_sel)
+    post_line = _line_fits(energy, y, post_sel)
+    step = (post_line[:, 0] - pre_line[:, 0]) * e0 + post_line[:, 1] - pre_line[:, 1]
+    return pre_line, step
