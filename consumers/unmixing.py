@@ -11,7 +11,8 @@ Three modes, chosen by the parameters:
   (``pure_pixel_threshold``) each component replaced by the mean of the spectra it explains to at
   least that fraction, when there are ``min_pure_pixels`` of them (averaging the purest pixels
   removes the small cone expansion NMF makes to fit noisy pure pixels; measured on the corroding-
-  steel map: first-derivative cosine 0.95 -> 0.98, abundance RMSE 0.04 -> 0.02). At the end of the
+  steel map: first-derivative cosine 0.95 -> 0.98, abundance RMSE 0.04 -> 0.02), unless that raises
+  the reconstruction error (:func:`pure_pixel_refinement`). At the end of the
   run (``final_refit``) the last refit is made on all points.
 - **reference** (``references`` given, ``n_components == 0``): known standards, preprocessed like
   the data, give the composition maps by NNLS (Lawson-Hanson) directly.
@@ -94,6 +95,9 @@ class UnmixingParams(SpectralParams):
     """Replace a learned component by the mean of the spectra it explains to at least this fraction
     (None: keep the NMF components)."""
     min_pure_pixels: int = Field(5, ge=1)
+    pure_pixel_max_loss_increase: float = Field(0.005, ge=0.0)
+    """Keep the averaged components only if the reconstruction error rises by at most this fraction
+    (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
 
@@ -296,12 +300,8 @@ class UnmixingConsumer(SpectralConsumer):
         w, h = fit_nmf(x, p.n_components, self.fixed, weights=weights)
         free = self.online.free
         if p.pure_pixel_threshold is not None:
-            rel = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
-            for j in np.flatnonzero(free):
-                pure = rel[:, j] >= p.pure_pixel_threshold
-                if pure.sum() >= p.min_pure_pixels:
-                    h[j] = np.maximum(x[pure].mean(axis=0), 0.0)
-            w = abundances(x, h)
+            w, h = pure_pixel_refinement(x, w, h, free, p.pure_pixel_threshold, p.min_pure_pixels,
+                                         p.pure_pixel_max_loss_increase)
         s = np.where(free, self._scale(h), 1.0)
         h, w = h / s[:, None], w * s
         return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights}
@@ -320,6 +320,34 @@ class UnmixingConsumer(SpectralConsumer):
         self.results.unmixing_fits[0] += 1
         if self.store.n > n:
             self._online(slice(n, self.store.n))
+
+
+def pure_pixel_refinement(x: np.ndarray, w: np.ndarray, h: np.ndarray, free: np.ndarray, threshold: float,
+                          min_pixels: int, max_loss_increase: float) -> tuple[np.ndarray, np.ndarray]:
+    """Replace each free component by the mean of the spectra it explains to at least ``threshold``
+    of their total abundance (when there are ``min_pixels`` of them), recompute the abundances by
+    NNLS, and keep the result only if ``||X - WH||`` grows by at most ``max_loss_increase``.
+
+    On the corroding-steel map (pure pixels present) this lowers the loss (by 1.1-1.2 %) and lifts
+    the first-derivative cosine of the Fe metal component from 0.95 to 0.98; on the real STXM
+    image, whose Fe-rich pixels are never pure, it would raise the loss by 2.4 % and is refused.
+
+    Args:
+        x: ``(n, c)``; w: ``(n, K)``; h: ``(K, c)``; free: bool ``(K,)`` rows that may change.
+
+    Returns:
+        ``(W, H)``: refined, or the inputs unchanged.
+    """
+    rel = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    h2 = h.copy()
+    for j in np.flatnonzero(free):
+        pure = rel[:, j] >= threshold
+        if pure.sum() >= min_pixels:
+            h2[j] = np.maximum(x[pure].mean(axis=0), 0.0)
+    w2 = abundances(x, h2)
+    if np.linalg.norm(x - w2 @ h2) <= (1.0 + max_loss_increase) * np.linalg.norm(x - w @ h):
+        return w2, h2
+    return w, h
 
 
 def density_weights(x: np.ndarray, n_neighbors: int, dims: int, clip: float = 20.0) -> np.ndarray:

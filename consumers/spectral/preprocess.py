@@ -113,6 +113,9 @@ class PreprocessParams(BaseModel):
     """Edge energy (eV) for the whole run; default: found on the mean of the first page of spectra."""
     pre_edge: tuple[float, float] = (-150.0, -30.0)
     """Pre-edge fit range relative to E0, eV."""
+    pre_edge_degree: Literal[0, 1] = 1
+    """1: straight pre-edge line (K-edge XAFS convention); 0: constant offset, for short pre-edge
+    ranges where a fitted slope would be extrapolated far (soft X-ray L edges, STXM)."""
     post_edge: tuple[float, float] = (50.0, 300.0)
     """Post-edge fit range relative to E0, eV."""
     energy_window: tuple[float, float] | None = None
@@ -132,8 +135,11 @@ class PreprocessParams(BaseModel):
         return self
 
 
-def _line_fits(energy: np.ndarray, y: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    """Least-squares lines through ``y[:, sel]`` for every row at once: ``(n, 2)`` (slope, offset)."""
+def _line_fits(energy: np.ndarray, y: np.ndarray, sel: np.ndarray, degree: int = 1) -> np.ndarray:
+    """Least-squares lines (``degree`` 1) or constants (0, slope 0) through ``y[:, sel]`` for every
+    row at once: ``(n, 2)`` (slope, offset)."""
+    if degree == 0:
+        return np.stack([np.zeros(len(y)), y[:, sel].mean(axis=1)], axis=1)
     a = np.stack([energy[sel], np.ones(int(sel.sum()))], axis=1)
     return np.linalg.lstsq(a, y[:, sel].T, rcond=None)[0].T
 
@@ -233,7 +239,8 @@ class Preprocessor:
         if self.e0 is None:
             self.e0 = find_e0(e, x[ok].mean(axis=0))
         safe = np.where(ok[:, None], x, 0.0)
-        pre, step = edge_lines(e, safe, self.e0, self.params.pre_edge, self.params.post_edge)
+        pre, step = edge_lines(e, safe, self.e0, self.params.pre_edge, self.params.post_edge,
+                               self.params.pre_edge_degree)
         out = safe - (pre[:, :1] * e + pre[:, 1:])
         no_edge = np.zeros(len(x), dtype=bool)
         if self.params.normalize == "edge":
@@ -245,23 +252,25 @@ class Preprocessor:
         """Edge step ``(n,)`` of preprocessed, non-derivative spectra ``y`` ``(n, n_out)`` at ``e0``
         (eV), with this run's fit ranges on the analysed channels. Linear in ``y``: the step of a
         mixture is the abundance-weighted sum of its components' steps."""
-        return edge_lines(self.energy, y, e0, self.params.pre_edge, self.params.post_edge)[1]
+        p = self.params
+        return edge_lines(self.energy, y, e0, p.pre_edge, p.post_edge, p.pre_edge_degree)[1]
 
 
 def edge_lines(energy: np.ndarray, y: np.ndarray, e0: float, pre: tuple[float, float],
-               post: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+               post: tuple[float, float], pre_degree: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Pre-edge lines and edge steps of many spectra at once.
 
     Args:
         energy: ``(c,)`` eV; y: ``(n, c)``; e0: eV; pre, post: fit ranges relative to ``e0`` (eV),
-            replaced by the first / last tenth of the channels where fewer than 3 fall inside.
+            replaced by the first / last tenth of the channels where fewer than 3 fall inside;
+        pre_degree: 1 for a pre-edge line, 0 for a constant.
 
     Returns:
         ``(pre-edge lines (n, 2) as (slope, offset), edge steps (n,))``.
     """
     pre_sel = _fit_range(energy, e0, *pre, at_start=True)
     post_sel = _fit_range(energy, e0, *post, at_start=False)
-    pre_line = _line_fits(energy, y, pre_sel)
+    pre_line = _line_fits(energy, y, pre_sel, pre_degree)
     post_line = _line_fits(energy, y, post_sel)
     step = (post_line[:, 0] - pre_line[:, 0]) * e0 + post_line[:, 1] - pre_line[:, 1]
     return pre_line, step
