@@ -1,11 +1,12 @@
 """``embedding``: live PCA score maps and a modified-LLE reaction-progress map of a spectral scan.
 
-Event path (constant cost per spectrum): each spectrum is preprocessed and stored; an
-IncrementalPCA is updated whenever ``batch_size`` new spectra have arrived and new points are scored
-in the current basis; once an mLLE embedding exists, new points are mapped into it out of sample
-(:func:`~beamlens.consumers.spectral.manifold.transform`) and their off-manifold ratio is computed.
+Event path (constant cost per spectrum): each spectrum is preprocessed and stored, scored in the
+current principal basis and, once an mLLE embedding exists, mapped into it out of sample
+(:func:`~beamlens.consumers.spectral.manifold.transform`) with its off-manifold ratio.
 
-Background (:class:`~beamlens.consumers.spectral.background.Refitter`): the mLLE embedding is fitted
+Background (two :class:`~beamlens.consumers.spectral.background.Refitter` threads, so neither ever
+runs on the event path): the IncrementalPCA is updated with every ``batch_size`` new spectra, and
+all points are re-scored in the newest basis with each mLLE refit. The mLLE embedding is fitted
 once ``min_points`` spectra exist and refitted whenever the run has grown by ``refit_growth`` since
 the last fit, or as soon as the newest spectra lie off the learned manifold (median off-manifold
 ratio of a page above ``refit_residual_ratio``: a new phase appeared). A refit never runs on the
@@ -19,6 +20,7 @@ The progress map is the first mLLE coordinate, scaled to [0, 1], increasing with
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,10 +88,15 @@ class EmbeddingConsumer(SpectralConsumer):
         self.store = PointStore(c, n_extra=1)  # extra column: edge energy (eV)
         self.basis = IncrementalBasis(self.k, self.params.batch_size)
         self.refitter = Refitter(f"beamlens-embedding-{self.run.uid[:8]}")
+        self.pca_refitter = Refitter(f"beamlens-embedding-pca-{self.run.uid[:8]}")
+        self.pca_requested_upto = 0
+        self.mean: np.ndarray | None = None  # current principal basis (c,), (k, c)
+        self.comps: np.ndarray | None = None
         self.model: ManifoldModel | None = None
         self.mapped_upto = 0  # store rows [:mapped_upto] have coordinates in self.model
         self.last_fit_n = 0
         self.off_manifold = False
+        self.n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
 
     def result_buffers(self) -> list[BufferSpec]:
         c = self.prep.n_out
@@ -112,34 +119,48 @@ class EmbeddingConsumer(SpectralConsumer):
     # -- documents ---------------------------------------------------------------------------
     def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
         y, pos = self.preprocessed(doc, positions)
+        self._install_basis(self.pca_refitter.poll())
         self._install(self.refitter.poll())
         if len(y):
             edge = edge_position(y, self.energy, self.params.preprocess.derivative)
             self.store.append(y, pos, edge[:, None])
-            if self.basis.update(self.store):
-                self._publish_basis()
-            if self.basis.ready:
+            if self.mean is not None:
                 self._score(slice(self.store.n - len(y), self.store.n))
             self._map_new()
+        if self.store.n - self.pca_requested_upto >= self.basis.batch:
+            self.pca_requested_upto = self.store.n
+            self.pca_refitter.request(self._pca_step, (self.store.x, self.store.n))  # rows [:n] never change
         if self._refit_due():
             self._request_refit()
 
     def stop(self, doc: Mapping[str, Any]) -> None:
         if not hasattr(self, "store"):
             return
+        self._install_basis(self.pca_refitter.wait(timeout=300))
         self._install(self.refitter.wait(timeout=300))
-        if self.basis.finish(self.store) or self.basis.ready:
-            self._publish_basis()
+        if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
+            self._install_basis(self._basis())
             self._score(slice(0, self.store.n))
         n = self.store.n
         if self.params.final_refit and n >= self.params.min_points and (self.model is None or n > self.last_fit_n):
             self._install(self._fit(self._snapshot()))
 
     # -- internals ---------------------------------------------------------------------------
-    def _publish_basis(self) -> None:
-        self.mean, self.comps = self.basis.basis()
+    def _pca_step(self, snap: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Background (PCA thread): fit the complete batches not yet fitted; the new basis."""
+        x, n = snap
+        return self._basis() if self.basis.update(x, n) else None
+
+    def _basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mean, comps = self.basis.basis()
+        return mean, comps, self.basis.explained_variance_ratio.copy()
+
+    def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        if basis is None:
+            return
+        self.mean, self.comps, evr = basis
         self.results.pca_components[...] = self.comps
-        self.results.explained_variance_ratio[...] = self.basis.explained_variance_ratio
+        self.results.explained_variance_ratio[...] = evr
 
     def _score(self, rows: slice) -> None:
         scores = (self.store.x[rows] - self.mean) @ self.comps.T
@@ -165,7 +186,9 @@ class EmbeddingConsumer(SpectralConsumer):
         self.results.embedding_residual[0] = newest
         if newest > self.params.refit_residual_ratio:
             if not self.off_manifold:
-                self.log.info("run %s: spectra off the learned manifold (ratio %.1f); refitting", self.run.uid, newest)
+                level = logging.INFO if self.n_off_manifold == 0 else logging.DEBUG
+                self.log.log(level, "run %s: spectra off the learned manifold (ratio %.1f); refitting", self.run.uid, newest)
+                self.n_off_manifold += 1
             self.off_manifold = True
 
     def _refit_due(self) -> bool:
@@ -176,24 +199,27 @@ class EmbeddingConsumer(SpectralConsumer):
             return True
         return self.off_manifold and n >= self.last_fit_n + p.n_neighbors
 
-    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple | None]:
         n, cap = self.store.n, self.params.max_fit_points
         rows = np.arange(n) if n <= cap else np.linspace(0, n - 1, cap).round().astype(np.int64)
         self.last_fit_n = n
         self.off_manifold = False
         # rows [:n] are never rewritten: views are safe to hand to the worker
-        return self.store.x[:n], self.store.extra[:n, 0], rows, n
+        basis = None if self.mean is None else (self.mean, self.comps)
+        return self.store.x[:n], self.store.extra[:n, 0], rows, n, basis
 
     def _request_refit(self) -> None:
         self.refitter.request(self._fit, self._snapshot())
 
-    def _fit(self, snap: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> tuple[ManifoldModel, np.ndarray, np.ndarray]:
-        """Background (refit thread): fit mLLE on the snapshot's fit rows and map its other rows.
+    def _fit(self, snap: tuple) -> tuple[ManifoldModel, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Background (refit thread): fit mLLE on the snapshot's fit rows, map its other rows, and
+        re-score all of them in the principal basis current at the snapshot.
 
         Returns:
-            ``(model, coordinates (n, d), off-manifold ratio (n,))`` for store rows ``[:n]``.
+            ``(model, coordinates (n, d), off-manifold ratio (n,), PCA scores (n, k) or None)``
+            for store rows ``[:n]``.
         """
-        x, edge, rows, n = snap
+        x, edge, rows, n, basis = snap
         p = self.params
         model = fit_manifold(x[rows], edge[rows], n_neighbors=p.n_neighbors, n_components=p.n_embedding, n_pca=p.n_pca)
         coords = np.empty((n, p.n_embedding))
@@ -202,16 +228,20 @@ class EmbeddingConsumer(SpectralConsumer):
         others = np.setdiff1d(np.arange(n), rows, assume_unique=True)
         if len(others):
             coords[others], ratio[others] = transform(model, x[others])
-        return model, coords, ratio
+        scores = None if basis is None else (x - basis[0]) @ basis[1].T
+        return model, coords, ratio, scores
 
-    def _install(self, result: tuple[ManifoldModel, np.ndarray, np.ndarray] | None) -> None:
-        """Adopt a finished fit: coordinates of the rows it covered, then map the rows that arrived
-        while it ran."""
+    def _install(self, result: tuple | None) -> None:
+        """Adopt a finished fit: coordinates (and scores) of the rows it covered, then map the rows
+        that arrived while it ran."""
         if result is None:
             return
-        self.model, coords, ratio = result
+        self.model, coords, ratio, scores = result
         n = len(coords)
         self._write_coords(self.store.pos[:n], coords, ratio)
+        if scores is not None:
+            for i in range(self.k):
+                self.results[f"score_{i + 1}"][self.store.pos[:n]] = scores[:, i]
         self.mapped_upto = n
         self._map_new()
         self.results.embedding_fits[0] += 1

@@ -76,13 +76,13 @@ class PCAConsumer(Consumer):
         self.run.skipped("nonfinite", int((~finite).sum()))
         ok = finite & (positions >= 0)
         self.store.append(x[ok], positions[ok])
-        if self.basis.update(self.store):
+        if self.basis.update(self.store.x, self.store.n):
             self._publish()
 
     def stop(self, doc: Mapping[str, Any]) -> None:
         if not hasattr(self, "basis"):
             return
-        if self.basis.finish(self.store) or self.basis.ready:
+        if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
             self._publish()  # too few left for a partial_fit of their own: score them in the final basis
 
     # -- internals ---------------------------------------------------------------------------

@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sklearn.neighbors import KDTree
+from scipy.spatial import cKDTree
 
 from .base import BufferSpec, NotApplicable
 from .spectral.background import Refitter
 from .spectral.consumer import SpectralConsumer, SpectralParams
 from .spectral.incremental import PointStore
-from .spectral.nmf import OnlineNMF, abundances, derivative_cosines, fit_nmf, tail_scale
+from .spectral.nmf import OnlineNMF, abundances, fit_nmf, tail_scale, unit_derivatives
 from .spectral.preprocess import find_e0, normalize_edge
 from .spectral.references import ReferenceSpectrum, read_reference_cached, vendored_library
 
@@ -162,7 +162,7 @@ class UnmixingConsumer(SpectralConsumer):
         self.online = OnlineNMF(None, free)
         self.refitter = Refitter(f"beamlens-unmixing-{self.run.uid[:8]}")
         self.fixed: np.ndarray | None = None  # preprocessed references (m, c)
-        self.library: np.ndarray | None = None
+        self.library_d: np.ndarray | None = None  # unit-norm d(mu)/dE of the match library (m, c)
         self.scale_e0: float | None = None
         self.last_fit_n = 0
         self.sum_x2 = self.sum_r2 = 0.0  # Σ|x|², Σ|x - wH|² over the points so far
@@ -240,7 +240,8 @@ class UnmixingConsumer(SpectralConsumer):
         if self.energy is not None:
             self.scale_e0 = self.prep.e0 if self.prep.e0 is not None else find_e0(self.energy, y.mean(axis=0))
         self.fixed = self.prep(self.ref_raw)[0] if self.m else np.zeros((0, self.prep.n_out))
-        self.library = self.prep(self.lib_raw)[0] if len(self.lib_names) else np.zeros((0, self.prep.n_out))
+        if len(self.lib_names):  # unit first derivatives, once per run
+            self.library_d = unit_derivatives(self.prep(self.lib_raw)[0], self.energy)
         if self.params.n_components == 0:  # reference mode: nothing to learn
             self.online.reset(np.zeros((0, self.m)), np.zeros((0, self.prep.n_out)), self.fixed)
             self._publish_components()
@@ -266,8 +267,8 @@ class UnmixingConsumer(SpectralConsumer):
     def _publish_components(self) -> None:
         h = self.online.h
         self.results.components[...] = h
-        if self.library is not None and len(self.library) and self.energy is not None:
-            cos = derivative_cosines(h, self.library, self.energy)
+        if self.library_d is not None and len(self.library_d):
+            cos = unit_derivatives(h, self.energy) @ self.library_d.T
             self.results.match_index[...] = np.argmax(cos, axis=1)
             self.results.match_cosine[...] = cos.max(axis=1)
         else:
@@ -364,7 +365,7 @@ def density_weights(x: np.ndarray, n_neighbors: int, dims: int, clip: float = 20
     xc = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     z = xc @ vt[:dims].T
-    r = KDTree(z).query(z, k + 1)[0][:, -1]
+    r = cKDTree(z).query(z, k + 1)[0][:, -1]
     q = np.maximum(r, np.median(r) * 1e-3 + 1e-300) ** z.shape[1]
     q /= q.mean()
     q = np.clip(q, 1.0 / clip, clip)

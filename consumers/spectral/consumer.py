@@ -89,13 +89,17 @@ def single_threaded_blas() -> None:
 
 def edge_position(y: np.ndarray, energy: np.ndarray | None, derivative: bool) -> np.ndarray:
     """Edge-energy estimate per spectrum ``(n,)`` in eV (channel index without an energy axis):
-    the centroid of the positive part of d(mu)/dE (of ``y`` itself when it already is a derivative).
+    the centroid of the positive part of d(mu)/dE (of ``y`` itself when it already is a derivative),
+    with finite differences placed between channels.
 
     Args:
         y: float ``(n, c)`` preprocessed spectra.
     """
     e = np.arange(y.shape[1], dtype=np.float64) if energy is None else energy
-    d = y if derivative else np.gradient(y, e, axis=1)
+    if derivative:
+        d, at = y, e
+    else:
+        d, at = np.diff(y, axis=1) / np.diff(e), (e[1:] + e[:-1]) / 2
     d = np.clip(d, 0.0, None)
     total = d.sum(axis=1)
-    return np.where(total > 0, d @ e / np.where(total > 0, total, 1.0), np.nan)
+    return np.where(total > 0, d @ at / np.where(total > 0, total, 1.0), np.nan)

@@ -64,23 +64,23 @@ class IncrementalBasis:
     def ready(self) -> bool:
         return self.fitted_upto > 0
 
-    def update(self, store: PointStore) -> bool:
-        """Fit every complete batch not yet fitted; True if anything was fitted."""
+    def update(self, x: np.ndarray, n: int) -> bool:
+        """Fit every complete batch of rows ``x[fitted_upto:n]`` not yet fitted; True if any was."""
         fitted = False
-        while store.n - self.fitted_upto >= self.batch:
-            self._fit(store, self.fitted_upto + self.batch)
+        while n - self.fitted_upto >= self.batch:
+            self._fit(x, self.fitted_upto + self.batch)
             fitted = True
         return fitted
 
-    def finish(self, store: PointStore) -> bool:
-        """Fit the remainder at the end of a run (when it has at least ``k`` rows)."""
-        if store.n - self.fitted_upto >= self.k:
-            self._fit(store, store.n)
+    def finish(self, x: np.ndarray, n: int) -> bool:
+        """Fit the remainder ``x[fitted_upto:n]`` at the end of a run (when it has at least ``k`` rows)."""
+        if n - self.fitted_upto >= self.k:
+            self._fit(x, n)
             return True
         return False
 
-    def _fit(self, store: PointStore, upto: int) -> None:
-        self.ipca.partial_fit(store.x[self.fitted_upto:upto])
+    def _fit(self, x: np.ndarray, upto: int) -> None:
+        self.ipca.partial_fit(x[self.fitted_upto:upto])
         self.fitted_upto = upto
 
     def basis(self) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 from sklearn.manifold import LocallyLinearEmbedding
-from sklearn.neighbors import KDTree
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ManifoldModel:
 
     Attributes:
         mean, comps: ``(c,)``, ``(p, c)`` the PCA projection used as the embedding's input.
-        tree: k-d tree over the fitted points' PCA scores ``z_train`` ``(n, p)`` (neighbour queries
+        tree: scipy k-d tree over the fitted points' PCA scores ``z_train`` ``(n, p)`` (neighbour queries
             in O(log n), so mapping a new spectrum costs about the same however large the fit).
         x_train: ``(n, c)`` fitted spectra (for residuals); y_train: ``(n, d)`` scaled coordinates.
         n_neighbors, reg: barycentric-weight parameters (as scikit-learn's).
@@ -40,7 +40,7 @@ class ManifoldModel:
 
     mean: np.ndarray
     comps: np.ndarray
-    tree: KDTree
+    tree: cKDTree
     z_train: np.ndarray
     x_train: np.ndarray
     y_train: np.ndarray
@@ -100,8 +100,8 @@ def fit_manifold(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_co
     y = _fix_signs(lle.fit_transform(z), edge)
     lo, hi = y.min(axis=0), y.max(axis=0)
     y = (y - lo) / np.where(hi > lo, hi - lo, 1.0)
-    tree = KDTree(z)
-    idx = tree.query(z, n_neighbors + 1, return_distance=False)[:, 1:]  # leave each point out
+    tree = cKDTree(z)
+    idx = tree.query(z, n_neighbors + 1)[1][:, 1:]  # leave each point out
     w = barycenter_weights(z, z[idx], reg)
     loo = np.linalg.norm(x - np.einsum("nk,nkc->nc", w, x[idx]), axis=1)
     baseline = float(np.median(loo)) or 1.0
@@ -115,7 +115,7 @@ def transform(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
         ``(coordinates (m, d), off-manifold ratio (m,))``.
     """
     z = (x - model.mean) @ model.comps.T
-    idx = model.tree.query(z, model.n_neighbors, return_distance=False)
+    idx = model.tree.query(z, model.n_neighbors)[1]
     w = barycenter_weights(z, model.z_train[idx], model.reg)
     y = np.einsum("nk,nkd->nd", w, model.y_train[idx])
     resid = np.linalg.norm(x - np.einsum("nk,nkc->nc", w, model.x_train[idx]), axis=1)

@@ -227,12 +227,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), EPS))
 
 
+def unit_derivatives(spectra: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    """First derivatives d/dE of ``spectra`` ``(k, c)`` on ``energy`` ``(c,)`` eV, each scaled to
+    unit norm: ``(k, c)``. Their dot products are derivative cosines."""
+    d = np.gradient(spectra, energy, axis=1)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), EPS)
+
+
 def derivative_cosines(components: np.ndarray, library: np.ndarray, energy: np.ndarray) -> np.ndarray:
     """Cosine similarity ``(k, m)`` of the first derivatives d/dE of ``components`` ``(k, c)`` and
     ``library`` ``(m, c)`` on ``energy`` ``(c,)`` eV. The derivative discriminates Fe(III) phases
     whose normalised spectra all agree to cosine >= 0.99 (science notes, section 5.1)."""
-    da = np.gradient(components, energy, axis=1)
-    db = np.gradient(library, energy, axis=1)
-    na = np.linalg.norm(da, axis=1, keepdims=True)
-    nb = np.linalg.norm(db, axis=1, keepdims=True)
-    return (da / np.maximum(na, EPS)) @ (db / np.maximum(nb, EPS)).T
+    return unit_derivatives(components, energy) @ unit_derivatives(library, energy).T
