@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 from sklearn.manifold import LocallyLinearEmbedding
@@ -22,12 +23,14 @@ def embedding_yaml(**params: object) -> str:
     return "consumers:\n  - {name: emb, class: embedding, params: {" + body + "}}\n"
 
 
-def test_progress_map_orders_a_curved_four_phase_path():
-    data = reaction_path_map(seed=0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progress_map_orders_a_curved_four_phase_path(seed):
+    data = reaction_path_map(seed=seed)
     r = replay(embedding_yaml(), data)
-    rho = spearmanr(r.get("emb", "progress").ravel(), data.progress.ravel())[0]
-    assert rho >= 0.95, rho  # signed: progress increases from metal to goethite
-    assert np.nanmin(r.get("emb", "progress")) >= -0.05 and np.nanmax(r.get("emb", "progress")) <= 1.05
+    progress = r.get("emb", "progress")
+    rho = spearmanr(progress.ravel(), data.progress.ravel())[0]
+    assert rho >= 0.95, rho  # signed: progress increases from metal to goethite, for every seed
+    assert progress.min() >= -0.05 and progress.max() <= 1.05
 
 
 def test_progress_sign_does_not_depend_on_acquisition_order():
