@@ -56,7 +56,7 @@ class EmbeddingParams(SpectralParams):
     final_refit: bool = True
     """Refit the embedding on all points at the end of the run."""
     edge_window_ev: float = Field(10.0, gt=0)
-    """Half-width (eV) of the window around the run's main edge in which each spectrum's edge
+    """Half-width (eV) of the window around the main edge of the fitted spectra (their mean) in which each spectrum's edge
     energy is estimated (for the progress sign). Post-edge oscillations outside it would otherwise
     dominate the estimate (measured: rank correlation with true progress 0.1 over 7070-7240 eV,
     0.98 within +/-10 eV)."""
@@ -90,7 +90,7 @@ class EmbeddingConsumer(SpectralConsumer):
         super().descriptor(doc)
         c = self.prep.n_out
         self.k = min(self.params.n_components, c)
-        self.store = PointStore(c, n_extra=1)  # extra column: edge energy (eV)
+        self.store = PointStore(c)
         self.basis = IncrementalBasis(self.k, self.params.batch_size)
         self.refitter = Refitter(f"beamlens-embedding-{self.run.uid[:8]}")
         self.pca_refitter = Refitter(f"beamlens-embedding-pca-{self.run.uid[:8]}")
@@ -101,7 +101,6 @@ class EmbeddingConsumer(SpectralConsumer):
         self.mapped_upto = 0  # store rows [:mapped_upto] have coordinates in self.model
         self.last_fit_n = 0
         self.off_manifold = False
-        self.edge_sel: np.ndarray | None = None  # channels used for the edge-energy estimate
         self.n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
 
     def result_buffers(self) -> list[BufferSpec]:
@@ -128,7 +127,7 @@ class EmbeddingConsumer(SpectralConsumer):
         self._install_basis(self.pca_refitter.poll())
         self._install(self.refitter.poll())
         if len(y):
-            self.store.append(y, pos, self._edge_energy(y)[:, None])
+            self.store.append(y, pos)
             if self.mean is not None:
                 self._score(slice(self.store.n - len(y), self.store.n))
             self._map_new()
@@ -151,20 +150,18 @@ class EmbeddingConsumer(SpectralConsumer):
             self._install(self._fit(self._snapshot()))
 
     # -- internals ---------------------------------------------------------------------------
-    def _edge_energy(self, y: np.ndarray) -> np.ndarray:
-        """Edge energy per spectrum (eV), within ``edge_window_ev`` of the main edge, which is
-        located once per run on the first page's mean spectrum."""
+    def _edge_energy(self, x: np.ndarray) -> np.ndarray:
+        """Edge energy per spectrum ``(n,)`` (eV), within ``edge_window_ev`` of the main edge of
+        the mean of ``x`` (so the window depends on the fitted points, not on page boundaries)."""
         derivative = self.params.preprocess.derivative
-        if self.edge_sel is None:
-            self.edge_sel = np.ones(y.shape[1], dtype=bool)
-            if self.energy is not None and y.shape[1] > 2:
-                mean = y.mean(axis=0)
-                d = mean if derivative else np.gradient(mean, self.energy)
-                sel = np.abs(self.energy - self.energy[int(np.argmax(d))]) <= self.params.edge_window_ev
-                if sel.sum() >= 3:
-                    self.edge_sel = sel
-        energy = None if self.energy is None else self.energy[self.edge_sel]
-        return edge_position(y[:, self.edge_sel], energy, derivative)
+        sel = np.ones(x.shape[1], dtype=bool)
+        if self.energy is not None and x.shape[1] > 2:
+            mean = x.mean(axis=0)
+            d = mean if derivative else np.gradient(mean, self.energy)
+            window = np.abs(self.energy - self.energy[int(np.argmax(d))]) <= self.params.edge_window_ev
+            if window.sum() >= 3:
+                sel = window
+        return edge_position(x[:, sel], None if self.energy is None else self.energy[sel], derivative)
 
     def _pca_step(self, snap: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Background (PCA thread): fit the complete batches not yet fitted; the new basis."""
@@ -226,7 +223,7 @@ class EmbeddingConsumer(SpectralConsumer):
         self.off_manifold = False
         # rows [:n] are never rewritten: views are safe to hand to the worker
         basis = None if self.mean is None else (self.mean, self.comps)
-        return self.store.x[:n], self.store.extra[:n, 0], rows, n, basis
+        return self.store.x[:n], rows, n, basis
 
     def _request_refit(self) -> None:
         self.refitter.request(self._fit, self._snapshot())
@@ -239,9 +236,9 @@ class EmbeddingConsumer(SpectralConsumer):
             ``(model, coordinates (n, d), off-manifold ratio (n,), PCA scores (n, k) or None)``
             for store rows ``[:n]``.
         """
-        x, edge, rows, n, basis = snap
+        x, rows, n, basis = snap
         p = self.params
-        model = fit_manifold(x[rows], edge[rows], n_neighbors=p.n_neighbors, n_components=p.n_embedding, n_pca=p.n_pca)
+        model = fit_manifold(x[rows], self._edge_energy(x[rows]), n_neighbors=p.n_neighbors, n_components=p.n_embedding, n_pca=p.n_pca)
         coords = np.empty((n, p.n_embedding))
         ratio = np.empty(n)
         coords[rows], ratio[rows] = model.y_train, model.loo_ratio
