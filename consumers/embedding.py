@@ -56,9 +56,9 @@ class EmbeddingParams(SpectralParams):
     final_refit: bool = True
     """Refit the embedding on all points at the end of the run."""
     edge_window_ev: float = Field(10.0, gt=0)
-    """Half-width (eV) of the window around the main edge of the fitted spectra (their mean) in which each spectrum's edge
-    energy is estimated (for the progress sign). Post-edge oscillations outside it would otherwise
-    dominate the estimate (measured: rank correlation with true progress 0.1 over 7070-7240 eV,
+    """Half-width (eV) of the window around the main edge of the fitted spectra (their mean) in
+    which each spectrum's edge energy is estimated (for the progress sign). Post-edge oscillations
+    outside it would otherwise dominate the estimate (measured: rank correlation with true progress 0.1 over 7070-7240 eV,
     0.98 within +/-10 eV)."""
 
     @model_validator(mode="after")
