@@ -214,7 +214,9 @@ class EmbeddingConsumer(SpectralConsumer):
             return False
         if n >= p.refit_growth * max(self.last_fit_n, 1):
             return True
-        return self.off_manifold and n >= self.last_fit_n + p.n_neighbors
+        # an off-manifold refit waits for enough new points to form neighbourhoods of their own,
+        # and for 10 % growth, so a heterogeneous scan (real STXM) does not refit continuously
+        return self.off_manifold and n >= self.last_fit_n + max(p.n_neighbors, self.last_fit_n // 10)
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple | None]:
         n, cap = self.store.n, self.params.max_fit_points

@@ -97,3 +97,18 @@ def test_a_reference_that_does_not_cover_the_window_sits_the_run_out(steel):
                 "references: [{path: hxn_library/FeLibNov2021.nor, column: Goethite}, "
                 "{path: hxn_library/FeLibNov2021.nor, column: Magnetite}]}}\n", steel)
     assert np.isfinite(ok.get("unmix", "abundance_1")).all()
+
+
+def test_energy_axis_from_config_when_the_descriptor_has_none(steel):
+    from beamlens.consumers.base import Results, RunInfo
+    from beamlens.consumers.unmixing import UnmixingConsumer, UnmixingParams
+
+    descriptor = {"data_keys": {"spectrum": {"dtype": "array", "shape": [400], "source": "sim"}}, "configuration": {}}
+    bare = UnmixingConsumer(UnmixingParams(n_components=2), RunInfo("u", (4,), {}))
+    bare.descriptor(descriptor)
+    assert bare.energy is None and [s.axis for s in bare.result_buffers() if s.name == "components"] == [None]
+    given = UnmixingConsumer(UnmixingParams(n_components=2, preprocess={"energy_range": (7070, 7240)}), RunInfo("u", (4,), {}))
+    given.descriptor(descriptor)
+    np.testing.assert_allclose(given.energy, steel.energy)
+    given.results = Results({s.name: s.allocate(4) for s in given.result_buffers()})
+    assert given.run.axes["energy"][1] == "eV"

@@ -41,7 +41,10 @@ class SpectralConsumer(Consumer):
         if len(shape) != 1:
             raise NotApplicable(f"data key {self.key!r} has shape {shape}, not a spectrum")
         self.n_raw = shape[0]
-        raw_energy = energy_axis(doc, self.n_raw, self.params.preprocess.energy_key)
+        pre = self.params.preprocess
+        raw_energy = energy_axis(doc, self.n_raw, pre.energy_key)
+        if raw_energy is None and pre.energy_range is not None:
+            raw_energy = np.linspace(*pre.energy_range, self.n_raw)
         try:
             self.prep = Preprocessor(self.params.preprocess, raw_energy, self.n_raw)
         except ValueError as exc:

@@ -107,6 +107,9 @@ class PreprocessParams(BaseModel):
 
     energy_key: str | None = None
     """Configuration key holding the energy axis (eV); default: any ``*energy`` key of matching length."""
+    energy_range: tuple[float, float] | None = None
+    """First and last channel energy (eV) of an evenly spaced axis, used when the descriptor
+    carries no energy axis."""
     normalize: Literal["none", "pre_edge", "edge"] = "none"
     """``pre_edge``: subtract the pre-edge line; ``edge``: also divide by the edge step."""
     e0: float | None = None
@@ -128,7 +131,7 @@ class PreprocessParams(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> PreprocessParams:
-        for name in ("pre_edge", "post_edge", "energy_window"):
+        for name in ("pre_edge", "post_edge", "energy_window", "energy_range"):
             lo_hi = getattr(self, name)
             if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
                 raise ValueError(f"{name} must be (low, high) with low < high")
