@@ -69,10 +69,11 @@ class ReferenceSpec(BaseModel):
     shift_ev: float = 0.0
     """Energy shift added to the file's axis (eV), for calibration offsets between beamlines."""
 
-    def load(self) -> tuple[str, ReferenceSpectrum]:
+    def load(self) -> tuple[str, ReferenceSpectrum, float]:
+        """``(label, spectrum, shift in eV)``."""
         ref = read_reference_cached(self.path, self.column)
         label = self.name or Path(self.path).stem + (f":{self.column}" if self.column else "")
-        return label, ref
+        return label, ref, self.shift_ev
 
 
 class UnmixingParams(SpectralParams):
@@ -149,7 +150,7 @@ class UnmixingConsumer(SpectralConsumer):
                 lib = [s.load() for s in p.match_library]
             elif self.energy is not None:
                 refs = vendored_library()
-                lib = [(_label(r, sum(q.source == r.source for q in refs) > 1), r) for r in refs]
+                lib = [(_label(r, sum(q.source == r.source for q in refs) > 1), r, 0.0) for r in refs]
             else:
                 lib = []
             self.lib_names, self.lib_raw = self._on_axis(lib, strict=p.match_library is not None)
@@ -167,15 +168,13 @@ class UnmixingConsumer(SpectralConsumer):
         self.last_fit_n = 0
         self.sum_x2 = self.sum_r2 = 0.0  # Σ|x|², Σ|x - wH|² over the points so far
 
-    def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum]], strict: bool) -> tuple[list[str], np.ndarray]:
+    def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum, float]], strict: bool) -> tuple[list[str], np.ndarray]:
         """Edge-normalise, shift and resample references onto the raw energy axis (values outside
         a reference's range are held at its end values; only the analysed window must be covered).
         A reference that does not cover the window raises (``strict``) or is dropped."""
         names, rows = [], []
         lo, hi = (self.energy[0], self.energy[-1]) if self.energy is not None else (0, 0)
-        specs = dict(zip([n for n, _ in refs], self.params.references)) if strict else {}
-        for name, ref in refs:
-            shift = specs[name].shift_ev if name in specs else 0.0
+        for name, ref, shift in refs:
             e = ref.energy + shift
             if e[0] > lo + 1e-6 or e[-1] < hi - 1e-6:
                 if strict:

@@ -183,3 +183,18 @@ def test_two_component_unmixing_of_the_real_stxm_image_finds_fe3_and_fe2():
     assert abs(e[np.argmax(h[i_ox])] - 709.7) <= 0.4
     assert 707.8 <= e[np.argmax(h[i_red])] <= 708.3
     assert list(r.get("unmix", "match_index")) == [-1, -1]  # no Fe K-edge reference covers the L edge
+
+
+def test_a_configured_match_library_names_the_components():
+    data = corroding_steel_map(seed=4)
+    paths = list(STEEL_PHASES.values())
+    library = "[" + ", ".join(f"{{path: {p}, name: {n!r}, shift_ev: {s}}}" for p, n, s in
+                              zip(paths[::-1], ["goe", "mag", "fe"], [0.0, 0.0, 0.0])) + "]"
+    r = replay(unmixing_yaml(n_components=0, references=refs_yaml(paths), match_library=library), data)
+    desc = r.store.summaries()[0]["consumers"]["unmix"]["buffers"]["match_index"]["description"]
+    assert desc.endswith("library: 0=goe, 1=mag, 2=fe")
+    assert list(r.get("unmix", "match_index")) == [2, 1, 0]
+    shifted = "[" + ", ".join(f"{{path: {p}, shift_ev: 3.0}}" for p in paths) + "]"
+    r = replay(unmixing_yaml(n_components=0, references=shifted), data)
+    w, _ = result(r, 3)
+    assert np.sqrt(np.mean((w - data.fractions.reshape(-1, 3)) ** 2)) > 0.05  # a 3 eV miscalibration shows
