@@ -51,8 +51,9 @@ class EmbeddingParams(SpectralParams):
     """Refit when the run has this many times the points of the last fit."""
     refit_residual_ratio: float = Field(3.0, gt=1.0)
     """Refit early when a page's median off-manifold ratio exceeds this."""
-    max_fit_points: int = Field(1500, ge=50)
-    """Largest mLLE fit (dense eigensolver: memory ~ N^2); larger runs use an evenly spaced subset."""
+    max_fit_points: int = Field(1000, ge=50)
+    """Largest mLLE fit (dense eigensolver: memory ~ N^2, about 1 s at 1000 points); larger runs
+    use an evenly spaced subset."""
     final_refit: bool = True
     """Refit the embedding on all points at the end of the run."""
     edge_window_ev: float = Field(10.0, gt=0)
@@ -63,8 +64,8 @@ class EmbeddingParams(SpectralParams):
 
     @model_validator(mode="after")
     def _neighbours(self) -> EmbeddingParams:
-        if self.n_neighbors < self.n_embedding or self.min_points <= self.n_neighbors:
-            raise ValueError("need n_embedding <= n_neighbors < min_points")
+        if self.n_neighbors < self.n_embedding or min(self.min_points, self.max_fit_points) <= self.n_neighbors:
+            raise ValueError("need n_embedding <= n_neighbors < min(min_points, max_fit_points)")
         return self
 
 
