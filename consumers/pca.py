@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field
-from sklearn.decomposition import IncrementalPCA
 
 from .base import BufferSpec, Consumer, ConsumerParams, finite_rows, first_array_key, stack_rows
+from .spectral.incremental import IncrementalBasis, PointStore
 from .spectral.preprocess import energy_axis
 
 
@@ -52,16 +52,12 @@ class PCAConsumer(Consumer):
         self.sig_shape = tuple(doc["data_keys"][self.key]["shape"])
         self.n_channels = int(np.prod(self.sig_shape))
         self.k = min(self.params.n_components, self.n_channels)
-        self.batch = max(self.params.batch_size, self.k)
         energy = energy_axis(doc, self.n_channels, self.params.energy_key) if len(self.sig_shape) == 1 else None
         self.axis_name = "energy" if energy is not None else None
         if energy is not None:
             self.run.axes["energy"] = (energy, "eV")
-        self.ipca = IncrementalPCA(n_components=self.k)
-        self.seen = np.empty((256, self.n_channels))  # spectra kept to re-score; rows [:n_seen] valid
-        self.seen_pos = np.empty(256, dtype=np.int64)
-        self.n_seen = 0
-        self.fitted_upto = 0
+        self.basis = IncrementalBasis(self.k, self.params.batch_size)
+        self.store = PointStore(self.n_channels)  # spectra kept to re-score
 
     def result_buffers(self) -> list[BufferSpec]:
         sig = (self.n_channels,)
@@ -79,44 +75,23 @@ class PCAConsumer(Consumer):
         finite = finite_rows(x)
         self.run.skipped("nonfinite", int((~finite).sum()))
         ok = finite & (positions >= 0)
-        self._append(x[ok], positions[ok])
-        while self.n_seen - self.fitted_upto >= self.batch:
-            self._fit(self.fitted_upto + self.batch)
-
-    def stop(self, doc: Mapping[str, Any]) -> None:
-        if not hasattr(self, "ipca"):
-            return
-        remaining = self.n_seen - self.fitted_upto
-        if remaining >= self.k:
-            self._fit(self.n_seen)
-        elif remaining and self.fitted_upto:
-            # too few for a partial_fit of their own: score them in the final basis
+        self.store.append(x[ok], positions[ok])
+        if self.basis.update(self.store.x, self.store.n):
             self._publish()
 
+    def stop(self, doc: Mapping[str, Any]) -> None:
+        if not hasattr(self, "basis"):
+            return
+        if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
+            self._publish()  # too few left for a partial_fit of their own: score them in the final basis
+
     # -- internals ---------------------------------------------------------------------------
-    def _append(self, x: np.ndarray, pos: np.ndarray) -> None:
-        n, m = self.n_seen, len(x)
-        if n + m > len(self.seen):
-            capacity = max(2 * len(self.seen), n + m)
-            self.seen = np.concatenate([self.seen[:n], np.empty((capacity - n, self.n_channels))])
-            self.seen_pos = np.concatenate([self.seen_pos[:n], np.empty(capacity - n, dtype=np.int64)])
-        self.seen[n:n + m] = x
-        self.seen_pos[n:n + m] = pos
-        self.n_seen = n + m
-
-    def _fit(self, upto: int) -> None:
-        self.ipca.partial_fit(self.seen[self.fitted_upto:upto])
-        self.fitted_upto = upto
-        self._publish()
-
     def _publish(self) -> None:
-        n = self.n_seen
-        comps = self.ipca.components_.copy()
-        signs = np.sign(comps[np.arange(len(comps)), np.argmax(np.abs(comps), axis=1)])
-        comps *= signs[:, None]
-        scores = (self.seen[:n] - self.ipca.mean_) @ comps.T
+        n = self.store.n
+        mean, comps = self.basis.basis()
+        scores = (self.store.x[:n] - mean) @ comps.T
         for i in range(self.k):
-            self.results[f"score_{i + 1}"][self.seen_pos[:n]] = scores[:, i]
+            self.results[f"score_{i + 1}"][self.store.pos[:n]] = scores[:, i]
         self.results.components[...] = comps
-        self.results.mean[...] = self.ipca.mean_
-        self.results.explained_variance_ratio[...] = self.ipca.explained_variance_ratio_
+        self.results.mean[...] = mean
+        self.results.explained_variance_ratio[...] = self.basis.explained_variance_ratio

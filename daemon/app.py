@@ -13,7 +13,6 @@ import signal
 import threading
 
 from prometheus_client import CollectorRegistry
-from threadpoolctl import threadpool_limits
 
 from .config import Config
 from .metrics import Metrics
@@ -38,9 +37,6 @@ class Daemon:
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None):
         self.config = config
-        # small matrices on many threads: multithreaded BLAS only adds contention (30x slower SVDs
-        # measured on a loaded 2-core machine)
-        self._blas_limit = threadpool_limits(config.router.blas_threads, user_api="blas")
         self.metrics = Metrics(registry)
         self.store = RunStore(config.router.keep_runs)
         self.router = Router(config, self.metrics, self.store)

@@ -26,6 +26,8 @@ ENV_PREFIX = "BEAMLENS_"
 BUILTIN_CONSUMERS: dict[str, str] = {
     "stats": "beamlens.consumers.stats:StatsConsumer",
     "pca": "beamlens.consumers.pca:PCAConsumer",
+    "embedding": "beamlens.consumers.embedding:EmbeddingConsumer",
+    "unmixing": "beamlens.consumers.unmixing:UnmixingConsumer",
 }
 
 

@@ -4,13 +4,18 @@ Normalisation follows the usual XAFS convention (Athena/Larch ``pre_edge``; B. R
 J. Synchrotron Rad. 12, 537 (2005)): E0 at the maximum of the (lightly smoothed) first derivative,
 a straight line fitted to the pre-edge region and one fitted to the post-edge region, edge step =
 post(E0) - pre(E0), normalised mu = (mu - pre(E)) / step.
+
+:class:`Preprocessor` applies the same steps to pages of spectra during a run (one E0 per run,
+vectorised line fits), plus an optional energy window, first derivative and repair of isolated
+non-finite channels, as configured per consumer by :class:`PreprocessParams`.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.ndimage import gaussian_filter1d
 
 
@@ -71,16 +76,7 @@ def normalize_edge(energy: np.ndarray, mu: np.ndarray, e0: float | None = None,
     if e0 is None:
         e0 = find_e0(energy, mu)
 
-    def window(lo: float, hi: float, at_start: bool) -> np.ndarray:
-        sel = (energy >= e0 + lo) & (energy <= e0 + hi)
-        if sel.sum() < 3:
-            n = max(3, len(energy) // 10)
-            sel = np.zeros_like(sel)
-            sel[:n] = at_start
-            sel[-n:] = not at_start
-        return sel
-
-    pre_sel, post_sel = window(*pre, at_start=True), window(*post, at_start=False)
+    pre_sel, post_sel = _fit_range(energy, e0, *pre, at_start=True), _fit_range(energy, e0, *post, at_start=False)
     pre_line = np.polyfit(energy[pre_sel], mu[pre_sel], 1)
     post_line = np.polyfit(energy[post_sel], mu[post_sel], 1)
     step = float(np.polyval(post_line, e0) - np.polyval(pre_line, e0))
@@ -98,3 +94,186 @@ def resample(energy: np.ndarray, mu: np.ndarray, grid: np.ndarray) -> np.ndarray
     if grid[0] < energy[0] - 1e-6 or grid[-1] > energy[-1] + 1e-6:
         raise ValueError(f"grid {grid[0]:.1f}-{grid[-1]:.1f} eV reaches outside the data {energy[0]:.1f}-{energy[-1]:.1f} eV")
     return np.interp(grid, energy, mu)
+
+
+class PreprocessParams(BaseModel):
+    """Per-run preprocessing of spectra, shared by the spectral consumers (``params.preprocess``).
+
+    Order: non-finite repair -> edge normalisation (on the full axis, so the pre-/post-edge fit
+    ranges may lie outside the analysed window) -> energy window -> first derivative.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    energy_key: str | None = None
+    """Configuration key holding the energy axis (eV); default: any ``*energy`` key of matching length."""
+    energy_range: tuple[float, float] | None = None
+    """First and last channel energy (eV) of an evenly spaced axis, used when the descriptor
+    carries no energy axis."""
+    normalize: Literal["none", "pre_edge", "edge"] = "none"
+    """``pre_edge``: subtract the pre-edge line; ``edge``: also divide by the edge step."""
+    e0: float | None = None
+    """Edge energy (eV) for the whole run; default: found on the mean of the first page of spectra."""
+    pre_edge: tuple[float, float] = (-150.0, -30.0)
+    """Pre-edge fit range relative to E0, eV."""
+    pre_edge_degree: Literal[0, 1] = 1
+    """1: straight pre-edge line (K-edge XAFS convention); 0: constant offset, for short pre-edge
+    ranges where a fitted slope would be extrapolated far (soft X-ray L edges, STXM)."""
+    post_edge: tuple[float, float] = (50.0, 300.0)
+    """Post-edge fit range relative to E0, eV."""
+    energy_window: tuple[float, float] | None = None
+    """Analyse only channels with energy in ``[lo, hi]`` eV."""
+    derivative: bool = False
+    """Analyse the first derivative d(mu)/dE (per eV) instead of mu."""
+    max_nonfinite_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Spectra with at most this fraction of non-finite channels are repaired by linear interpolation;
+    others are skipped and counted (reason ``nonfinite``)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PreprocessParams:
+        for name in ("pre_edge", "post_edge", "energy_window", "energy_range"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{name} must be (low, high) with low < high")
+        return self
+
+
+def _line_fits(energy: np.ndarray, y: np.ndarray, sel: np.ndarray, degree: int = 1) -> np.ndarray:
+    """Least-squares lines (``degree`` 1) or constants (0, slope 0) through ``y[:, sel]`` for every
+    row at once: ``(n, 2)`` (slope, offset)."""
+    if degree == 0:
+        return np.stack([np.zeros(len(y)), y[:, sel].mean(axis=1)], axis=1)
+    a = np.stack([energy[sel], np.ones(int(sel.sum()))], axis=1)
+    return np.linalg.lstsq(a, y[:, sel].T, rcond=None)[0].T
+
+
+def _fit_range(energy: np.ndarray, e0: float, lo: float, hi: float, at_start: bool) -> np.ndarray:
+    sel = (energy >= e0 + lo) & (energy <= e0 + hi)
+    if sel.sum() < 3:  # short scan: use the first / last tenth of the channels (as normalize_edge)
+        n = max(3, len(energy) // 10)
+        sel = np.zeros(len(energy), dtype=bool)
+        sel[:n] = at_start
+        sel[-n:] = not at_start
+    return sel
+
+
+def repair_nonfinite(x: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Fill non-finite channels by linear interpolation in rows with at most ``max_fraction`` of them.
+
+    Args:
+        x: float ``(n, c)``; modified in place.
+        max_fraction: rows with more non-finite channels are left as they are.
+
+    Returns:
+        bool ``(n,)``: rows that are all finite afterwards.
+    """
+    bad = ~np.isfinite(x)
+    counts = bad.sum(axis=1)
+    fixable = np.flatnonzero((counts > 0) & (counts <= max_fraction * x.shape[1]) & (counts < x.shape[1] - 1))
+    idx = np.arange(x.shape[1])
+    for i in fixable:
+        good = ~bad[i]
+        x[i, bad[i]] = np.interp(idx[bad[i]], idx[good], x[i, good])
+    return np.isfinite(x).all(axis=1)
+
+
+class Preprocessor:
+    """Applies :class:`PreprocessParams` to pages of spectra, the same way for every page of a run.
+
+    Edge normalisation is vectorised: one E0 for the run (configured, or found once on the mean of
+    the first usable page with :func:`find_e0`), then per-spectrum straight lines fitted to the
+    pre- and post-edge ranges (Athena/Larch ``pre_edge`` convention, as :func:`normalize_edge`),
+    so the cost per spectrum is constant.
+
+    Args:
+        params: the preprocessing parameters.
+        energy: float64 ``(c,)`` eV of the raw channels, or None when the run has no energy axis
+            (then only non-finite handling is possible).
+
+    Raises:
+        ValueError: normalisation, window or derivative requested without an energy axis, or a
+            window that selects fewer than 3 channels.
+    """
+
+    def __init__(self, params: PreprocessParams, energy: np.ndarray | None, n_channels: int):
+        self.params = params
+        needs_energy = params.normalize != "none" or params.derivative or params.energy_window is not None
+        if energy is None and needs_energy:
+            raise ValueError("normalisation, energy window or derivative need an energy axis; none found in the descriptor")
+        self.raw_energy = None if energy is None else np.asarray(energy, dtype=np.float64)
+        self.window = np.ones(n_channels, dtype=bool)
+        if params.energy_window is not None:
+            lo, hi = params.energy_window
+            self.window = (self.raw_energy >= lo) & (self.raw_energy <= hi)
+            if self.window.sum() < 3:
+                raise ValueError(f"energy window {lo}-{hi} eV selects {int(self.window.sum())} channels")
+        self.energy = None if energy is None else self.raw_energy[self.window]
+        self.e0 = params.e0
+
+    @property
+    def n_out(self) -> int:
+        """Channels per preprocessed spectrum."""
+        return int(self.window.sum())
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Preprocess a page.
+
+        Args:
+            x: float ``(n, c)`` raw spectra.
+
+        Returns:
+            ``(y, ok, no_edge)``: ``y`` float64 ``(n, n_out)`` (rows where ``ok`` is False are
+            undefined), ``ok`` bool ``(n,)`` usable rows, ``no_edge`` bool ``(n,)`` rows dropped
+            because their edge step was not positive (``normalize="edge"`` only).
+        """
+        x = np.array(x, dtype=np.float64)
+        ok = repair_nonfinite(x, self.params.max_nonfinite_fraction)
+        no_edge = np.zeros(len(x), dtype=bool)
+        if self.params.normalize != "none" and ok.any():
+            x, no_edge = self._normalize(x, ok)
+            ok &= ~no_edge
+        y = x[:, self.window]
+        if self.params.derivative:
+            y = np.gradient(y, self.energy, axis=1)
+        return y, ok, no_edge
+
+    def _normalize(self, x: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e = self.raw_energy
+        if self.e0 is None:
+            self.e0 = find_e0(e, x[ok].mean(axis=0))
+        safe = np.where(ok[:, None], x, 0.0)
+        pre, step = edge_lines(e, safe, self.e0, self.params.pre_edge, self.params.post_edge,
+                               self.params.pre_edge_degree)
+        out = safe - (pre[:, :1] * e + pre[:, 1:])
+        no_edge = np.zeros(len(x), dtype=bool)
+        if self.params.normalize == "edge":
+            no_edge = ok & ~(step > 0)
+            out /= np.where(step > 0, step, 1.0)[:, None]
+        return out, no_edge
+
+    def edge_step(self, y: np.ndarray, e0: float) -> np.ndarray:
+        """Edge step ``(n,)`` of preprocessed, non-derivative spectra ``y`` ``(n, n_out)`` at ``e0``
+        (eV), with this run's fit ranges on the analysed channels. Linear in ``y``: the step of a
+        mixture is the abundance-weighted sum of its components' steps."""
+        p = self.params
+        return edge_lines(self.energy, y, e0, p.pre_edge, p.post_edge, p.pre_edge_degree)[1]
+
+
+def edge_lines(energy: np.ndarray, y: np.ndarray, e0: float, pre: tuple[float, float],
+               post: tuple[float, float], pre_degree: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-edge lines and edge steps of many spectra at once.
+
+    Args:
+        energy: ``(c,)`` eV; y: ``(n, c)``; e0: eV; pre, post: fit ranges relative to ``e0`` (eV),
+            replaced by the first / last tenth of the channels where fewer than 3 fall inside;
+        pre_degree: 1 for a pre-edge line, 0 for a constant.
+
+    Returns:
+        ``(pre-edge lines (n, 2) as (slope, offset), edge steps (n,))``.
+    """
+    pre_sel = _fit_range(energy, e0, *pre, at_start=True)
+    post_sel = _fit_range(energy, e0, *post, at_start=False)
+    pre_line = _line_fits(energy, y, pre_sel, pre_degree)
+    post_line = _line_fits(energy, y, post_sel)
+    step = (post_line[:, 0] - pre_line[:, 0]) * e0 + post_line[:, 1] - pre_line[:, 1]
+    return pre_line, step

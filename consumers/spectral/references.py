@@ -11,6 +11,7 @@ Formats (see ``shared/data/MANIFEST.md`` for the files they come from):
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,11 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceSpec
     Raises:
         ValueError: if the file holds several spectra and ``column`` does not name one of them.
     """
-    spectra = read_reference_file(path)
+    return _select(read_reference_file(path), path, column)
+
+
+def _select(spectra: list[ReferenceSpectrum] | tuple[ReferenceSpectrum, ...], path: str | Path,
+            column: str | None) -> ReferenceSpectrum:
     if column is None:
         if len(spectra) != 1:
             raise ValueError(f"{Path(path).name} holds {len(spectra)} spectra; name a column: {[s.name for s in spectra]}")
@@ -120,3 +125,42 @@ def read_reference(path: str | Path, column: str | None = None) -> ReferenceSpec
         if s.name.lower() == column.lower():
             return s
     raise ValueError(f"{Path(path).name} has no column {column!r}; it has {[s.name for s in spectra]}")
+
+
+#: The vendored Fe K-edge reference library (licences alongside the files).
+FE_K_DIR = Path(__file__).resolve().parent.parent / "data" / "fe_k_xanes"
+_SUFFIXES = (".xdi", ".nor", ".e")
+
+
+def resolve_reference_path(path: str | Path) -> Path:
+    """An absolute path as given; a relative one inside the vendored Fe K-edge folder
+    (``"xasdatalibrary/Hansel2001_goethite_xanes_003.xdi"``).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+    """
+    p = Path(path)
+    p = p if p.is_absolute() else FE_K_DIR / p
+    if not p.is_file():
+        raise FileNotFoundError(f"reference file {p} not found (relative paths are inside {FE_K_DIR})")
+    return p
+
+
+@functools.lru_cache(maxsize=256)
+def _read_cached(path: str) -> tuple[ReferenceSpectrum, ...]:
+    return tuple(read_reference_file(path))
+
+
+def read_reference_cached(path: str | Path, column: str | None = None) -> ReferenceSpectrum:
+    """:func:`read_reference` through a per-process cache (reference files do not change while the
+    daemon runs; every run of a consumer reads the same ones)."""
+    return _select(_read_cached(str(resolve_reference_path(path))), path, column)
+
+
+def vendored_library() -> list[ReferenceSpectrum]:
+    """Every spectrum of every file in the vendored Fe K-edge folder, in path order."""
+    out: list[ReferenceSpectrum] = []
+    for path in sorted(FE_K_DIR.rglob("*")):
+        if path.suffix.lower() in _SUFFIXES:
+            out.extend(_read_cached(str(path)))
+    return out

@@ -7,6 +7,9 @@
    built from real reference spectra (Hansel 2001 series, APS 13-ID-C, one beamline so one energy
    calibration): an Fe metal core, a magnetite layer and a goethite rim, with known fractions and
    Gaussian noise. Its exact fractions are the ground truth analyses are scored against.
+3. :func:`reaction_path_map` and :func:`dominant_phase_map`: test maps from the same references, a
+   curved four-phase reaction path (progress ordering) and a map dominated by one phase (manifold
+   weighting).
 """
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from beamlens.consumers.spectral.preprocess import normalize_edge, resample
-from beamlens.consumers.spectral.references import read_reference
+from beamlens.consumers.spectral.references import FE_K_DIR, read_reference
 
 STXM_DIR = Path(str(files("beamlens.daemon.sim") / "data" / "fe_l2p_stxm"))
-FE_K_DIR = Path(str(files("beamlens.consumers") / "data" / "fe_k_xanes"))
 
 #: The corroding-steel phases: name -> reference file (relative to the Fe K-edge data folder).
 STEEL_PHASES: dict[str, str] = {
@@ -122,8 +124,70 @@ def corroding_steel_map(shape: tuple[int, int] = (21, 21), noise: float = 0.01, 
     goethite = np.clip((t - 0.7) / 0.3, 0, 1)
     magnetite = 1 - metal - goethite
     fractions = np.stack([metal, magnetite, goethite], axis=-1)
+    return _simulated("corroding steel (simulated from Fe K-edge references)", fractions, components,
+                      list(STEEL_PHASES), grid, noise, seed, t)
+
+
+#: A corrosion sequence of four phases for :func:`reaction_path_map` (Hansel 2001, APS 13-ID-C).
+PATH_PHASES: dict[str, str] = {
+    "Fe metal": "xasdatalibrary/Hansel2001_Fe_foil_xanes_001.xdi",
+    "green rust (Cl)": "xasdatalibrary/Hansel2001_greenrust_Cl_xanes_001.xdi",
+    "magnetite": "xasdatalibrary/Hansel2001_magnetite_xanes_001.xdi",
+    "goethite": "xasdatalibrary/Hansel2001_goethite_xanes_003.xdi",
+}
+
+
+def _simulated(name: str, fractions: np.ndarray, components: np.ndarray, names: list[str], grid: np.ndarray,
+               noise: float, seed: int, progress: np.ndarray | None = None) -> SpectralMap:
+    ny, nx = fractions.shape[:2]
     rng = np.random.default_rng(seed)
     spectra = fractions @ components + rng.normal(0.0, noise, (ny, nx, len(grid)))
-    return SpectralMap("corroding steel (simulated from Fe K-edge references)", grid, spectra.astype(np.float32),
-                       np.arange(nx) * 0.5, np.arange(ny) * 0.5, "mm", "normalized mu",
-                       fractions, components, list(STEEL_PHASES), t)
+    return SpectralMap(name, grid, spectra.astype(np.float32), np.arange(nx) * 0.5, np.arange(ny) * 0.5, "mm",
+                       "normalized mu", fractions, components, names, progress)
+
+
+def reaction_path_map(shape: tuple[int, int] = (21, 21), noise: float = 0.01, seed: int = 0,
+                      width: float = 0.18, grid: np.ndarray | None = None) -> SpectralMap:
+    """A map whose spectra follow a curved reaction path through four phases in sequence.
+
+    Progress t in [0, 1] runs diagonally across the map with a sinusoidal bend (every value of t
+    occurs, no plateaus). Fractions are Gaussian bumps in t centred at 0, 1/3, 2/3, 1 for
+    Fe metal -> green rust -> magnetite -> goethite (``PATH_PHASES``), normalised to sum 1: the
+    path turns a corner at each intermediate phase, so it is curved in spectral space.
+
+    Args:
+        shape: ``(ny, nx)``; noise: Gaussian sigma (fraction of the edge step); seed: noise seed;
+        width: bump width in t; grid: energy grid (eV), default 400 channels over 7070-7240 eV.
+
+    Returns:
+        a :class:`SpectralMap` with ``fractions``, ``components`` and ``progress`` (= t) set.
+    """
+    grid = np.linspace(7070.0, 7240.0, 400) if grid is None else grid
+    components = fe_k_references(grid, PATH_PHASES)
+    ny, nx = shape
+    yy, xx = np.meshgrid(np.linspace(0, 1, ny), np.linspace(0, 1, nx), indexing="ij")
+    t = (xx + yy) / 2 + 0.08 * np.sin(3 * np.pi * xx) * np.sin(np.pi * yy)
+    t = (t - t.min()) / (t.max() - t.min())
+    centres = np.linspace(0.0, 1.0, len(PATH_PHASES))
+    f = np.exp(-((t[..., None] - centres) ** 2) / (2 * width ** 2))
+    f /= f.sum(axis=-1, keepdims=True)
+    return _simulated("curved corrosion path (simulated from Fe K-edge references)", f, components,
+                      list(PATH_PHASES), grid, noise, seed, t)
+
+
+def dominant_phase_map(shape: tuple[int, int] = (21, 21), dominant: float = 0.9, noise: float = 0.01,
+                       seed: int = 0, grid: np.ndarray | None = None) -> SpectralMap:
+    """A map where one phase (magnetite) covers most points: a fraction ``dominant`` of the points
+    (the first rows) is pure magnetite, the rest random mixtures of Fe metal, magnetite and
+    goethite (Dirichlet(0.5, 0.5, 0.5) fractions). For showing what manifold weighting changes.
+    """
+    grid = np.linspace(7070.0, 7240.0, 400) if grid is None else grid
+    components = fe_k_references(grid)
+    ny, nx = shape
+    n = ny * nx
+    n_dom = int(round(dominant * n))
+    f = np.zeros((n, 3))
+    f[:n_dom, 1] = 1.0
+    f[n_dom:] = np.random.default_rng(seed + 1000).dirichlet([0.5, 0.5, 0.5], n - n_dom)
+    return _simulated("magnetite-dominated map (simulated from Fe K-edge references)", f.reshape(ny, nx, 3),
+                      components, list(STEEL_PHASES), grid, noise, seed)

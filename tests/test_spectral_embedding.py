@@ -1,0 +1,107 @@
+"""The ``embedding`` consumer: IncrementalPCA vs batch PCA, the mLLE progress map on a curved
+reaction path, sign reproducibility, background refits and the off-manifold trigger."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.decomposition import PCA
+from sklearn.manifold import LocallyLinearEmbedding
+
+import beamlens.consumers.embedding as embedding_module
+from beamlens.consumers.spectral.consumer import edge_position
+from beamlens.consumers.spectral.manifold import barycenter_weights, fit_manifold, transform
+from beamlens.daemon.sim.datasets import corroding_steel_map, reaction_path_map
+
+from spectral_replay import replay
+
+
+def embedding_yaml(**params: object) -> str:
+    body = ", ".join(f"{k}: {v}" for k, v in params.items())
+    return "consumers:\n  - {name: emb, class: embedding, params: {" + body + "}}\n"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progress_map_orders_a_curved_four_phase_path(seed):
+    data = reaction_path_map(seed=seed)
+    r = replay(embedding_yaml(), data)
+    progress = r.get("emb", "progress")
+    rho = spearmanr(progress.ravel(), data.progress.ravel())[0]
+    assert rho >= 0.95, rho  # signed: progress increases from metal to goethite, for every seed
+    assert progress.min() >= -0.05 and progress.max() <= 1.05
+
+
+def test_progress_sign_does_not_depend_on_acquisition_order():
+    data = reaction_path_map(seed=1)
+    order = np.random.default_rng(7).permutation(data.shape[0] * data.shape[1])
+    a = replay(embedding_yaml(), data).get("emb", "progress").ravel()
+    b = replay(embedding_yaml(), data, order=order).get("emb", "progress").ravel()
+    assert spearmanr(a, b)[0] >= 0.99
+
+
+def test_incremental_pca_matches_batch_pca():
+    data = corroding_steel_map(seed=0)
+    r = replay(embedding_yaml(n_components=3, batch_size=32), data)
+    x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
+    batch = PCA(3).fit(x)
+    np.testing.assert_allclose(r.get("emb", "explained_variance_ratio"), batch.explained_variance_ratio_, atol=1e-3)
+    comps = r.get("emb", "pca_components")
+    cos = np.abs(np.sum(comps * batch.components_, axis=1))
+    # three phases summing to one span two centred dimensions; the third component is noise
+    assert cos[:2].min() >= 0.999, cos
+    score = r.get("emb", "score_1").ravel()
+    ref = (x - batch.mean_) @ batch.components_[0]
+    assert abs(np.corrcoef(score, ref)[0, 1]) >= 0.9999
+
+
+def test_mlle_fits_run_off_the_router_thread(monkeypatch):
+    threads: list[str] = []
+    real = embedding_module.fit_manifold
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedding_module, "fit_manifold", recording)
+    r = replay(embedding_yaml(final_refit="false"), reaction_path_map(seed=2))
+    assert threads and all(name.startswith("beamlens-embedding-") for name in threads), threads
+    assert int(r.get("emb", "embedding_fits")[0]) >= 1
+    assert np.isfinite(r.get("emb", "progress")).all()  # every point mapped, in sample or out of sample
+
+
+def test_a_new_phase_lies_off_the_manifold():
+    data = reaction_path_map(seed=3)
+    x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
+    t = data.progress.ravel()
+    edge = edge_position(x, data.energy, False)
+    early, known, new = t < 0.5, (t >= 0.4) & (t < 0.5), t > 0.9  # goethite only in the last
+    model = fit_manifold(x[early], edge[early])
+    _, ratio_known = transform(model, x[known])
+    _, ratio_new = transform(model, x[new])
+    assert np.median(ratio_known) < 2.0
+    assert np.median(ratio_new) > 3.0  # the default refit_residual_ratio
+
+
+def test_off_manifold_points_trigger_a_refit():
+    """Points arrive in order of progress, so goethite appears only at the end. Growth refits are
+    switched off (refit_growth 100): any refit after the first comes from the off-manifold trigger."""
+    data = reaction_path_map(seed=3)
+    order = np.argsort(data.progress.ravel(), kind="stable")
+    r = replay(embedding_yaml(refit_growth=100, final_refit="false", min_points=120), data, order=order)
+    assert int(r.get("emb", "embedding_fits")[0]) >= 2
+    gauge = r.metrics.registry.get_sample_value("beamlens_embedding_residual_ratio", {"consumer": "emb", "index": "0"})
+    assert gauge == float(r.get("emb", "embedding_residual")[0])
+    rho = spearmanr(r.get("emb", "progress").ravel(), data.progress.ravel())[0]
+    assert rho >= 0.9, rho
+
+
+def test_out_of_sample_weights_reproduce_scikit_learn_transform():
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 3, 300)
+    z = np.c_[np.cos(t), np.sin(t), 0.3 * t] + rng.normal(0, 0.01, (300, 3))
+    lle = LocallyLinearEmbedding(n_neighbors=10, n_components=2, method="modified", eigen_solver="dense").fit(z[:250])
+    idx = lle.nbrs_.kneighbors(z[250:], 10, return_distance=False)
+    w = barycenter_weights(z[250:], z[:250][idx], lle.reg)
+    np.testing.assert_allclose(np.einsum("nk,nkd->nd", w, lle.embedding_[idx]), lle.transform(z[250:]), atol=1e-12)
