@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
 
 from beamlens.consumers.base import Consumer
 
@@ -41,6 +41,14 @@ def _check_zmq_address(value: str) -> str:
     return value
 
 
+class CurveClientConfig(Strict):
+    """ZeroMQ CURVE keys for a socket that connects to a CURVE server (e.g. a bluesky >= 1.15 Proxy
+    started with ``--out-curve-secret``). Key files are in ``zmq.auth.create_certificates`` format."""
+
+    secret_key_file: FilePath = Field(description="this client's key pair (the .key_secret file)")
+    server_public_key_file: FilePath = Field(description="the server's public key (.key file)")
+
+
 class BlueskySourceConfig(Strict):
     """A subscription to a bluesky 0MQ proxy's output (``bluesky.callbacks.zmq.Proxy`` out port)."""
 
@@ -52,6 +60,7 @@ class BlueskySourceConfig(Strict):
     max_message_bytes: int = Field(64 * 2**20, gt=0, description="larger messages are dropped and counted")
     receive_hwm: int = Field(100_000, ge=0, description="0MQ receive high-water mark in messages")
     validate_documents: bool = Field(True, description="check every document against event_model's schemas")
+    curve: CurveClientConfig | None = Field(None, description="CURVE encryption and authentication towards the proxy")
 
     _addr = field_validator("address")(_check_zmq_address)
 

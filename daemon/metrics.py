@@ -67,6 +67,10 @@ class Metrics:
             "beamlens_last_event_timestamp_seconds", "Unix time at which the last event was received.", registry=r)
         self.source_connected = Gauge(
             "beamlens_source_connected", "1 while a source has a live connection to its peer.", ["source"], registry=r)
+        self.handshake_failures = Counter(
+            "beamlens_source_handshake_failures_total",
+            "ZeroMQ handshakes that failed (wrong CURVE key, protocol mismatch), by source and reason.",
+            ["source", "reason"], registry=r)
         self.probes_received = Counter(
             "beamlens_probes_received_total", "Readiness probes received through a bluesky proxy.", ["source"], registry=r)
         self.documents_published = Counter(

@@ -26,8 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in", dest="in_address", default=LOOPBACK)
     parser.add_argument("--out", dest="out_address", default=LOOPBACK)
+    parser.add_argument("--out-curve-secret", help="CURVE server key pair file for the out socket")
+    parser.add_argument("--out-curve-client-keys", help="folder of allowed client public keys")
     args = parser.parse_args(argv)
-    proxy = Proxy(in_address=args.in_address, out_address=args.out_address)
+    out_curve = None
+    if args.out_curve_secret:
+        from bluesky.callbacks.zmq import ServerCurve
+        out_curve = ServerCurve(secret_path=args.out_curve_secret, client_public_keys=args.out_curve_client_keys, allow=None)
+    proxy = Proxy(in_address=args.in_address, out_address=args.out_address, out_curve=out_curve)
     print(json.dumps({"in": _address(proxy.in_port), "out": _address(proxy.out_port)}), flush=True)
     try:
         proxy.start()
@@ -38,14 +44,21 @@ def main(argv: list[str] | None = None) -> None:
 class ProxyProcess:
     """A bluesky Proxy subprocess.
 
+    Args:
+        in_address, out_address: where to bind (random loopback ports by default).
+        out_curve: ``(server key pair file, folder of allowed client public keys)`` to require
+            CURVE on the out socket (bluesky >= 1.15 ``ServerCurve``).
+
     Attributes:
         in_address: where RunEngine Publishers connect (``tcp://127.0.0.1:PORT``).
         out_address: where subscribers (beamlens) connect.
     """
 
-    def __init__(self, in_address: str = LOOPBACK, out_address: str = LOOPBACK, timeout: float = 30.0):
+    def __init__(self, in_address: str = LOOPBACK, out_address: str = LOOPBACK, timeout: float = 30.0,
+                 out_curve: tuple[str, str] | None = None):
         self._timeout = timeout
         self.in_address, self.out_address = in_address, out_address
+        self._curve_args = ["--out-curve-secret", out_curve[0], "--out-curve-client-keys", out_curve[1]] if out_curve else []
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> ProxyProcess:
@@ -55,7 +68,8 @@ class ProxyProcess:
             RuntimeError: if the proxy exits or prints nothing usable.
         """
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "beamlens.daemon.sim.proxy", "--in", self.in_address, "--out", self.out_address],
+            [sys.executable, "-m", "beamlens.daemon.sim.proxy", "--in", self.in_address, "--out", self.out_address,
+             *self._curve_args],
             stdout=subprocess.PIPE, text=True)
         line = self._proc.stdout.readline() if self._proc.stdout else ""
         try:

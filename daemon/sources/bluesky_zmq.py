@@ -22,7 +22,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from pathlib import Path
+
 import zmq
+import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import BlueskySourceConfig
@@ -32,6 +35,22 @@ from ..metrics import Metrics
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def apply_curve_client(sock: zmq.Socket, secret_key_file: Path, server_public_key_file: Path) -> None:
+    """Make ``sock`` a CURVE client (RFC 26/CurveZMQ) with keys from ``zmq.auth`` certificate files.
+
+    Raises:
+        ValueError: if the secret key file holds no secret key.
+    """
+    public, secret = zmq.auth.load_certificate(secret_key_file)
+    if secret is None:
+        raise ValueError(f"{secret_key_file} holds no secret key")
+    server_public, _ = zmq.auth.load_certificate(server_public_key_file)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
 
 
 class BlueskyZmqSource:
@@ -90,11 +109,13 @@ class BlueskyZmqSource:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self.prefix + b" ")
         sock.setsockopt(zmq.SUBSCRIBE, PROBE_PREFIX + b" ")
+        if self.config.curve is not None:
+            apply_curve_client(sock, self.config.curve.secret_key_file, self.config.curve.server_public_key_file)
         return sock
 
     def _run(self) -> None:
         sock = self._socket()
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         sock.connect(self.config.address)
         log.info("source %s subscribed to %s (serializer %s)", self.name, self.config.address, self.config.serializer)
         poller = zmq.Poller()
@@ -124,6 +145,11 @@ class BlueskyZmqSource:
             self.connected.set()
             self.metrics.source_connected.labels(self.name).set(1)
             log.info("source %s connected to %s", self.name, self.config.address)
+        elif event["event"] & HANDSHAKE_FAILED:
+            reason = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol"}.get(
+                event["event"], "other")
+            self.metrics.handshake_failures.labels(self.name, reason).inc()
+            log.error("source %s: handshake with %s failed (%s); check the CURVE keys", self.name, self.config.address, reason)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
             self.connected.clear()
             self.metrics.source_connected.labels(self.name).set(0)
