@@ -170,6 +170,22 @@ class Consumer:
         self.results: Results = Results({})
         self.log = logging.getLogger(f"beamlens.consumers.{self.name}")
 
+    # -- checkpoints -------------------------------------------------------------------------
+    transient: ClassVar[tuple[str, ...]] = ()
+    """Attributes a checkpoint leaves out (sessions, open files); :meth:`restored` rebuilds them."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a checkpoint keeps: everything but the run context (rebuilt by the daemon), the
+        result buffers (saved by the daemon beside it) and :attr:`transient` attributes."""
+        skip = {"run", "results", *self.transient}
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def restored(self, run: RunInfo, results: Results) -> None:
+        """Called on a consumer unpickled from a checkpoint after a daemon restart: rebind the run
+        context and buffers; subclasses extend it to rebuild :attr:`transient` attributes."""
+        self.run = run
+        self.results = results
+
     # -- documents ---------------------------------------------------------------------------
     def start(self, doc: Mapping[str, Any]) -> None:
         """RunStart received; ``self.run`` is set."""

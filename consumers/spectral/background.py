@@ -84,6 +84,24 @@ class Refitter:
             raise error
         return result
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Checkpointing: let the running and waiting fits finish, then keep their result (not the
+        thread or the lock)."""
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                break
+            thread.join()
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_thread", "_waiting")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._thread = None
+        self._waiting = None
+
     def wait(self, timeout: float | None = None) -> Any:
         """Wait for the running and waiting fits to finish, then :meth:`poll`."""
         deadline = None if timeout is None else time.monotonic() + timeout

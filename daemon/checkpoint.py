@@ -1,0 +1,110 @@
+"""Checkpoints of open runs, so that a restarted daemon resumes their analysis instead of starting
+blind.
+
+Each open run is saved as one file ``<state_dir>/<run uid>.ckpt``: the RunStart, the descriptors'
+uids and shapes, the map placement state, and per consumer the consumer object itself (pickled
+without its run context, result buffers and ``transient`` attributes; see
+:meth:`beamlens.consumers.base.Consumer.__getstate__`), its result buffers and failure count.
+Files are written to a temporary name, fsynced and renamed (POSIX ``rename`` is atomic), so a crash
+mid-write leaves the previous checkpoint intact. A run's file is removed when the run ends.
+
+Trust: checkpoints are pickles written by this daemon into its own state directory, never data
+from the network; the directory must be writable only by the daemon's user.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .results import RunState
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SUFFIX = ".ckpt"
+
+
+def run_state(run: RunState, descriptors: list[str]) -> dict[str, Any]:
+    """The picklable state of one open run (consumers included)."""
+    return {
+        "format": FORMAT, "beamlens_version": __version__, "saved": time.time(),
+        "uid": run.uid, "start_doc": run.start_doc, "nav_shape": run.nav_shape, "snaking": run.snaking,
+        "joined_midway": run.joined_midway, "opened": run.opened, "last_event": run.last_event,
+        "events_done": run.events_done, "max_position": run.max_position,
+        "primary_descriptors": sorted(run.primary_descriptors), "descriptor_shapes": run.descriptor_shapes,
+        "descriptors": descriptors, "buffers_allocated": run.buffers_allocated,
+        "slots": [
+            {"name": s.name, "consumer": s.consumer, "specs": s.specs, "arrays": s.arrays,
+             "failures": s.failures, "quarantined": s.quarantined, "inactive_reason": s.inactive_reason,
+             "axes": s.consumer.run.axes}
+            for s in run.slots
+        ],
+    }
+
+
+class Checkpointer:
+    """Writes and reads run checkpoints in one directory.
+
+    Args:
+        directory: the state directory (created if missing, mode 0700).
+        interval_s: how often :meth:`due` says a periodic checkpoint is wanted, s.
+    """
+
+    def __init__(self, directory: str | Path, interval_s: float):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval_s
+
+    def path(self, uid: str) -> Path:
+        return self.directory / f"{uid}{SUFFIX}"
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write one run's state atomically.
+
+        Raises:
+            OSError: the file cannot be written.
+            pickle.PicklingError, TypeError: a consumer holds something that cannot be pickled
+                (declare it in ``Consumer.transient``).
+        """
+        final = self.path(state["uid"])
+        tmp = final.with_name(f".{final.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._last = time.monotonic()
+
+    def mark_saved(self) -> None:
+        self._last = time.monotonic()
+
+    def remove(self, uid: str) -> None:
+        self.path(uid).unlink(missing_ok=True)
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """Read every checkpoint in the directory, oldest first; unreadable ones are logged, moved
+        aside as ``*.ckpt.bad`` and skipped."""
+        states = []
+        for path in sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+            try:
+                with open(path, "rb") as f:
+                    state = pickle.load(f)  # our own file in our own state directory
+                if not isinstance(state, dict) or state.get("format") != FORMAT:
+                    raise ValueError(f"unknown checkpoint format {state.get('format') if isinstance(state, dict) else type(state)}")
+                states.append(state)
+            except Exception as exc:  # a checkpoint that cannot be read must not stop the daemon
+                log.error("checkpoint %s unusable (%s: %s); moved aside", path.name, type(exc).__name__, exc)
+                path.rename(path.with_name(path.name + ".bad"))
+        return states
