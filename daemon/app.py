@@ -1,4 +1,5 @@
-"""The daemon's lifecycle: sources -> router -> consumers, with the HTTP sink beside them.
+"""The daemon's lifecycle: sources (Bluesky documents, detector frames) -> router -> consumers, with
+the HTTP sink beside them.
 
 Start order is router, HTTP server, then sources (nothing is received before it can be routed);
 stop order is the reverse: sources stop receiving, the router drains its queue and closes open runs,
@@ -18,6 +19,7 @@ from .results import RunStore
 from .router import Router
 from .sinks.http import HTTPServer
 from .sources.bluesky_zmq import BlueskyZmqSource
+from .sources.frame_zmq import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Daemon:
         self.store = RunStore(config.router.keep_runs)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
+        self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
+                              for c in config.sources.frames]
         self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness)
         self._stopped = threading.Event()
 
@@ -45,15 +49,15 @@ class Daemon:
     def start(self) -> None:
         self.router.start()
         self.http.start()
-        for source in self.sources:
+        for source in [*self.sources, *self.frame_sources]:
             source.start()
-        log.info("beamlens started: %d source(s), %d consumer(s), HTTP on %s",
-                 len(self.sources), len(self.config.consumers), self.http.url)
+        log.info("beamlens started: %d document source(s), %d frame source(s), %d consumer(s), HTTP on %s",
+                 len(self.sources), len(self.frame_sources), len(self.config.consumers), self.http.url)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop receiving, process what is queued (up to ``drain_timeout`` s), close open runs as
         ``incomplete``, stop serving."""
-        for source in self.sources:
+        for source in [*self.sources, *self.frame_sources]:
             source.stop()
         if not self.router.wait_idle(drain_timeout):
             log.error("document queue not drained within %.0f s", drain_timeout)

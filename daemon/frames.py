@@ -6,7 +6,7 @@ hands everything, in order, to the router.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ class FrameBatch:
         numbers: int64 ``(n,)`` frame numbers (0-based).
         data: ``(n, *sig_shape)`` frames in the wire dtype.
         received: ``time.time()`` at which the newest frame's message was received, s.
+        release: to call once the batch has been processed (returns the source's credit).
     """
 
     source: str
@@ -80,6 +81,7 @@ class FrameBatch:
     numbers: np.ndarray
     data: np.ndarray
     received: float
+    release: Callable[[], None] = lambda: None
 
 
 @dataclass(slots=True)
