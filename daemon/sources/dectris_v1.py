@@ -67,6 +67,8 @@ class DectrisV1Decoder(FrameDecoder):
         return len(parts) >= IMAGE_PARTS and b'"dimage-' in bytes(parts[0][:64])
 
     def decode(self, parts: Sequence[Buffer]) -> list[Item]:
+        if not parts:
+            raise FrameDecodeError("wrong_part_count", "empty message")
         head = load_json(parts[0], "first part")
         htype = head.get("htype")
         if not isinstance(htype, str):
