@@ -113,7 +113,9 @@ class FrameSource:
         c = self.config
         sock = self.context.socket(zmq.PULL if c.socket == "pull" else zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, c.receive_hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)  # per part; 0MQ drops the peer beyond it
+        # per part; 0MQ disconnects a peer beyond it. Twice the cap, so that moderate excess reaches the
+        # size check below and is counted.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * c.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
