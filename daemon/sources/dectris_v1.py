@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import deque
 from collections.abc import Sequence
 
 from ..frames import Frame, FrameDecodeError, SeriesEnd, SeriesStart, as_array, frame_dtype, frame_shape
@@ -31,6 +32,8 @@ from .frame_decoder import Buffer, FrameDecoder, Item, int_field, load_json, run
 
 HEADER_PARTS = {"none": 1, "basic": 2, "all": 8}
 IMAGE_PARTS = 4
+RECENT_SERIES = 16
+"""Series ids remembered, so that a late frame of an earlier series is passed on as stale."""
 _ENCODING = re.compile(r"^(?:bs(8|16|32|64)-?)?(lz4)?([<>])$")
 
 
@@ -60,6 +63,7 @@ class DectrisV1Decoder(FrameDecoder):
         super().__init__(max_frame_bytes)
         self.verify_hash = verify_hash
         self._series: str | None = None
+        self._known: deque[str] = deque(maxlen=RECENT_SERIES)  # series seen before: their late frames are stale
         self._pending: SeriesStart | None = None
 
     @staticmethod
@@ -105,6 +109,7 @@ class DectrisV1Decoder(FrameDecoder):
         meta = {"format": self.format, "header_detail": detail,
                 "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}}
         self._series = series
+        self._known.append(series)
         self._pending = SeriesStart(series, None, None, n_frames, meta, run_uid)
         return []
 
@@ -135,12 +140,14 @@ class DectrisV1Decoder(FrameDecoder):
             data = blob
         frame = Frame(series, number, as_array(data, dtype, shape))
         out: list[Item] = []
-        if self._series != series or self._pending is not None:
+        if self._pending is not None and self._pending.series_id == series or \
+                self._series != series and series not in self._known:
             start = self._pending if self._pending is not None and self._pending.series_id == series else \
                 SeriesStart(series, meta={"format": self.format, "joined_midway": True})
             start.sig_shape, start.dtype = shape, dtype.newbyteorder("=").name
             out.append(start)
             self._series, self._pending = series, None
+            self._known.append(series)
         out.append(frame)
         return out
 
