@@ -40,6 +40,7 @@ class Daemon:
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
         self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
                               for c in config.sources.frames]
+        self.router.frames.sources = self.frame_sources
         self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness)
         self._stopped = threading.Event()
 

@@ -89,7 +89,7 @@ class FrameSourceBase(Strict):
     mode: Literal["connect", "bind"] = "connect"
     topic: str = Field("", description="SUB subscription prefix (SUB only)")
     overflow: Literal["block", "latest"] = "block"
-    queue_size: int = Field(64, gt=0, description="received messages waiting for decoding (bounds memory: queue_size x message size)")
+    queue_size: int = Field(32, gt=0, description="received messages waiting for decoding (bounds memory: queue_size x message size)")
     max_batch: int = Field(16, gt=0, description="frames of one series handed to consumers in one call, at most")
     receive_hwm: int = Field(16, gt=0, description="0MQ receive high-water mark, messages")
     max_message_bytes: int = Field(256 * 2**20, gt=0, description="larger messages, and frames declaring more decoded bytes, are refused and counted")

@@ -13,8 +13,11 @@ frame-specific part of the routing:
   with the run's RunStart ``shape`` and ``snaking`` (:func:`beamlens.daemon.placement.flat_positions`).
 - **Stale frames.** Frames of a series that is not the source's current one (superseded, ended) are
   dropped as ``stale_series``; frames whose run has stopped as ``run_closed``.
-- **Stop ordering.** A RunStop for a run with a series still open waits up to
-  ``router.series_end_grace_s`` for the series end, because the frame path may lag the documents.
+- **Stop ordering.** Frames travel by another path than documents and may lag them. A RunStop is
+  therefore held until every frame source has handed over what it had received when the stop
+  arrived (a :class:`~beamlens.daemon.frames.FrameBarrier` per source), and until an attached series
+  that announces its end has ended, for at most ``router.series_end_grace_s``. A series that starts
+  in that window, from a source whose barrier has not come back, still belongs to the held run.
 
 Frame consumers (``inputs = "frames"``) get ``series(info)``, then ``result_buffers()`` (once per
 run; nav buffers sized by the run), then ``frames(frames, positions, info)`` batches, and ``stop``.
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from beamlens.consumers.base import SeriesInfo
 
-from .frames import FrameBatch, SeriesEnd, SeriesEvent, SeriesStart
+from .frames import FrameBarrier, FrameBatch, SeriesEnd, SeriesEvent, SeriesStart
 from .metrics import SCIENCE_GAUGES
 from .placement import flat_positions
 from .results import RunState
@@ -49,7 +52,18 @@ class SeriesState:
     info: SeriesInfo
     run: RunState
     frame_only: bool
+    has_end: bool = True
     frames_done: int = 0
+
+
+@dataclass
+class HeldStop:
+    """A RunStop waiting for the frame path: its deadline, the document, and the frame sources whose
+    barrier has not come back yet."""
+
+    deadline: float
+    doc: dict[str, Any]
+    waiting_for: set[str]
 
 
 class FrameRouter:
@@ -60,19 +74,26 @@ class FrameRouter:
         self.metrics = router.metrics
         self._current: dict[str, SeriesState] = {}
         self._frame_only: set[str] = set()
-        self._parked: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._parked: dict[str, HeldStop] = {}
+        self.sources: list[Any] = []
+        """Frame sources (``name``, ``request_barrier(token)``); set by the daemon."""
 
     @property
     def waiting(self) -> bool:
         """True while a RunStop waits for a series end (the router then polls :meth:`expire`)."""
         return bool(self._parked)
 
-    def handle(self, item: FrameBatch | SeriesEvent) -> None:
+    def handle(self, item: FrameBatch | SeriesEvent | FrameBarrier) -> None:
         if isinstance(item, FrameBatch):
             try:
                 self._frames(item)
             finally:
                 item.release()
+        elif isinstance(item, FrameBarrier):
+            held = self._parked.get(item.token)
+            if held is not None:
+                held.waiting_for.discard(item.source)
+                self._finish_if_settled(item.token)
         elif isinstance(item.item, SeriesStart):
             self._series_start(item.source, item.item)
         elif isinstance(item.item, SeriesEnd):
@@ -86,14 +107,14 @@ class FrameRouter:
             self._series_done(previous, "incomplete")
         info = SeriesInfo(source=source, series_id=s.series_id, sig_shape=tuple(s.sig_shape or ()),
                           dtype=s.dtype or "", n_frames=s.n_frames, meta=dict(s.meta))
-        run = self._pick_run(s)
+        run = self._pick_run(source, s)
         frame_only = run is None
         if run is None:
             run = self.router._start(self._frame_only_start(source, s), source)
             if run is None:
                 return
             self._frame_only.add(run.uid)
-        state = SeriesState(source, info, run, frame_only)
+        state = SeriesState(source, info, run, frame_only, s.has_end)
         self._current[source] = state
         self.metrics.frame_series.labels(source, "no" if frame_only else "yes").inc()
         log.info("frame series %s of %s (%s, %s, %s frames) -> %s run %s", s.series_id, source, info.sig_shape,
@@ -110,11 +131,12 @@ class FrameRouter:
                 slot.specs = {sp.name: sp for sp in specs}
                 slot.allocate(max(run.expected_points or self.router.initial_capacity, 1))
 
-    def _pick_run(self, s: SeriesStart) -> RunState | None:
+    def _pick_run(self, source: str, s: SeriesStart) -> RunState | None:
         runs = self.router.open_runs
         if s.run_uid is not None and s.run_uid in runs:
             return runs[s.run_uid]
-        bluesky = [r for uid, r in runs.items() if uid not in self._frame_only and uid not in self._parked]
+        bluesky = [r for uid, r in runs.items() if uid not in self._frame_only
+                   and (uid not in self._parked or source in self._parked[uid].waiting_for)]
         return bluesky[-1] if bluesky else None
 
     @staticmethod
@@ -144,9 +166,8 @@ class FrameRouter:
         if state.frame_only:
             self._frame_only.discard(run.uid)
             self.router._finish(run, status, self._stop_doc(run, status, "frame series ended"))
-        elif run.uid in self._parked and not self._has_open_series(run):
-            _, doc = self._parked.pop(run.uid)
-            self.router._finish(run, doc.get("exit_status", "success"), doc)
+        else:
+            self._finish_if_settled(run.uid)
 
     # -- frames ------------------------------------------------------------------------------
     def _frames(self, batch: FrameBatch) -> None:
@@ -177,31 +198,45 @@ class FrameRouter:
 
     # -- run stop ordering -------------------------------------------------------------------
     def park_stop(self, run: RunState, doc: dict[str, Any]) -> bool:
-        """Hold a RunStop while a series of ``run`` is open; True if held."""
+        """Hold a RunStop until the frame path has caught up with it (see module docstring); True if
+        held, False if the run can finish now."""
         grace = self.router.config.series_end_grace_s
-        if grace <= 0 or not self._has_open_series(run):
+        if grace <= 0 or not (self.sources or self._has_open_series(run)):
             return False
-        self._parked[run.uid] = (time.monotonic() + grace, doc)
-        log.info("RunStop of %s waits up to %.1f s for its frame series to end", run.uid, grace)
+        self._parked[run.uid] = HeldStop(time.monotonic() + grace, doc, {s.name for s in self.sources})
+        for source in self.sources:
+            source.request_barrier(run.uid)
+        log.debug("RunStop of %s held for the frame path (at most %.1f s)", run.uid, grace)
         return True
+
+    def _finish_if_settled(self, uid: str) -> None:
+        held = self._parked.get(uid)
+        run = self.router.open_runs.get(uid)
+        if held is None or run is None or held.waiting_for or self._has_open_series(run):
+            return
+        del self._parked[uid]
+        self.router._finish(run, held.doc.get("exit_status", "success"), held.doc)
 
     def expire(self) -> None:
         """Finish held runs whose grace period is over (their series' later frames: ``run_closed``)."""
         now = time.monotonic()
-        for uid, (deadline, doc) in list(self._parked.items()):
-            if now >= deadline:
+        for uid, held in list(self._parked.items()):
+            if now >= held.deadline:
                 del self._parked[uid]
                 run = self.router.open_runs.get(uid)
                 if run is not None:
-                    log.warning("frame series of run %s did not end within the grace period; closing the run", uid)
-                    self.router._finish(run, doc.get("exit_status", "success"), doc)
+                    log.warning("frame path of run %s did not settle within the grace period (series open: %s, "
+                                "sources behind: %s); closing the run", uid, self._has_open_series(run),
+                                sorted(held.waiting_for))
+                    self.router._finish(run, held.doc.get("exit_status", "success"), held.doc)
 
     def run_finished(self, run: RunState) -> None:
         self._parked.pop(run.uid, None)
         self._frame_only.discard(run.uid)
 
     def _has_open_series(self, run: RunState) -> bool:
-        return any(st.run is run for st in self._current.values())
+        """An attached series whose end will be announced is still open."""
+        return any(st.run is run and st.has_end for st in self._current.values())
 
     def _frame_slots(self, run: RunState) -> list:
         return [slot for slot in run.slots if slot.active and slot.consumer.inputs == "frames"]

@@ -39,6 +39,8 @@ class SeriesStart:
         meta: the series header (JSON-like).
         run_uid: a Bluesky RunStart uid the sender put in the header appendix / ``user_data``
             (key ``bluesky_run_uid``), if any.
+        has_end: whether the format announces the series end (DECTRIS: yes; array-1.0: no). A
+            RunStop waits for the end of an attached series only when one will come.
     """
 
     series_id: str
@@ -47,6 +49,7 @@ class SeriesStart:
     n_frames: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     run_uid: str | None = None
+    has_end: bool = True
 
 
 @dataclass(slots=True)
@@ -82,6 +85,15 @@ class FrameBatch:
     data: np.ndarray
     received: float
     release: Callable[[], None] = lambda: None
+
+
+@dataclass(slots=True)
+class FrameBarrier:
+    """Sent by a frame source once everything it had received when the barrier was requested has
+    been handed to the router (see :meth:`FrameSource.request_barrier`)."""
+
+    source: str
+    token: str
 
 
 @dataclass(slots=True)

@@ -82,7 +82,7 @@ class Metrics:
             "beamlens_frames_dropped_total",
             "Frames not analysed, by source and reason: overflow (skipped by policy latest), stale_series (not the "
             "source's current series), run_closed (after the run's stop), gap (missing frame numbers, lost before "
-            "reaching beamlens).", ["source", "reason"], registry=r)
+            "reaching beamlens), shutdown (decoded but the daemon stopped before analysing them).", ["source", "reason"], registry=r)
         self.frame_decode_errors = Counter(
             "beamlens_frame_decode_errors_total", "Frame-stream messages rejected by the decoder, by source and reason.",
             ["source", "reason"], registry=r)

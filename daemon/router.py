@@ -40,7 +40,7 @@ from beamlens.consumers.base import BadData, NotApplicable, RunInfo
 from .config import Config
 from .documents import Document
 from .frame_router import FrameRouter
-from .frames import FrameBatch, SeriesEvent
+from .frames import FrameBarrier, FrameBatch, SeriesEvent
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import flat_positions, nav_shape_from_start, snaking_from_start
 from .results import ConsumerSlot, RunState, RunStore
@@ -129,7 +129,7 @@ class Router:
                 return
             n = 1
             try:
-                if isinstance(item, (FrameBatch, SeriesEvent)):
+                if isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
                     self.frames.handle(item)
                 elif item.name == "event":
                     batch = [item.doc]

@@ -113,7 +113,7 @@ def test_array10_big_endian_list_htype_and_new_series_on_restart():
     items = dec.decode([json.dumps(head).encode(), frame.tobytes()])
     np.testing.assert_array_equal(items[-1].data, frame)
     restarted = dec.decode([json.dumps({**head, "frame": 0}).encode(), frame.tobytes()])  # numbering restarts
-    assert restarted[:2] == [SeriesEnd("1"), SeriesStart("2", (4, 5), "uint32", None, restarted[1].meta)]
+    assert restarted[:2] == [SeriesEnd("1"), SeriesStart("2", (4, 5), "uint32", None, restarted[1].meta, has_end=False)]
 
 
 # -- property-based: arbitrary input never escapes as anything but FrameDecodeError ----------

@@ -20,6 +20,7 @@ def test_latest_keeps_controls_and_newest_image_and_counts_the_rest():
     got = q.get_batch(100, timeout=0)
     assert [m.parts[0] for m in got] == [b"end", b"start", b"g3"]
     assert sum(skipped) == 5  # and g1, g2 skipped at hand-over: 6 images in, 1 out, 5 counted
+    assert got[-1].skipped_before == 5  # the delivered image knows how many were skipped before it
     assert len(q) == 0
 
 

@@ -102,7 +102,7 @@ class Array10Decoder(FrameDecoder):
             self._series = f"{source[:64]}-{self._count}" if isinstance(source, str) and source else str(self._count)
             self._key = key
             out.append(SeriesStart(self._series, shape, arr.dtype.name, None,
-                                   {"format": self.format, "htype": htype or "send_array"}))
+                                   {"format": self.format, "htype": htype or "send_array"}, has_end=False))
         self._last = number
         out.append(Frame(self._series, number, arr))
         return out

@@ -25,11 +25,15 @@ Policy = Literal["block", "latest"]
 
 @dataclass(slots=True)
 class RawMessage:
-    """One received 0MQ message: its parts as zero-copy buffers, whether it is an image, when."""
+    """One received 0MQ message: its parts as zero-copy buffers, whether it is an image, when, and
+    how many images the ``latest`` policy discarded just before it (so frame-number gaps can be told
+    apart from the queue's own, already counted, skips)."""
 
     parts: list[Any]
     is_image: bool
     received: float
+    skipped_before: int = 0
+    seq: int = 0
 
 
 class FrameQueue:
@@ -51,6 +55,8 @@ class FrameQueue:
         self._images = 0
         self._cond = threading.Condition()
         self._closed = False
+        self.last_seq = 0
+        """Sequence number given to the newest queued message (1, 2, ...); under the queue's lock."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -72,15 +78,22 @@ class FrameQueue:
                         return False
                     self._cond.wait(0.1)
             elif msg.is_image and self._images >= self.maxsize:
-                skipped = self._drop_oldest_image()
+                skipped = self._drop_oldest_image(msg)
             if self._closed:
                 return False
+            self.last_seq += 1
+            msg.seq = self.last_seq
             self._items.append(msg)
             self._images += msg.is_image
             self._cond.notify_all()
         if skipped:
             self.on_skip(skipped)
         return True
+
+    def watermark(self) -> int:
+        """Sequence number of the newest message queued so far."""
+        with self._cond:
+            return self.last_seq
 
     def get_batch(self, max_n: int, timeout: float) -> list[RawMessage]:
         """Take up to ``max_n`` messages in order (``latest``: every control message and only the
@@ -105,12 +118,18 @@ class FrameQueue:
         self._images = 0
         newest = max((i for i, m in enumerate(items) if m.is_image), default=-1)
         out = [m for i, m in enumerate(items) if not m.is_image or i == newest]
+        if newest >= 0:
+            items[newest].skipped_before = sum(m.skipped_before + 1 for m in items[:newest] if m.is_image) + \
+                items[newest].skipped_before
         return out, len(items) - len(out)
 
-    def _drop_oldest_image(self) -> int:
-        for i, m in enumerate(self._items):
-            if m.is_image:
-                del self._items[i]
-                self._images -= 1
-                return 1
-        return 0
+    def _drop_oldest_image(self, incoming: RawMessage) -> int:
+        images = [i for i, m in enumerate(self._items) if m.is_image]
+        if not images:
+            return 0
+        dropped = self._items[images[0]]
+        successor = self._items[images[1]] if len(images) > 1 else incoming
+        successor.skipped_before += dropped.skipped_before + 1
+        del self._items[images[0]]
+        self._images -= 1
+        return 1

@@ -9,6 +9,11 @@ of one series (up to ``max_batch``), and hands batches to the router, holding at
 ``router.frames_in_flight`` batches there per source (a credit semaphore), so memory stays bounded
 when the consumers are slower than the detector.
 
+Ordering with Bluesky documents: the router asks every frame source for a *barrier* when a RunStop
+arrives (:meth:`FrameSource.request_barrier`); the source answers with a
+:class:`~beamlens.daemon.frames.FrameBarrier` once every message it had received by then has been
+decoded and handed over, so frames received before a RunStop reach that run before it closes.
+
 Every rejected message is counted in ``beamlens_frame_decode_errors_total{reason}`` and logged
 (rate-limited); the loop always goes on.
 """
@@ -24,7 +29,7 @@ import numpy as np
 import zmq
 
 from ..config import Array10SourceConfig, DectrisV1SourceConfig, DectrisV2SourceConfig, FrameSourceBase
-from ..frames import Frame, FrameBatch, FrameDecodeError, SeriesEnd, SeriesEvent, SeriesStart
+from ..frames import Frame, FrameBarrier, FrameBatch, FrameDecodeError, SeriesEnd, SeriesEvent, SeriesStart
 from ..metrics import Metrics
 from .array10 import Array10Decoder
 from .dectris_v1 import DectrisV1Decoder
@@ -69,15 +74,19 @@ class FrameSource:
         self.context = context or zmq.Context.instance()
         self.decoder = make_decoder(config)
         self.queue = FrameQueue(config.queue_size, config.overflow, self._skipped)
-        self._credits = threading.Semaphore(in_flight)
+        # ``latest`` hands the router one batch at a time, taken only once the previous one is done,
+        # so that what the consumers get is the newest frame at the moment they can take it.
+        self._credits = threading.Semaphore(in_flight if config.overflow == "block" else 1)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._bound = threading.Event()
         self.address = config.address
         self._series: SeriesStart | None = None
         self._last_number = -1
-        self._pending_skips = 0
-        self._skip_lock = threading.Lock()
+        self._held_credit = False
+        self._barriers: list[tuple[int, str]] = []
+        self._done_seq = 0
+        self._barrier_lock = threading.Lock()
         self._error_counts: dict[str, int] = {}
         labels = config.name
         self._m_received = metrics.frames_received.labels(labels)
@@ -107,6 +116,20 @@ class FrameSource:
             t.join(timeout)
         self.queue.close()
         self._threads = []
+
+    def request_barrier(self, token: str) -> None:
+        """Ask for a :class:`FrameBarrier` with ``token`` once every message received so far has been
+        handed to ``emit`` (any thread)."""
+        with self._barrier_lock:
+            self._barriers.append((self.queue.watermark(), token))
+
+    def _release_barriers(self, done_seq: int) -> None:
+        """Emit the barriers whose watermark ``done_seq`` has reached."""
+        with self._barrier_lock:
+            ready = [t for w, t in self._barriers if w <= done_seq]
+            self._barriers = [(w, t) for w, t in self._barriers if w > done_seq]
+        for token in ready:
+            self.emit(FrameBarrier(self.name, token))
 
     # -- receive thread ----------------------------------------------------------------------
     def _socket(self) -> zmq.Socket:
@@ -166,15 +189,18 @@ class FrameSource:
 
     def _skipped(self, n: int) -> None:
         self.metrics.frames_dropped.labels(self.name, "overflow").inc(n)
-        with self._skip_lock:
-            self._pending_skips += n
 
     # -- decode thread -----------------------------------------------------------------------
     def _decode_loop(self) -> None:
         max_batch = self.config.max_batch
         while True:
+            if not self._held_credit:
+                if not self._acquire_credit():
+                    return
+                self._held_credit = True
             msgs = self.queue.get_batch(max_batch, timeout=POLL_MS / 1000)
             if not msgs:
+                self._release_barriers(self._done_seq)
                 if self._stop.is_set() and not self._threads[0].is_alive():
                     return
                 continue
@@ -193,6 +219,9 @@ class FrameSource:
                         frames = []
                         self.emit(SeriesEvent(self.name, item, msg.received))
             self._flush(frames, received)
+            self._done_seq = msgs[-1].seq  # every earlier message is handled (processed or counted as skipped)
+            if self._barriers:
+                self._release_barriers(self._done_seq)
 
     def _decode(self, msg: RawMessage) -> list[Any]:
         try:
@@ -208,8 +237,6 @@ class FrameSource:
         for item in items:
             if isinstance(item, SeriesStart):
                 self._series, self._last_number = item, -1
-                with self._skip_lock:
-                    self._pending_skips = 0
             elif isinstance(item, SeriesEnd):
                 self._series = None
             elif isinstance(item, Frame):
@@ -219,13 +246,11 @@ class FrameSource:
                     self._reject("shape_mismatch", f"frame {item.number} is {item.data.shape} {item.data.dtype}, "
                                  f"series {s.series_id} announced {s.sig_shape} {s.dtype}")
                     continue
-                self._count_gap(item.number)
+                self._count_gap(item.number, msg.skipped_before)
             out.append(item)
         return out
 
-    def _count_gap(self, number: int) -> None:
-        with self._skip_lock:
-            skipped, self._pending_skips = self._pending_skips, 0
+    def _count_gap(self, number: int, skipped: int) -> None:
         missing = number - self._last_number - 1 - skipped
         if missing > 0:
             self.metrics.frames_dropped.labels(self.name, "gap").inc(missing)
@@ -236,11 +261,19 @@ class FrameSource:
             return
         data = frames[0].data[None] if len(frames) == 1 else np.stack([f.data for f in frames])
         numbers = np.fromiter((f.number for f in frames), dtype=np.int64, count=len(frames))
+        if self._held_credit:
+            self._held_credit = False
+        elif not self._acquire_credit():
+            self.metrics.frames_dropped.labels(self.name, "shutdown").inc(len(frames))
+            return
+        self.emit(FrameBatch(self.name, frames[0].series_id, numbers, data, received, self._credits.release))
+
+    def _acquire_credit(self) -> bool:
+        """Wait until the router has room for another batch of this source; False at shutdown."""
         while not self._credits.acquire(timeout=POLL_MS / 1000):
             if self._stop.is_set() and not self._threads[0].is_alive():
-                self.metrics.frames_dropped.labels(self.name, "shutdown").inc(len(frames))
-                return
-        self.emit(FrameBatch(self.name, frames[0].series_id, numbers, data, received, self._credits.release))
+                return False
+        return True
 
     def _reject(self, reason: str, message: str) -> None:
         self.metrics.frame_decode_errors.labels(self.name, reason).inc()
