@@ -3,11 +3,12 @@ in the map pixel of its frame number (RunStart shape and snaking); without a run
 frame-only run labelled by its series id; frames of a superseded series are dropped and counted."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from bluesky import plan_stubs as bps
 
-from beamlens.daemon.sim.detectors import DetectorEmulator, synthetic_frames
+from beamlens.daemon.sim.detectors import DetectorEmulator, raster_series_plan, synthetic_frames
 
 from frame_helpers import counter, daemon_yaml, frame_source_yaml
 from helpers import http_get, subscribe, wait_for
@@ -26,16 +27,6 @@ def expected_map(frames: list[np.ndarray], shape: tuple[int, int], snake: bool) 
     return out
 
 
-def series_in_run(daemon, emu, frames, snake, series):
-    """A plan: open a run with a grid shape, let the detector send its series, close the run."""
-    uid = yield from bps.open_run(md={"shape": list(SHAPE), "snaking": [False, snake], "plan_name": "frame_grid"})
-    wait_for(lambda: daemon.store.get(uid) is not None)  # the daemon has the RunStart
-    options = {} if emu.format == "array-1.0" else {"n_frames": len(frames)}
-    emu.send_series(frames, series=series, **options)
-    yield from bps.close_run()
-    return uid
-
-
 @pytest.mark.parametrize("fmt", ["dectris-v1", "dectris-v2", "array-1.0"])
 def test_series_attach_to_their_runs_in_the_right_pixels(proxy, beamline, make_daemon, fmt):
     n = SHAPE[0] * SHAPE[1]
@@ -46,8 +37,9 @@ def test_series_attach_to_their_runs_in_the_right_pixels(proxy, beamline, make_d
         runs = []
         for k, snake in enumerate([True, False]):
             frames = list(synthetic_frames(n, (20, 30), seed=k))
-            uid = beamline.RE(series_in_run(daemon, emu, frames, snake, series=k + 1))
-            runs.append((uid.run_start_uids[0] if hasattr(uid, "run_start_uids") else uid[0], frames, snake))
+            (uid,) = beamline.RE(raster_series_plan(emu, frames, SHAPE, snake=snake, series=k + 1,
+                                                    run_seen=lambda u: daemon.store.get(u) is not None))
+            runs.append((uid, frames, snake))
             wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="det") == n * (k + 1))
     for uid, frames, snake in runs:
         wait_for(lambda: daemon.store.get(uid).status != "open")
@@ -55,7 +47,6 @@ def test_series_attach_to_their_runs_in_the_right_pixels(proxy, beamline, make_d
         assert summary["frames_done"] == n and summary["nav_shape"] == list(SHAPE)
         status, body, _ = http_get(f"{daemon.http.url}/api/runs/{uid}/fs/total.json")
         assert status == 200
-        import json
         got = json.loads(body)
         assert got["shape"] == list(SHAPE)
         np.testing.assert_array_equal(np.array(got["data"], dtype=float), expected_map(frames, SHAPE, snake))

@@ -19,7 +19,7 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import bitshuffle
@@ -289,3 +289,33 @@ def simulate_detector(fmt: str, *, address: str | None = None, socket_type: str 
             emu.send_series(frames, series=k + 1, rate_hz=rate_hz, **options)
             log.info("series %d sent", k + 1)
     return n_frames * n_series
+
+
+def raster_series_plan(emulator: DetectorEmulator, frames: list[np.ndarray], shape: tuple[int, int], *,
+                       snake: bool = False, series: int = 1, run_seen: Callable[[str], bool] | None = None,
+                       timeout: float = 30.0, md: dict | None = None) -> Iterator[Any]:
+    """A bluesky plan: a raster run of ``shape`` (RunStart ``shape``/``snaking`` as ``grid_scan``
+    writes them) during which ``emulator`` sends one series of ``frames``, frame k for scan point k,
+    with the run uid in the series header (``bluesky_run_uid``). Returns the RunStart uid.
+
+    Args:
+        run_seen: if given, wait (up to ``timeout`` s) until it returns True for the run uid before
+            arming the detector, e.g. until a daemon has received the RunStart.
+    """
+    from bluesky import plan_stubs as bps
+
+    uid = yield from bps.open_run(md={"shape": list(shape), "snaking": [False, snake],
+                                      "plan_name": "raster_series", "detector_format": emulator.format, **(md or {})})
+    deadline = time.monotonic() + timeout
+    while run_seen is not None and not run_seen(uid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {uid} was not seen within {timeout} s")
+        time.sleep(0.01)
+    options: dict[str, Any] = {}
+    if emulator.format == "dectris-v1":
+        options = {"n_frames": len(frames), "appendix": {"bluesky_run_uid": uid}}
+    elif emulator.format == "dectris-v2":
+        options = {"n_frames": len(frames), "user_data": {"bluesky_run_uid": uid}}
+    emulator.send_series(frames, series=series, **options)
+    yield from bps.close_run()
+    return uid
