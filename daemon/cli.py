@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check-config":
         config = _load(args.file)
-        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), {len(config.consumers)} consumer(s))")
+        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), "
+              f"{len(config.sources.frames)} frame source(s), {len(config.consumers)} consumer(s))")
         return 0
     if args.command == "schema":
         print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))

@@ -52,3 +52,13 @@ class SlowFrameConsumer(Consumer):
     def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
         time.sleep(self.params.seconds_per_frame * len(frames))
         self.results.seen[positions[positions >= 0]] = 1.0
+
+
+class FailingFrameConsumer(Consumer):
+    """Raises on every frame batch (isolation tests)."""
+
+    name = "failing"
+    inputs = "frames"
+
+    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
+        raise RuntimeError("deliberate failure")
