@@ -64,7 +64,6 @@ class Array10Decoder(FrameDecoder):
         super().__init__(max_frame_bytes)
         self.shape_order = shape_order
         self._count = 0
-        self._series: str | None = None
         self._key: tuple | None = None
         self._last = -1
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections import deque
 from collections.abc import Sequence
 
 from ..frames import Frame, FrameDecodeError, SeriesEnd, SeriesStart, as_array, frame_dtype, frame_shape
@@ -32,8 +31,6 @@ from .frame_decoder import Buffer, FrameDecoder, Item, int_field, load_json, run
 
 HEADER_PARTS = {"none": 1, "basic": 2, "all": 8}
 IMAGE_PARTS = 4
-RECENT_SERIES = 16
-"""Series ids remembered, so that a late frame of an earlier series is passed on as stale."""
 _ENCODING = re.compile(r"^(?:bs(8|16|32|64)-?)?(lz4)?([<>])$")
 
 
@@ -62,8 +59,6 @@ class DectrisV1Decoder(FrameDecoder):
     def __init__(self, max_frame_bytes: int, verify_hash: bool = False):
         super().__init__(max_frame_bytes)
         self.verify_hash = verify_hash
-        self._series: str | None = None
-        self._known: deque[str] = deque(maxlen=RECENT_SERIES)  # series seen before: their late frames are stale
         self._pending: SeriesStart | None = None
 
     @staticmethod
@@ -108,8 +103,7 @@ class DectrisV1Decoder(FrameDecoder):
                 run_uid = None  # the appendix is free-form user content
         meta = {"format": self.format, "header_detail": detail,
                 "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}}
-        self._series = series
-        self._known.append(series)
+        self._begin_series(series)
         self._pending = SeriesStart(series, None, None, n_frames, meta, run_uid)
         return []
 
@@ -141,13 +135,13 @@ class DectrisV1Decoder(FrameDecoder):
         frame = Frame(series, number, as_array(data, dtype, shape))
         out: list[Item] = []
         if self._pending is not None and self._pending.series_id == series or \
-                self._series != series and series not in self._known:
+                self._unknown_series(series):
             start = self._pending if self._pending is not None and self._pending.series_id == series else \
                 SeriesStart(series, meta={"format": self.format, "joined_midway": True})
             start.sig_shape, start.dtype = shape, dtype.newbyteorder("=").name
             out.append(start)
-            self._series, self._pending = series, None
-            self._known.append(series)
+            self._pending = None
+            self._begin_series(series)
         out.append(frame)
         return out
 

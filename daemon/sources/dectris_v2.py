@@ -21,7 +21,6 @@ tagged values; :func:`decode_array` then checks dims and dtype and decompresses 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,9 +45,6 @@ TYPED_ARRAY_TAGS: dict[int, np.dtype] = {
 COMPRESSION_TAG = 56500
 ROW_MAJOR, COLUMN_MAJOR = 40, 1040
 _SCALARS = (int, float, str, bool)
-RECENT_SERIES = 16
-"""Series ids remembered per source, so a late frame of an earlier series is passed on as stale
-(and counted by the router) rather than taken for a new series whose start was lost."""
 
 
 class Compressed:
@@ -130,8 +126,6 @@ class DectrisV2Decoder(FrameDecoder):
     def __init__(self, max_frame_bytes: int, channel: str | None = None):
         super().__init__(max_frame_bytes)
         self.channel = channel
-        self._series: str | None = None
-        self._known: deque[str] = deque(maxlen=RECENT_SERIES)  # series seen before: their late frames are stale
         self._channel: str | None = channel
 
     @staticmethod
@@ -184,8 +178,7 @@ class DectrisV2Decoder(FrameDecoder):
         n = msg.get("number_of_images")
         meta = {"format": self.format, "channel": self._channel, "channels": channels,
                 **{k: v for k, v in msg.items() if isinstance(v, _SCALARS)}}
-        self._series = series
-        self._known.append(series)
+        self._begin_series(series)
         return [SeriesStart(series, shape, dtype, n if isinstance(n, int) and n > 0 else None, meta,
                             run_uid_hint(msg.get("user_data")))]
 
@@ -202,10 +195,9 @@ class DectrisV2Decoder(FrameDecoder):
             channel = next(iter(data))
         arr = decode_array(data[channel], self.max_frame_bytes)
         out: list[Item] = []
-        if self._series != series and series not in self._known:  # joined mid-series, or the start was lost
-            self._known.append(series)
+        if self._unknown_series(series):  # joined mid-series, or the start was lost
+            self._begin_series(series)
             out.append(SeriesStart(series, arr.shape, arr.dtype.name, None,
                                    {"format": self.format, "channel": channel, "joined_midway": True}))
-            self._series = series
         out.append(Frame(series, number, arr))
         return out

@@ -10,6 +10,7 @@ policy can skip images cheaply while never skipping a series start or end.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -20,6 +21,9 @@ Item = SeriesStart | Frame | SeriesEnd
 
 MAX_HEADER_BYTES = 4 * 2**20
 """Largest JSON header part parsed (a SIMPLON detector config is ~10 kB)."""
+RECENT_SERIES = 16
+"""Series ids remembered per source, so that a late frame of an earlier series is passed on as stale
+(and counted by the router) rather than taken for a new series whose start was lost."""
 
 
 class FrameDecoder:
@@ -33,6 +37,18 @@ class FrameDecoder:
 
     def __init__(self, max_frame_bytes: int):
         self.max_frame_bytes = max_frame_bytes
+        self._series: str | None = None
+        self._known: deque[str] = deque(maxlen=RECENT_SERIES)
+
+    def _begin_series(self, series: str) -> None:
+        """Make ``series`` the current one (and remember it)."""
+        self._series = series
+        self._known.append(series)
+
+    def _unknown_series(self, series: str) -> bool:
+        """True for a frame of a series never announced here: the sender's start was lost or the
+        daemon joined mid-series. False for the current series or a recent one (stale frames)."""
+        return self._series != series and series not in self._known
 
     @staticmethod
     def is_image(parts: Sequence[Buffer]) -> bool:
