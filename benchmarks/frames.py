@@ -43,8 +43,8 @@ def emit(figure: str, value: float, unit: str, target: str | None, benchmark: st
 
 # -- sender process ----------------------------------------------------------------------------
 def sender_main(address: str, conn) -> None:
-    """Bind PUSH at ``address``; on ("send", n, rate) send n array-1.0 frames (paced when rate),
-    reply with the send times (time.time(), s)."""
+    """Bind PUSH at ``address``; on ("send", n, rate, max_s) send n array-1.0 frames (paced when
+    rate; stopping after max_s seconds), reply with the send times (time.time(), s)."""
     import zmq
 
     from beamlens.daemon.sim.detectors import synthetic_frames
@@ -57,11 +57,15 @@ def sender_main(address: str, conn) -> None:
         cmd = conn.recv()
         if cmd[0] == "quit":
             break
-        _, n, rate = cmd
+        _, n, rate, max_s = cmd
         sent = np.empty(n)
         period = 1.0 / rate if rate else 0.0
-        t_next = time.perf_counter()
+        t_next = t_end = time.perf_counter()
+        t_end += max_s or float("inf")
         for i in range(n):
+            if time.perf_counter() > t_end:
+                sent = sent[:i]
+                break
             if period:  # sleep most of the wait (frees the core), spin the last 0.3 ms (precision)
                 wait = t_next - time.perf_counter()
                 if wait > 3e-4:
@@ -84,8 +88,8 @@ class Sender:
         self.proc.start()
         assert self.conn.recv() == "ready"
 
-    def start(self, n: int, rate: float | None = None) -> None:
-        self.conn.send(("send", n, rate))
+    def start(self, n: int, rate: float | None = None, max_s: float | None = None) -> None:
+        self.conn.send(("send", n, rate, max_s))
 
     def sent_times(self) -> np.ndarray:
         return self.conn.recv()
@@ -262,15 +266,15 @@ def memory_growth(address: str, sender: Sender, seconds: float, overflow: str) -
     try:
         time.sleep(0.5)
         base = peak = rss_bytes()
-        sender.start(int(1000 * seconds), 1000.0)
+        sender.start(int(1000 * seconds), 1000.0, seconds)
         while not sender.conn.poll(0.25):
             peak = max(peak, rss_bytes())
-        sender.sent_times()
+        sent = len(sender.sent_times())
         peak = max(peak, rss_bytes())
     finally:
         daemon.stop()
     emit(f"R3_memory_growth_{overflow}", (peak - base) / 2**20, "MiB", "<= 64", seconds=seconds,
-         baseline_mib=round(base / 2**20, 1))
+         baseline_mib=round(base / 2**20, 1), frames_sent=sent)
 
 
 def main() -> int:

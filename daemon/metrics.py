@@ -90,7 +90,7 @@ class Metrics:
             "beamlens_frame_series_total", "Frame series started, by source and whether they joined a Bluesky run "
             "(attached) or became a frame-only run.", ["source", "attached"], registry=r)
         self.frame_age_seconds = Histogram(
-            "beamlens_frame_age_seconds", "Time from receiving a frame to its consumers having processed it.",
+            "beamlens_frame_age_seconds", "Time from receiving a frame (the newest of each batch) to its consumers having processed it.",
             ["source"], buckets=AGE_BUCKETS, registry=r)
         self.science = {
             name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
