@@ -201,3 +201,46 @@ def test_array10_round_trip_any_shape(dtype, shape, seed):
     rng = np.random.default_rng(seed)
     sent = [(rng.random(shape) * 100).astype(dtype)]
     assert_frames_equal(decode_all(Array10Decoder(MAX), emu.array10_messages(sent)), sent)
+
+
+@pytest.mark.parametrize("algorithm", ["bslz4", "lz4", "bszstd"])
+@FUZZ
+@given(blob=st.binary(max_size=400), elem_size=st.sampled_from([1, 2, 4]), expected=st.integers(0, 4096))
+def test_framed_decompression_never_exceeds_the_declared_size(algorithm, blob, elem_size, expected):
+    from beamlens.daemon.sources.codecs import decompress_framed
+    try:
+        out = decompress_framed(blob, algorithm, elem_size, expected)
+    except FrameDecodeError as exc:
+        assert exc.reason in ("truncated", "decompressed_size", "corrupt_compressed")
+    else:
+        assert len(out) == expected
+
+
+@FUZZ
+@given(blob=st.binary(max_size=400), expected=st.integers(0, 4096))
+def test_raw_lz4_block_never_exceeds_the_declared_size(blob, expected):
+    from beamlens.daemon.sources.codecs import decompress_lz4_block
+    try:
+        out = decompress_lz4_block(blob, expected)
+    except FrameDecodeError as exc:
+        assert exc.reason in ("decompressed_size", "corrupt_compressed")
+    else:
+        assert len(out) == expected
+
+
+@pytest.mark.parametrize("algorithm", ["bslz4", "lz4", "bszstd"])
+@FUZZ
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**16), data=st.data())
+def test_corrupted_bodies_behind_a_valid_header_are_rejected_cleanly(algorithm, n, seed, data):
+    """The header matches the declared size, so the C decompressor runs on corrupted blocks."""
+    from beamlens.daemon.sources.codecs import decompress_framed
+    a = np.random.default_rng(seed).integers(0, 50, n, dtype=np.uint16)
+    blob = bytearray(emu.lz4_h5(a) if algorithm == "lz4" else emu.bitshuffle_h5(a, algorithm))
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(12, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    blob = blob[: data.draw(st.integers(12, len(blob)))]
+    try:
+        out = decompress_framed(bytes(blob), algorithm, 2, a.nbytes)
+    except FrameDecodeError:
+        return
+    assert len(out) == a.nbytes

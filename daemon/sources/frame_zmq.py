@@ -167,22 +167,29 @@ class FrameSource:
             while not self._stop.is_set():
                 if not sock.poll(POLL_MS):
                     continue
-                while not self._stop.is_set():
-                    try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    buffers = [p.buffer for p in parts]
-                    nbytes = sum(b.nbytes for b in buffers)
-                    self._m_bytes.inc(nbytes)
-                    if nbytes > limit:
-                        self._reject("oversized", f"message of {nbytes} bytes exceeds max_message_bytes")
-                        continue
-                    image = is_image(buffers)
-                    if image:
-                        self._m_received.inc()
-                    if not self.queue.put(RawMessage(buffers, image, time.time()), self._stop.is_set):
-                        return
+                images = nbytes_total = 0  # counted per burst: one metric update per poll, not per frame
+                try:
+                    while not self._stop.is_set():
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        buffers = [p.buffer for p in parts]
+                        nbytes = sum(b.nbytes for b in buffers)
+                        nbytes_total += nbytes
+                        if nbytes > limit:
+                            self._reject("oversized", f"message of {nbytes} bytes exceeds max_message_bytes")
+                            continue
+                        image = is_image(buffers)
+                        images += image
+                        if not self.queue.put(RawMessage(buffers, image, time.time()), self._stop.is_set):
+                            return
+                        if images % 64 == 0:
+                            self._m_received.inc(images)
+                            images = 0
+                finally:
+                    self._m_received.inc(images)
+                    self._m_bytes.inc(nbytes_total)
                     self._m_depth.set(len(self.queue))
         finally:
             sock.close(0)
