@@ -99,8 +99,8 @@ class Router:
         self._thread.join(timeout)
         self._thread = None
 
-    def submit(self, document: Document | FrameBatch | SeriesEvent) -> None:
-        """Queue a document (or a frame source's series event / frame batch), blocking while the
+    def submit(self, document: Document | FrameBatch | SeriesEvent | FrameBarrier) -> None:
+        """Queue a document (or a frame source's series event, frame batch or barrier), blocking while the
         queue is full (documents are never dropped; frame sources bound what they queue)."""
         with self._idle:
             self._in_flight += 1
