@@ -1,4 +1,5 @@
-"""The daemon's lifecycle: sources -> router -> consumers, with the sinks beside them.
+"""The daemon's lifecycle: sources (Bluesky documents, detector frames) -> router -> consumers,
+with the sinks beside them.
 
 Sinks hang on the router's listener hook: the live page's feed always, derived documents and run
 files when enabled in ``outputs``. Start order is sinks, router, HTTP server, then sources (nothing
@@ -23,6 +24,7 @@ from .sinks.http import HTTPServer
 from .sinks.live import LiveFeed
 from .sinks.runfiles import RunFileWriter
 from .sources.bluesky_zmq import BlueskyZmqSource
+from .sources.frame_zmq import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class Daemon:
         self.documents = DocumentsSink(outputs.documents, self.metrics) if outputs.documents.enabled else None
         self.files = RunFileWriter(config, self.metrics, self.store) if outputs.files.enabled else None
         self.router.listeners += [s for s in (self.documents, self.files) if s is not None]
+        self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
+                              for c in config.sources.frames]
+        self.router.frames.sources = self.frame_sources
         self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness,
                                feed=self.feed, push_interval_s=outputs.web.push_interval_s,
                                max_clients=outputs.web.max_clients)
@@ -60,15 +65,15 @@ class Daemon:
             self.files.start()
         self.router.start()
         self.http.start()
-        for source in self.sources:
+        for source in [*self.sources, *self.frame_sources]:
             source.start()
-        log.info("beamlens started: %d source(s), %d consumer(s), HTTP on %s",
-                 len(self.sources), len(self.config.consumers), self.http.url)
+        log.info("beamlens started: %d document source(s), %d frame source(s), %d consumer(s), HTTP on %s",
+                 len(self.sources), len(self.frame_sources), len(self.config.consumers), self.http.url)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop receiving, process what is queued (up to ``drain_timeout`` s), close open runs as
         ``incomplete``, stop serving."""
-        for source in self.sources:
+        for source in [*self.sources, *self.frame_sources]:
             source.stop()
         if not self.router.wait_idle(drain_timeout):
             log.error("document queue not drained within %.0f s", drain_timeout)

@@ -5,6 +5,8 @@
 - ``beamlens check-config FILE``: validate a config and exit (0 valid, 2 invalid), naming the YAML
   path of every bad field.
 - ``beamlens schema``: print the config's JSON schema (generated from the pydantic models).
+- ``beamlens simulate-detector --format dectris-v2 ...``: an emulated detector sending synthetic
+  frame series (DECTRIS stream v1/v2, Jungfraujoch, array-1.0, pyzmq send_array) on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -50,11 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check-config", help="validate a config file")
     p_check.add_argument("file")
     sub.add_parser("schema", help="print the config JSON schema")
+    p_sim = sub.add_parser("simulate-detector", help="send synthetic frame series like a detector")
+    p_sim.add_argument("--format", required=True, choices=["dectris-v1", "dectris-v2", "jungfraujoch", "array-1.0", "send-array"])
+    p_sim.add_argument("--address", default=None, help="0MQ address (default tcp://127.0.0.1:<format's port>)")
+    p_sim.add_argument("--socket", choices=["push", "pub"], default="push")
+    p_sim.add_argument("--connect", action="store_true", help="connect instead of binding")
+    p_sim.add_argument("--frames", type=int, default=100, help="frames per series")
+    p_sim.add_argument("--series", type=int, default=1, help="number of series to send")
+    p_sim.add_argument("--shape", type=int, nargs=2, default=(256, 256), metavar=("ROWS", "COLS"))
+    p_sim.add_argument("--dtype", choices=["uint8", "uint16", "uint32"], default="uint16")
+    p_sim.add_argument("--compression", default=None,
+                       help="v1: <, lz4<, bslz4 (default); v2: none, bslz4 (default), lz4, bszstd")
+    p_sim.add_argument("--rate", type=float, default=100.0, help="frames per second (0: as fast as possible)")
+    p_sim.add_argument("--run-uid", default=None, help="Bluesky run uid to put in the series header")
     args = parser.parse_args(argv)
 
     if args.command == "check-config":
         config = _load(args.file)
-        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), {len(config.consumers)} consumer(s))")
+        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), "
+              f"{len(config.sources.frames)} frame source(s), {len(config.consumers)} consumer(s))")
         return 0
     if args.command == "schema":
         print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))
@@ -64,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         _logging(config.log_level)
         from .app import Daemon
         Daemon(config).run_until_signalled()
+        return 0
+    if args.command == "simulate-detector":
+        _logging("INFO")
+        from .sim.detectors import simulate_detector
+        simulate_detector(args.format, address=args.address, socket_type=args.socket, bind=not args.connect,
+                          n_frames=args.frames, n_series=args.series, shape=tuple(args.shape), dtype=args.dtype,
+                          compression=args.compression, rate_hz=args.rate or None, run_uid=args.run_uid)
         return 0
     if args.command == "demo":
         config = _load(args.config or default_demo_config())

@@ -13,7 +13,7 @@ import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
@@ -28,6 +28,7 @@ BUILTIN_CONSUMERS: dict[str, str] = {
     "pca": "beamlens.consumers.pca:PCAConsumer",
     "embedding": "beamlens.consumers.embedding:EmbeddingConsumer",
     "unmixing": "beamlens.consumers.unmixing:UnmixingConsumer",
+    "frame_stats": "beamlens.consumers.frame_stats:FrameStatsConsumer",
 }
 
 
@@ -78,8 +79,84 @@ class BlueskySourceConfig(Strict):
         return self
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class FrameSourceBase(Strict):
+    """A detector frame stream over 0MQ. Socket type and bind/connect are configuration, not implied by
+    the format: DECTRIS DCUs bind PUSH (connect a PULL here), a fan-out or preview stream may be PUB
+    (use SUB), and ADZMQ can connect PUSH to a PULL bound here.
+
+    Overflow policy (the frame queue between the receive thread and the decode thread):
+    ``block`` never drops: a full queue stops reading, 0MQ's high-water marks fill and a PUSH sender
+    blocks (a PUB sender drops, and the gaps are counted from frame numbers); ``latest`` keeps only
+    the newest frames: on overflow, and whenever the decoder is ready, older waiting frames are
+    skipped and counted (``beamlens_frames_dropped_total{reason="overflow"}``). Series start/end
+    messages are never skipped.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="label used in metrics")
+    socket: Literal["pull", "sub"] = Field("pull", description="receiving socket type (PULL for PUSH senders, SUB for PUB)")
+    mode: Literal["connect", "bind"] = "connect"
+    topic: str = Field("", description="SUB subscription prefix (SUB only)")
+    overflow: Literal["block", "latest"] = "block"
+    queue_size: int = Field(32, gt=0, description="received messages waiting for decoding (bounds memory: queue_size x message size)")
+    max_batch: int = Field(16, gt=0, description="frames of one series handed to consumers in one call, at most")
+    receive_hwm: int = Field(16, gt=0, description="0MQ receive high-water mark, messages")
+    max_message_bytes: int = Field(256 * 2**20, gt=0, description="larger messages, and frames declaring more decoded bytes, are refused and counted")
+    allow_remote_bind: bool = Field(False, description="allow mode: bind on a non-loopback TCP address")
+
+    _addr = field_validator("address", check_fields=False)(_check_zmq_address)
+
+    @model_validator(mode="after")
+    def _checks(self) -> FrameSourceBase:
+        if self.topic and self.socket != "sub":
+            raise ValueError("topic is only meaningful with socket: sub")
+        host = self.address.removeprefix("tcp://").rsplit(":", 1)[0] if self.address.startswith("tcp://") else None
+        if self.mode == "bind" and host is not None and host not in _LOOPBACK_HOSTS and not self.allow_remote_bind:
+            raise ValueError(f"binding on {host!r} exposes the daemon beyond this host; use 127.0.0.1 or set allow_remote_bind: true")
+        return self
+
+
+class DectrisV1SourceConfig(FrameSourceBase):
+    """DECTRIS SIMPLON stream v1 (EIGER/PILATUS4 DCU, QUADRO, ARINA): JSON multipart."""
+
+    format: Literal["dectris-v1"]
+    address: str = Field("tcp://127.0.0.1:9999", description="the DCU's stream address (DCU default port 9999)")
+    verify_hash: bool = Field(False, description="check the MD5 of every image blob")
+
+
+class DectrisV2SourceConfig(FrameSourceBase):
+    """DECTRIS stream v2 (CBOR), also PSI Jungfraujoch image/preview streams."""
+
+    format: Literal["dectris-v2"]
+    address: str = Field("tcp://127.0.0.1:31001", description="the DCU's stream2 address (default port 31001)")
+    channel: str | None = Field(None, description="image channel to analyse (default: the first one announced)")
+
+
+class Array10SourceConfig(FrameSourceBase):
+    """PSI array-1.0 (EPICS areaDetector NDPluginZMQ, std_daq) or pyzmq send_array."""
+
+    format: Literal["array-1.0"]
+    address: str = Field("tcp://127.0.0.1:5600", description="the sender's address")
+    shape_order: Literal["numpy", "xy"] = Field("numpy", description="numpy: slowest axis first (spec); xy: fastest first (ADZMQ < 1.4)")
+
+
+FrameSourceConfig = Annotated[DectrisV1SourceConfig | DectrisV2SourceConfig | Array10SourceConfig,
+                              Field(discriminator="format")]
+
+
 class SourcesConfig(Strict):
     bluesky: list[BlueskySourceConfig] = Field(default_factory=list)
+    frames: list[FrameSourceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SourcesConfig:
+        names = [s.name for s in self.bluesky] + [s.name for s in self.frames]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {dupes}")
+        return self
 
 
 class ConsumerConfig(Strict):
@@ -125,6 +202,9 @@ class RouterConfig(Strict):
     keep_runs: int = Field(10, gt=0, description="finished runs kept for the HTTP API")
     blas_threads: int = Field(1, ge=1, le=64, description="threads each BLAS call may use; 1 avoids oversubscription with the daemon's own threads")
     strict: bool = Field(False, description="re-raise consumer exceptions (tests only)")
+    series_end_grace_s: float = Field(5.0, ge=0, description="a RunStop waits this long for an attached frame series to end")
+    series_start_grace_s: float = Field(0.5, ge=0, description="with frame sources configured, the RunStop of a run with no frame series yet waits this long for one to start")
+    frames_in_flight: int = Field(2, gt=0, description="decoded frame batches per source queued for the consumers, at most")
 
 
 class WebConfig(Strict):

@@ -21,6 +21,7 @@ SCIENCE_GAUGES: dict[str, str] = {
     "defect_density_per_square_pixel": "Defects per px^2 in the newest frame.",
 }
 
+AGE_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 PROCESSING_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -81,6 +82,28 @@ class Metrics:
         self.output_failures = Counter(
             "beamlens_output_failures_total", "Failures of an output (documents, files): results not published.",
             ["output"], registry=r)
+        # -- detector frame path (one label value per configured frame source) -----------------
+        self.frames_received = Counter(
+            "beamlens_frames_received_total", "Frame messages received from a detector stream, by source.", ["source"], registry=r)
+        self.frame_bytes_received = Counter(
+            "beamlens_frame_bytes_received_total", "Bytes of frame-stream messages received, by source.", ["source"], registry=r)
+        self.frames_processed = Counter(
+            "beamlens_frames_processed_total", "Frames decoded and handed to the frame consumers of their run, by source.",
+            ["source"], registry=r)
+        self.frames_dropped = Counter(
+            "beamlens_frames_dropped_total",
+            "Frames not analysed, by source and reason: overflow (skipped by policy latest), stale_series (not the "
+            "source's current series), run_closed (after the run's stop), gap (missing frame numbers, lost before "
+            "reaching beamlens), shutdown (decoded but the daemon stopped before analysing them).", ["source", "reason"], registry=r)
+        self.frame_decode_errors = Counter(
+            "beamlens_frame_decode_errors_total", "Frame-stream messages rejected by the decoder, by source and reason.",
+            ["source", "reason"], registry=r)
+        self.frame_series = Counter(
+            "beamlens_frame_series_total", "Frame series started, by source and whether they joined a Bluesky run "
+            "(attached) or became a frame-only run.", ["source", "attached"], registry=r)
+        self.frame_age_seconds = Histogram(
+            "beamlens_frame_age_seconds", "Time from receiving a frame (the newest of each batch) to its consumers having processed it.",
+            ["source"], buckets=AGE_BUCKETS, registry=r)
         self.science = {
             name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
             for name, doc in SCIENCE_GAUGES.items()

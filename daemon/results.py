@@ -62,6 +62,7 @@ class RunState:
     closed: float | None = None
     last_event: float | None = None
     events_done: int = 0
+    frames_done: int = 0
     max_position: int = -1
     primary_descriptors: set[str] = field(default_factory=set)
     descriptor_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class RunState:
         expected = self.expected_points
         if not expected:
             return 0.0
-        return min(1.0, self.events_done / expected)
+        return min(1.0, max(self.events_done, self.frames_done) / expected)
 
     @property
     def published_nav_shape(self) -> tuple[int, ...]:
@@ -98,6 +99,7 @@ class RunState:
             "nav_shape": list(self.published_nav_shape),
             "expected_points": self.expected_points,
             "events_done": self.events_done,
+            "frames_done": self.frames_done,
             "progress": self.progress,
             "opened": self.opened,
             "closed": self.closed,

@@ -16,6 +16,12 @@ length. An event before its descriptor, a stop of an unknown run and a second st
 are rejected and counted. A consumer's exception is logged with the run and document, counted, and
 after ``max_failures_per_run`` the consumer is quarantined for the rest of the run; the other
 consumers never notice (bluesky's ``make_callback_safe``, with a strict mode for tests).
+
+Detector frames (:class:`~beamlens.daemon.frames.SeriesEvent` and ``FrameBatch`` items from the frame
+sources) travel through the same queue and thread, so consumer methods are never called
+concurrently and a run's start, frames and stop stay ordered; their routing is in
+:mod:`beamlens.daemon.frame_router`. Documents go to ``inputs = "events"`` consumers, frames to
+``inputs = "frames"`` consumers; ``start`` and ``stop`` to both.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from beamlens.consumers.base import BadData, NotApplicable, RunInfo
 
 from .config import Config
 from .documents import Document
+from .frame_router import FrameRouter
+from .frames import FrameBarrier, FrameBatch, SeriesEvent
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import flat_positions, nav_shape_from_start, snaking_from_start
 from .results import ConsumerSlot, RunState, RunStore
@@ -75,6 +83,13 @@ class Router:
         self._idle = threading.Condition()
         self._in_flight = 0
         self.listeners: list[Callable[[str, RunState, dict[str, Any]], None]] = []
+        self.initial_capacity = INITIAL_CAPACITY
+        self.frames = FrameRouter(self)
+
+    @property
+    def open_runs(self) -> dict[str, RunState]:
+        """Open runs by uid, oldest first (router thread only)."""
+        return self._runs
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,8 +104,9 @@ class Router:
         self._thread.join(timeout)
         self._thread = None
 
-    def submit(self, document: Document) -> None:
-        """Queue a document, blocking while the queue is full (documents are never dropped)."""
+    def submit(self, document: Document | FrameBatch | SeriesEvent | FrameBarrier) -> None:
+        """Queue a document (or a frame source's series event, frame batch or barrier), blocking while the
+        queue is full (documents are never dropped; frame sources bound what they queue)."""
         with self._idle:
             self._in_flight += 1
         self.queue.put(document)
@@ -104,21 +120,30 @@ class Router:
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            item = self._pending if self._pending is not None else self.queue.get()
-            self._pending = None
+            if self.frames.waiting:
+                self.frames.expire()
+            if self._pending is not None:
+                item, self._pending = self._pending, None
+            else:
+                try:
+                    item = self.queue.get(timeout=0.05 if self.frames.waiting else None)
+                except queue.Empty:
+                    continue
             if item is _STOP:
                 self._close_open_runs("incomplete", "daemon shutting down")
                 return
             n = 1
             try:
-                if item.name == "event":
+                if isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
+                    self.frames.handle(item)
+                elif item.name == "event":
                     batch = [item.doc]
                     while len(batch) < self.config.max_page_size:
                         try:
                             nxt = self.queue.get_nowait()
                         except queue.Empty:
                             break
-                        if nxt is not _STOP and nxt.name == "event" and nxt.doc["descriptor"] == item.doc["descriptor"]:
+                        if getattr(nxt, "name", None) == "event" and nxt.doc["descriptor"] == item.doc["descriptor"]:
                             batch.append(nxt.doc)
                         else:
                             self._pending = nxt
@@ -185,7 +210,7 @@ class Router:
         if doc.get("name", PRIMARY) != PRIMARY:
             return
         run.primary_descriptors.add(doc["uid"])
-        self._call_all(run, "descriptor", doc)
+        self._call_all(run, "descriptor", doc, inputs="events")
         if not run.buffers_allocated:
             self._allocate(run)
         self._notify("descriptor", run, doc)
@@ -193,8 +218,8 @@ class Router:
     def _allocate(self, run: RunState) -> None:
         capacity = run.expected_points or INITIAL_CAPACITY
         for slot in run.slots:
-            if not slot.active:
-                continue
+            if not slot.active or slot.consumer.inputs != "events":
+                continue  # frame consumers declare their buffers after a series starts
             specs = self._call(run, slot, "result_buffers")
             if specs is None:
                 continue
@@ -225,7 +250,7 @@ class Router:
             run.max_position = max(run.max_position, int(positions.max()))
         if run.nav_shape == (0,):
             self._ensure_capacity(run, run.max_position + 1)
-        self._call_all(run, "event_page", page, positions)
+        self._call_all(run, "event_page", page, positions, inputs="events")
         run.events_done += n
         self.metrics.events_processed.inc(n)
         self._update_gauges(run)
@@ -236,6 +261,8 @@ class Router:
         if run is None:
             self._reject(source, "stop_for_unknown_run", f"RunStop for run {doc['run_start']} that is not open")
             return
+        if self.frames.park_stop(run, doc):
+            return
         self._finish(run, doc.get("exit_status", "success"), doc)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -244,12 +271,13 @@ class Router:
         run.status = status
         run.closed = time.time()
         del self._runs[run.uid]
+        self.frames.run_finished(run)
         self._descriptor_run = {d: r for d, r in self._descriptor_run.items() if r != run.uid}
         self.store.add(run)  # re-add prunes old finished runs
         self.metrics.runs_open.set(len(self._runs))
         self.metrics.runs.labels(status).inc()
         self._update_gauges(run)
-        log.info("run %s %s after %d events", run.uid, status, run.events_done)
+        log.info("run %s %s after %d events, %d frames", run.uid, status, run.events_done, run.frames_done)
         self._notify("stop", run, doc)
 
     def _close_open_runs(self, status: str, reason: str) -> None:
@@ -263,9 +291,10 @@ class Router:
             if nav and len(nav[0]) < needed:
                 slot.grow_nav(max(needed, 2 * len(nav[0])))
 
-    def _call_all(self, run: RunState, method: str, *args: Any) -> None:
+    def _call_all(self, run: RunState, method: str, *args: Any, inputs: str | None = None) -> None:
+        """Call ``method`` on every active consumer of ``run`` (only those with ``inputs`` if given)."""
         for slot in run.slots:
-            if slot.active:
+            if slot.active and (inputs is None or slot.consumer.inputs == inputs):
                 self._call(run, slot, method, *args)
 
     def _call(self, run: RunState, slot: ConsumerSlot, method: str, *args: Any) -> Any:
@@ -276,7 +305,7 @@ class Router:
             slot.inactive_reason = str(exc)
             log.info("consumer %s sits out run %s: %s", slot.name, run.uid, exc)
         except BadData as exc:
-            n = len(args[1]) if method == "event_page" else 1
+            n = len(args[1]) if method in ("event_page", "frames") else 1
             self.metrics.points_skipped.labels(slot.name, exc.reason).inc(n)
             log.warning("consumer %s skipped %d point(s) of run %s: %s", slot.name, n, run.uid, exc)
         except Exception:

@@ -8,7 +8,7 @@ import numpy as np
 
 from beamlens.daemon.sim.datasets import corroding_steel_map
 
-from helpers import http_get, scrape, source_yaml, subscribe
+from helpers import http_get, scrape, source_yaml, subscribe, wait_run_finished
 
 CONSUMERS = """
 consumers:
@@ -22,7 +22,7 @@ def test_both_spectral_consumers_publish_maps_of_a_run(proxy, beamline, make_dae
     subscribe(daemon, proxy)
     data = corroding_steel_map().region(slice(0, 12), slice(0, 12))  # core to corner: all three phases
     uid = beamline.map_scan(data, snake=True)
-    assert daemon.router.wait_idle(60)
+    wait_run_finished(daemon, uid)
 
     url = f"{daemon.http.url}/api/runs/{uid}"
     for consumer, buffer in (("embedding", "progress"), ("embedding", "score_1"), ("unmixing", "abundance_1"),

@@ -1,8 +1,10 @@
 """``beamlens demo``: the whole chain on one machine, all on 127.0.0.1.
 
-Starts a bluesky 0MQ Proxy (subprocess), the daemon (subscribed to the proxy), and the simulated
-beamline; runs the corroding-steel Fe K-edge map (21 x 21) and the real Fe L-edge STXM image
-(150 x 150) as ``grid_scan``s; prints where the maps and metrics are; serves until Ctrl-C.
+Starts a bluesky 0MQ Proxy (subprocess), an emulated DECTRIS detector (stream v2, bitshuffle-LZ4), the
+daemon (subscribed to both), and the simulated beamline; runs the corroding-steel Fe K-edge map
+(21 x 21) and the real Fe L-edge STXM image (150 x 150) as ``grid_scan``s, then a 16 x 16 snaking
+raster during which the detector streams one 256 x 256 frame per point; prints where the maps and
+metrics are; serves until Ctrl-C.
 """
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import threading
 import time
 
 from ..app import Daemon
-from ..config import BlueskySourceConfig, Config, SourcesConfig
+from ..config import BlueskySourceConfig, Config, DectrisV2SourceConfig, SourcesConfig
 from .beamline import SimulatedBeamline, wait_until_subscribed
 from .datasets import corroding_steel_map, stxm_map
+from .detectors import DetectorEmulator, raster_series_plan, synthetic_frames
+
+RASTER = (16, 16)
 from .proxy import ProxyProcess
 
 log = logging.getLogger(__name__)
@@ -32,9 +37,10 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
     Returns:
         the (stopped, if ``serve`` is False) daemon, for inspection.
     """
-    with ProxyProcess() as proxy:
+    with ProxyProcess() as proxy, DetectorEmulator("dectris-v2") as detector:
         source = BlueskySourceConfig(name="demo", address=proxy.out_address)
-        config = config.model_copy(update={"sources": SourcesConfig(bluesky=[source])})
+        frames = DectrisV2SourceConfig(name="demo_detector", format="dectris-v2", address=detector.address)
+        config = config.model_copy(update={"sources": SourcesConfig(bluesky=[source], frames=[frames])})
         daemon = Daemon(config)
         daemon.start()
         announce(f"beamlens live page: {daemon.http.url}/  (metrics: {daemon.http.url}/metrics)")
@@ -55,6 +61,14 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
             daemon.store.wait_finished(uid, 120)
             dt = time.perf_counter() - t0
             announce(f"STXM image: {n} points in {dt:.1f} s ({n / dt:.0f} events/s end to end) "
+                     f"-> {daemon.http.url}/api/runs/{uid}")
+            n = RASTER[0] * RASTER[1]
+            t0 = time.perf_counter()
+            (uid,) = beamline.RE(raster_series_plan(
+                detector, list(synthetic_frames(n, (256, 256))), RASTER, snake=True,
+                run_seen=lambda u: daemon.store.get(u) is not None, md={"purpose": "demo: detector frames"}))
+            daemon.router.wait_idle(60)
+            announce(f"detector raster: {n} DECTRIS stream-v2 frames in {time.perf_counter() - t0:.1f} s "
                      f"-> {daemon.http.url}/api/runs/{uid}")
         finally:
             beamline.close()

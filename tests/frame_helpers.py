@@ -1,0 +1,64 @@
+"""Helpers for frame-path tests: daemon configs with frame sources, counters, test-only consumers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from beamlens.consumers.base import BufferSpec, Consumer, ConsumerParams, SeriesInfo
+from beamlens.daemon.app import Daemon
+
+
+def frame_source_yaml(name: str, fmt: str, address: str, **extra: object) -> str:
+    opts = "".join(f", {k}: {v}" for k, v in extra.items())
+    return f"    - {{name: {name}, format: {fmt}, address: '{address}'{opts}}}\n"
+
+
+def daemon_yaml(sources: list[str], consumers: str = "  - {name: fs, class: frame_stats}\n",
+                bluesky: str | None = None, router: str = "") -> str:
+    text = "sources:\n"
+    if bluesky:
+        text += f"  bluesky:\n    - {{name: test, address: '{bluesky}'}}\n"
+    text += "  frames:\n" + "".join(sources) + "consumers:\n" + consumers
+    if router:
+        text += f"router: {router}\n"
+    return text
+
+
+def counter(daemon: Daemon, metric: str, **labels: str) -> float:
+    """Current value of a labelled counter of the daemon's registry (0 if never incremented)."""
+    value = daemon.metrics.registry.get_sample_value(metric, labels)
+    return 0.0 if value is None else value
+
+
+class SlowParams(ConsumerParams):
+    seconds_per_frame: float = 0.01
+
+
+class SlowFrameConsumer(Consumer):
+    """Sleeps ``seconds_per_frame`` per frame and records which frame numbers (positions) it saw."""
+
+    name = "slow"
+    Params = SlowParams
+    params: SlowParams
+    inputs = "frames"
+
+    def series(self, info: SeriesInfo) -> None:
+        self.seen: list[int] = []
+
+    def result_buffers(self) -> list[BufferSpec]:
+        return [BufferSpec("seen", "nav", description="1 where a frame was analysed")]
+
+    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
+        time.sleep(self.params.seconds_per_frame * len(frames))
+        self.results.seen[positions[positions >= 0]] = 1.0
+
+
+class FailingFrameConsumer(Consumer):
+    """Raises on every frame batch (isolation tests)."""
+
+    name = "failing"
+    inputs = "frames"
+
+    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
+        raise RuntimeError("deliberate failure")
