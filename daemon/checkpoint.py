@@ -38,6 +38,8 @@ def run_state(run: RunState, descriptors: list[str]) -> dict[str, Any]:
         "events_done": run.events_done, "max_position": run.max_position,
         "primary_descriptors": sorted(run.primary_descriptors), "descriptor_shapes": run.descriptor_shapes,
         "descriptors": descriptors, "buffers_allocated": run.buffers_allocated,
+        "descriptor_streams": run.descriptor_streams, "events_received": run.events_received,
+        "max_seq_num": run.max_seq_num,
         "slots": [
             {"name": s.name, "consumer": s.consumer, "specs": s.specs, "arrays": s.arrays,
              "failures": s.failures, "quarantined": s.quarantined, "inactive_reason": s.inactive_reason,

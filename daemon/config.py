@@ -205,6 +205,16 @@ class RouterConfig(Strict):
     series_end_grace_s: float = Field(5.0, ge=0, description="a RunStop waits this long for an attached frame series to end")
     series_start_grace_s: float = Field(0.5, ge=0, description="with frame sources configured, the RunStop of a run with no frame series yet waits this long for one to start")
     frames_in_flight: int = Field(2, gt=0, description="decoded frame batches per source queued for the consumers, at most")
+    run_timeout_s: float = Field(3600.0, gt=0, description="a run with no document or frame for this long is closed as incomplete")
+    shed_slow_consumers: bool = Field(True, description="when the document queue passes shed_queue_fraction, quarantine the consumer that used the most time, so intake never stalls")
+    shed_queue_fraction: float = Field(0.8, gt=0, le=1)
+
+
+class StateConfig(Strict):
+    """Checkpoints of open runs, so that a restarted daemon resumes their analysis."""
+
+    directory: Path | None = Field(None, description="where checkpoints live (created, mode 0700); null: no checkpoints")
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="open runs are checkpointed this often, and at shutdown")
 
 
 class WebConfig(Strict):
@@ -249,6 +259,7 @@ class Config(Strict):
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

@@ -198,7 +198,7 @@ class FrameRouter:
         now = time.time()
         run.frames_done += n
         state.frames_done += n
-        run.last_event = now
+        run.last_event = run.last_activity = now
         self.metrics.frames_processed.labels(batch.source).inc(n)
         self.metrics.frame_age_seconds.labels(batch.source).observe(now - batch.received)
         self.router._update_gauges(run)

@@ -50,8 +50,18 @@ class Metrics:
         self.consumer_failures = Counter(
             "beamlens_consumer_failures_total", "Exceptions raised by a consumer.", ["consumer"], registry=r)
         self.consumers_quarantined = Counter(
-            "beamlens_consumers_quarantined_total", "Consumers stopped for the rest of a run after repeated failures.",
-            ["consumer"], registry=r)
+            "beamlens_consumers_quarantined_total",
+            "Consumers stopped for the rest of a run: after repeated failures, or too slow to keep up.",
+            ["consumer", "reason"], registry=r)
+        self.events_missing = Counter(
+            "beamlens_events_missing_total",
+            "Events a run announced (RunStop num_events, seq_num gaps) that never arrived, e.g. lost upstream.",
+            registry=r)
+        self.checkpoints = Counter(
+            "beamlens_checkpoints_total", "Run checkpoints written or restored, by operation and outcome.",
+            ["operation", "outcome"], registry=r)
+        self.runs_resumed = Counter(
+            "beamlens_runs_resumed_total", "Open runs restored from a checkpoint after a restart.", registry=r)
         self.processing_seconds = Histogram(
             "beamlens_consumer_processing_seconds", "Time a consumer spent on one document or page.",
             ["consumer", "method"], buckets=PROCESSING_BUCKETS, registry=r)

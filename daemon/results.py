@@ -27,6 +27,8 @@ class ConsumerSlot:
     failures: int = 0
     quarantined: bool = False
     inactive_reason: str | None = None
+    busy_s: float = 0.0
+    """Recent processing time, decayed by the router (to find the slowest consumer)."""
 
     @property
     def active(self) -> bool:
@@ -68,6 +70,40 @@ class RunState:
     descriptor_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: list[ConsumerSlot] = field(default_factory=list)
     buffers_allocated: bool = False
+    last_activity: float = field(default_factory=time.time)
+    """Unix time of the last document or frame of this run (for the run timeout)."""
+    descriptor_streams: dict[str, str] = field(default_factory=dict)
+    """descriptor uid -> stream name."""
+    events_received: dict[str, int] = field(default_factory=dict)
+    """descriptor uid -> events received."""
+    max_seq_num: dict[str, int] = field(default_factory=dict)
+    """descriptor uid -> highest seq_num received."""
+    events_missing: int = 0
+
+    def count_events(self, descriptor: str, seq_nums: list[int]) -> None:
+        self.events_received[descriptor] = self.events_received.get(descriptor, 0) + len(seq_nums)
+        if seq_nums:
+            self.max_seq_num[descriptor] = max(self.max_seq_num.get(descriptor, 0), int(max(seq_nums)))
+
+    def missing_events(self, num_events: dict[str, int]) -> int:
+        """Events that were announced but not received: per stream, ``num_events`` from the RunStop
+        when it gives one, else the highest seq_num seen (gaps before it)."""
+        missing = 0
+        streams = set(self.descriptor_streams.values())
+        for stream in streams:
+            descs = [d for d, s in self.descriptor_streams.items() if s == stream]
+            received = sum(self.events_received.get(d, 0) for d in descs)
+            announced = num_events.get(stream)
+            if announced is None:
+                announced = sum(self.max_seq_num.get(d, 0) for d in descs)
+            missing += max(0, int(announced) - received)
+        return missing
+
+    def restore_counts(self, state: dict[str, Any]) -> None:
+        """Set the event bookkeeping from a checkpoint."""
+        self.descriptor_streams = dict(state.get("descriptor_streams", {}))
+        self.events_received = dict(state.get("events_received", {}))
+        self.max_seq_num = dict(state.get("max_seq_num", {}))
 
     @property
     def expected_points(self) -> int | None:
@@ -100,6 +136,7 @@ class RunState:
             "expected_points": self.expected_points,
             "events_done": self.events_done,
             "frames_done": self.frames_done,
+            "events_missing": self.events_missing,
             "progress": self.progress,
             "opened": self.opened,
             "closed": self.closed,

@@ -36,8 +36,9 @@ import numpy as np
 from event_model import pack_event_page
 from threadpoolctl import threadpool_limits
 
-from beamlens.consumers.base import BadData, NotApplicable, RunInfo
+from beamlens.consumers.base import BadData, NotApplicable, Results, RunInfo
 
+from .checkpoint import Checkpointer, run_state
 from .config import Config
 from .documents import Document
 from .frame_router import FrameRouter
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 _STOP = object()
 PRIMARY = "primary"
 INITIAL_CAPACITY = 1024
+TICK_S = 1.0
+"""How often the router looks at run timeouts, checkpoints and consumer lag, s."""
+BUSY_DECAY = 0.5
+"""Per tick, consumers' recent processing time is multiplied by this (for shedding the slowest)."""
 
 
 class Router:
@@ -85,6 +90,9 @@ class Router:
         self.listeners: list[Callable[[str, RunState, dict[str, Any]], None]] = []
         self.initial_capacity = INITIAL_CAPACITY
         self.frames = FrameRouter(self)
+        self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
+                             if config.state.directory is not None else None)
+        self._next_tick = time.monotonic() + TICK_S
 
     @property
     def open_runs(self) -> dict[str, RunState]:
@@ -93,11 +101,14 @@ class Router:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.checkpointer is not None:
+            self._restore_checkpoints()
         self._thread = threading.Thread(target=self._loop, name="beamlens-router", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Process everything queued, close open runs as ``incomplete``, and join the thread."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Process everything queued, then checkpoint open runs (``suspended``, resumed after a
+        restart) or, without checkpoints, close them as ``incomplete``; join the thread."""
         if self._thread is None:
             return
         self.queue.put(_STOP)
@@ -122,15 +133,20 @@ class Router:
         while True:
             if self.frames.waiting:
                 self.frames.expire()
+            if time.monotonic() >= self._next_tick:
+                self._tick()
             if self._pending is not None:
                 item, self._pending = self._pending, None
             else:
                 try:
-                    item = self.queue.get(timeout=0.05 if self.frames.waiting else None)
+                    item = self.queue.get(timeout=0.05 if self.frames.waiting else TICK_S)
                 except queue.Empty:
                     continue
             if item is _STOP:
-                self._close_open_runs("incomplete", "daemon shutting down")
+                if self.checkpointer is not None:
+                    self._suspend_open_runs()
+                else:
+                    self._close_open_runs("incomplete", "daemon shutting down")
                 return
             n = 1
             try:
@@ -207,6 +223,8 @@ class Router:
                 return
         self._descriptor_run[doc["uid"]] = run.uid
         run.descriptor_shapes[doc["uid"]] = {k: v.get("shape") for k, v in doc["data_keys"].items()}
+        run.descriptor_streams[doc["uid"]] = doc.get("name", PRIMARY)
+        run.last_activity = time.time()
         if doc.get("name", PRIMARY) != PRIMARY:
             return
         run.primary_descriptors.add(doc["uid"])
@@ -239,8 +257,9 @@ class Router:
             return
         run = self._runs[run_uid]
         now = time.time()
-        run.last_event = now
+        run.last_event = run.last_activity = now
         self.metrics.last_event_time.set(now)
+        run.count_events(page["descriptor"], page["seq_num"])
         if page["descriptor"] not in run.primary_descriptors:
             return
         positions = flat_positions(np.asarray(page["seq_num"]), run.nav_shape, run.snaking)
@@ -265,9 +284,112 @@ class Router:
             return
         self._finish(run, doc.get("exit_status", "success"), doc)
 
+    # -- supervision: timeouts, lag, checkpoints ---------------------------------------------
+    def _tick(self) -> None:
+        """Once per :data:`TICK_S`: close runs silent for ``run_timeout_s``, shed the slowest
+        consumer while the queue is nearly full, checkpoint open runs when due."""
+        self._next_tick = time.monotonic() + TICK_S
+        now = time.time()
+        for run in list(self._runs.values()):
+            if now - run.last_activity > self.config.run_timeout_s:
+                log.error("run %s: nothing received for %.0f s; closing it as incomplete", run.uid, now - run.last_activity)
+                self._finish(run, "incomplete", self._synthetic_stop(run, "incomplete", "run timed out: no RunStop"))
+        if self.config.shed_slow_consumers and self.queue.qsize() > self.config.shed_queue_fraction * self.queue.maxsize:
+            self._shed_slowest()
+        for run in self._runs.values():
+            for slot in run.slots:
+                slot.busy_s *= BUSY_DECAY
+        if self.checkpointer is not None and self.checkpointer.due():
+            self._checkpoint_open_runs()
+
+    def _shed_slowest(self) -> None:
+        slots = [(slot.busy_s, run, slot) for run in self._runs.values() for slot in run.slots if slot.active]
+        if not slots:
+            return
+        busy, run, slot = max(slots, key=lambda t: t[0])
+        slot.quarantined = True
+        self.metrics.consumers_quarantined.labels(slot.name, "too_slow").inc()
+        log.error("consumer %s quarantined for the rest of run %s: too slow (%.2f s of recent processing, %d items "
+                  "queued); intake goes on without it", slot.name, run.uid, busy, self.queue.qsize())
+
+    def _checkpoint_open_runs(self) -> None:
+        for run in self._runs.values():
+            descriptors = [d for d, r in self._descriptor_run.items() if r == run.uid]
+            try:
+                self.checkpointer.save(run_state(run, descriptors))
+                self.metrics.checkpoints.labels("save", "ok").inc()
+            except Exception:  # a checkpoint that fails must not stop the analysis
+                self.metrics.checkpoints.labels("save", "failed").inc()
+                log.exception("checkpoint of run %s failed", run.uid)
+        self.checkpointer.mark_saved()
+
+    def _suspend_open_runs(self) -> None:
+        """Shutdown with checkpoints: save open runs, let sinks write what they have (status
+        ``suspended``), and leave them to be resumed by the next daemon."""
+        self._checkpoint_open_runs()
+        for run in list(self._runs.values()):
+            run.status = "suspended"
+            run.closed = time.time()
+            del self._runs[run.uid]
+            self.store.add(run)
+            log.info("run %s suspended at shutdown after %d events; resumes from its checkpoint", run.uid, run.events_done)
+            self._notify("stop", run, self._synthetic_stop(run, "abort", "beamlens shut down; analysis resumes on restart"))
+        self.metrics.runs_open.set(0)
+
+    def _restore_checkpoints(self) -> None:
+        for state in self.checkpointer.load_all():
+            try:
+                run = self._restore(state)
+            except Exception:
+                self.metrics.checkpoints.labels("restore", "failed").inc()
+                log.exception("run %s could not be resumed from its checkpoint", state.get("uid"))
+                continue
+            self.metrics.checkpoints.labels("restore", "ok").inc()
+            self.metrics.runs_resumed.inc()
+            log.info("run %s resumed from its checkpoint (%d events done)", run.uid, run.events_done)
+
+    def _restore(self, state: dict[str, Any]) -> RunState:
+        uid, start = state["uid"], state["start_doc"]
+        nav_shape = tuple(state["nav_shape"])
+        run = RunState(uid=uid, start_doc=start, nav_shape=nav_shape, snaking=tuple(state["snaking"]),
+                       info=RunInfo(uid=uid, nav_shape=nav_shape, start_doc=start), joined_midway=state["joined_midway"],
+                       opened=state["opened"], last_event=state["last_event"], events_done=state["events_done"],
+                       max_position=state["max_position"], primary_descriptors=set(state["primary_descriptors"]),
+                       descriptor_shapes=state["descriptor_shapes"], buffers_allocated=state["buffers_allocated"])
+        run.restore_counts(state)
+        for s in state["slots"]:
+            consumer = s["consumer"]
+            info = RunInfo(uid=uid, nav_shape=nav_shape, start_doc=start, skipped=self._skip_counter(s["name"]),
+                           axes=s["axes"])
+            consumer.restored(info, Results(s["arrays"]))
+            run.slots.append(ConsumerSlot(name=s["name"], consumer=consumer, specs=s["specs"], arrays=s["arrays"],
+                                          failures=s["failures"], quarantined=s["quarantined"],
+                                          inactive_reason=s["inactive_reason"]))
+        run.last_activity = time.time()
+        self._runs[uid] = run
+        for d in state["descriptors"]:
+            self._descriptor_run[d] = uid
+        self.store.add(run)
+        self.metrics.runs_open.set(len(self._runs))
+        return run
+
+    @staticmethod
+    def _synthetic_stop(run: RunState, status: str, reason: str) -> dict[str, Any]:
+        """A RunStop-like document for runs beamlens closes itself (not schema-valid: no uid of
+        the raw run's own)."""
+        return {"run_start": run.uid, "exit_status": status, "reason": reason, "time": time.time(),
+                "uid": "", "num_events": {}}
+
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, run: RunState, status: str, doc: dict[str, Any]) -> None:
         self._call_all(run, "stop", doc)
+        missing = run.missing_events(doc.get("num_events") or {})
+        if missing:
+            run.events_missing = missing
+            self.metrics.events_missing.inc(missing)
+            log.warning("run %s: %d event(s) announced but never received (lost before beamlens)", run.uid, missing)
+        if self.checkpointer is not None:
+            self.checkpointer.remove(run.uid)
         run.status = status
         run.closed = time.time()
         del self._runs[run.uid]
@@ -282,8 +404,7 @@ class Router:
 
     def _close_open_runs(self, status: str, reason: str) -> None:
         for run in list(self._runs.values()):
-            self._finish(run, status, {"run_start": run.uid, "exit_status": status, "reason": reason,
-                                       "time": time.time(), "uid": "", "num_events": {}})
+            self._finish(run, status, self._synthetic_stop(run, status, reason))
 
     def _ensure_capacity(self, run: RunState, needed: int) -> None:
         for slot in run.slots:
@@ -316,10 +437,12 @@ class Router:
                 raise
             if slot.failures >= self.config.max_failures_per_run:
                 slot.quarantined = True
-                self.metrics.consumers_quarantined.labels(slot.name).inc()
+                self.metrics.consumers_quarantined.labels(slot.name, "failures").inc()
                 log.error("consumer %s quarantined for the rest of run %s", slot.name, run.uid)
         finally:
-            self.metrics.processing_seconds.labels(slot.name, method).observe(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            slot.busy_s += elapsed
+            self.metrics.processing_seconds.labels(slot.name, method).observe(elapsed)
         return None
 
     def _skip_counter(self, consumer: str) -> Callable[[str, int], None]:

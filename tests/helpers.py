@@ -55,8 +55,9 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 class RawPublisher:
     """A plain PUB socket into a proxy's in address, for sending arbitrary (hostile) bytes.
 
-    ``ready(daemon)`` sends readiness probes on this same socket until the daemon has seen one, so
-    nothing sent afterwards is lost to the slow-joiner window.
+    ``ready(...)`` sends readiness probes on this same socket until the daemon has seen one, so
+    nothing sent afterwards is lost to the slow-joiner window. ``publish(name, doc)`` sends a
+    document framed exactly as bluesky's Publisher does (msgpack-numpy).
     """
 
     def __init__(self, address: str):
@@ -65,14 +66,18 @@ class RawPublisher:
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.connect(address)
 
-    def ready(self, daemon: Daemon, timeout: float = 30.0) -> None:
+    def ready(self, daemon: Daemon | None = None, timeout: float = 30.0,
+              seen: Callable[[str], bool] | None = None) -> None:
+        """Probe until ``daemon`` (in-process) or ``seen(nonce)`` reports a probe."""
         import uuid
+        if seen is None:
+            seen = lambda nonce: any(s.probe_seen(nonce) for s in daemon.sources)  # noqa: E731
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             nonce = uuid.uuid4().hex
             self.socket.send(b"beamlens-probe beamlens_probe \xc1" + nonce.encode())
             try:
-                wait_for(lambda: any(s.probe_seen(nonce) for s in daemon.sources), timeout=0.05, interval=0.005)
+                wait_for(lambda: seen(nonce), timeout=0.1, interval=0.005)
                 return
             except AssertionError:
                 continue
@@ -80,6 +85,10 @@ class RawPublisher:
 
     def send(self, message: bytes) -> None:
         self.socket.send(message)
+
+    def publish(self, name: str, doc: dict) -> None:
+        from beamlens.daemon.documents import msgpack_serializer
+        self.socket.send(b" " + name.encode() + b" " + msgpack_serializer(doc))
 
     def close(self) -> None:
         self.socket.close()
@@ -144,3 +153,65 @@ def wait_run_finished(daemon: Daemon, uid: str, timeout: float = 60.0) -> None:
     """Wait until the daemon has processed the RunStop of run ``uid``. (``router.wait_idle`` alone
     can return while the last documents are still in flight between the proxy and the daemon.)"""
     assert daemon.store.wait_finished(uid, timeout), f"run {uid} not finished within {timeout} s"
+
+
+class DaemonProcess:
+    """``beamlens run --config FILE`` in a subprocess (for kill -9 / SIGTERM tests).
+
+    The HTTP port is 0 in the config; the real one is read from the daemon's log line. Log lines
+    are collected in :attr:`lines` by a reader thread.
+    """
+
+    URL_LINE = "serving the live page, maps and metrics on "
+
+    def __init__(self, config_path, timeout: float = 60.0):
+        import subprocess
+        import sys
+        import threading
+
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self.proc = subprocess.Popen([sys.executable, "-m", "beamlens.daemon.cli", "run", "--config", str(config_path)],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: self.url is not None or self.proc.poll() is not None, timeout)
+        if self.url is None:
+            raise RuntimeError("daemon did not start:\n" + "\n".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip())
+            if self.URL_LINE in line:
+                self.url = line.split(self.URL_LINE, 1)[1].split()[0]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return scrape(self.url).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def run(self, uid: str) -> dict | None:
+        import json
+        status, body, _ = http_get(f"{self.url}/api/runs/{uid}")
+        return json.loads(body) if status == 200 else None
+
+    def probe_seen(self, baseline: float) -> Callable[[str], bool]:
+        return lambda nonce: self.metric("beamlens_probes_received_total", source="test") > baseline
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(10)
+        self.proc.stderr.close()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        self.proc.stderr.close()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        elif not self.proc.stderr.closed:
+            self._reader.join(10)
+            self.proc.stderr.close()

@@ -15,8 +15,9 @@ NeXus "Find the plottable data" rules)::
 
     /                           @default=entry @creator=beamlens @creator_version
     /entry          NXentry     @default=<first consumer>
-        title, start_time, end_time (ISO 8601), program_name (@version), raw_run_uid, exit_status,
-        points_processed
+        title, start_time, end_time (ISO 8601), program_name (@version), raw_run_uid, exit_status
+        (success | abort | fail | incomplete: closed by timeout or shutdown | suspended: checkpointed
+        at shutdown, resumed later), points_processed, events_missing (announced, never received)
         raw_run_start   NXnote      type=application/json, data=<the raw RunStart>
         configuration   NXnote      type=application/json, data=<the daemon configuration>
         <consumer>      NXprocess   @default=<first buffer>
@@ -89,6 +90,7 @@ class RunRecord:
     events_done: int
     nav_axes: list[Axis]
     consumers: list[ConsumerResults]
+    events_missing: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -173,6 +175,7 @@ def write_nexus(f: h5py.File, record: RunRecord) -> None:
     entry["raw_run_uid"] = record.uid
     entry["exit_status"] = record.status
     entry["points_processed"] = record.events_done
+    entry["events_missing"] = record.events_missing
     _note(entry, "raw_run_start", start)
     _note(entry, "configuration", record.config)
     for index, consumer in enumerate(record.consumers):
@@ -313,7 +316,7 @@ class RunFileWriter:
             consumers.append(ConsumerResults(slot.name, consumer_provenance(slot), snaps))
         return RunRecord(
             uid=run.uid, start_doc=dict(run.start_doc), status=run.status, opened=run.opened,
-            closed=run.closed or time.time(), events_done=run.events_done,
+            closed=run.closed or time.time(), events_done=run.events_done, events_missing=run.events_missing,
             nav_axes=scan_axes(run.start_doc, run.published_nav_shape, self._motor_units.pop(run.uid, {})),
             consumers=consumers, config=self.config.model_dump(mode="json", by_alias=True))
 
