@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, ValidationError, field_validator, model_validator
 
 from beamlens.consumers.base import Consumer
 
@@ -48,6 +48,14 @@ class CurveClientConfig(Strict):
 
     secret_key_file: FilePath = Field(description="this client's key pair (the .key_secret file)")
     server_public_key_file: FilePath = Field(description="the server's public key (.key file)")
+
+
+class CurveServerConfig(Strict):
+    """ZeroMQ CURVE for a socket beamlens binds: its key pair, and the folder of client public keys
+    it admits (``*.key`` files from ``zmq.auth.create_certificates``); everyone else is refused."""
+
+    secret_key_file: FilePath = Field(description="this server's key pair (the .key_secret file)")
+    allowed_clients_dir: DirectoryPath = Field(description="folder of allowed client public keys")
 
 
 class BlueskySourceConfig(Strict):
@@ -105,6 +113,8 @@ class FrameSourceBase(Strict):
     receive_hwm: int = Field(16, gt=0, description="0MQ receive high-water mark, messages")
     max_message_bytes: int = Field(256 * 2**20, gt=0, description="larger messages, and frames declaring more decoded bytes, are refused and counted")
     allow_remote_bind: bool = Field(False, description="allow mode: bind on a non-loopback TCP address")
+    curve: CurveClientConfig | CurveServerConfig | None = Field(
+        None, description="CURVE: client keys with mode connect, server keys + allowed clients with mode bind")
 
     _addr = field_validator("address", check_fields=False)(_check_zmq_address)
 
@@ -112,6 +122,9 @@ class FrameSourceBase(Strict):
     def _checks(self) -> FrameSourceBase:
         if self.topic and self.socket != "sub":
             raise ValueError("topic is only meaningful with socket: sub")
+        if self.curve is not None and isinstance(self.curve, CurveServerConfig) != (self.mode == "bind"):
+            raise ValueError("curve needs secret_key_file + allowed_clients_dir with mode: bind, "
+                             "secret_key_file + server_public_key_file with mode: connect")
         host = self.address.removeprefix("tcp://").rsplit(":", 1)[0] if self.address.startswith("tcp://") else None
         if self.mode == "bind" and host is not None and host not in _LOOPBACK_HOSTS and not self.allow_remote_bind:
             raise ValueError(f"binding on {host!r} exposes the daemon beyond this host; use 127.0.0.1 or set allow_remote_bind: true")

@@ -22,35 +22,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from pathlib import Path
-
 import zmq
-import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import BlueskySourceConfig
 from ..documents import PROBE_PREFIX, DecodeError, Document, decode_document, make_deserializer, split_message
 from ..metrics import Metrics
+from .curve import HANDSHAKE_FAILED, apply_curve_client, handshake_failure_reason
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
-HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-
-
-def apply_curve_client(sock: zmq.Socket, secret_key_file: Path, server_public_key_file: Path) -> None:
-    """Make ``sock`` a CURVE client (RFC 26/CurveZMQ) with keys from ``zmq.auth`` certificate files.
-
-    Raises:
-        ValueError: if the secret key file holds no secret key.
-    """
-    public, secret = zmq.auth.load_certificate(secret_key_file)
-    if secret is None:
-        raise ValueError(f"{secret_key_file} holds no secret key")
-    server_public, _ = zmq.auth.load_certificate(server_public_key_file)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
 
 
 class BlueskyZmqSource:
@@ -146,8 +128,7 @@ class BlueskyZmqSource:
             self.metrics.source_connected.labels(self.name).set(1)
             log.info("source %s connected to %s", self.name, self.config.address)
         elif event["event"] & HANDSHAKE_FAILED:
-            reason = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol"}.get(
-                event["event"], "other")
+            reason = handshake_failure_reason(event["event"])
             self.metrics.handshake_failures.labels(self.name, reason).inc()
             log.error("source %s: handshake with %s failed (%s); check the CURVE keys", self.name, self.config.address, reason)
         elif event["event"] == zmq.EVENT_DISCONNECTED:

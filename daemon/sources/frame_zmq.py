@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from ..config import Array10SourceConfig, DectrisV1SourceConfig, DectrisV2SourceConfig, FrameSourceBase
+from ..config import Array10SourceConfig, CurveServerConfig, DectrisV1SourceConfig, DectrisV2SourceConfig, FrameSourceBase
 from ..frames import Frame, FrameBarrier, FrameBatch, FrameDecodeError, SeriesEnd, SeriesEvent, SeriesStart
 from ..metrics import Metrics
 from .array10 import Array10Decoder
+from .curve import HANDSHAKE_FAILED, apply_curve_client, apply_curve_server, handshake_failure_reason
 from .dectris_v1 import DectrisV1Decoder
 from .dectris_v2 import DectrisV2Decoder
 from .frame_decoder import FrameDecoder
@@ -144,6 +146,11 @@ class FrameSource:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if c.socket == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, c.topic.encode())
+        if isinstance(c.curve, CurveServerConfig):
+            apply_curve_server(sock, self.context, self.name, c.curve.secret_key_file, c.curve.allowed_clients_dir)
+        elif c.curve is not None:
+            apply_curve_client(sock, c.curve.secret_key_file, c.curve.server_public_key_file)
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         if c.mode == "bind":
             sock.bind(c.address)
             self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -165,6 +172,8 @@ class FrameSource:
         limit = self.config.max_message_bytes
         try:
             while not self._stop.is_set():
+                if self._monitor.poll(0):
+                    self._on_monitor(recv_monitor_message(self._monitor))
                 if not sock.poll(POLL_MS):
                     continue
                 images = nbytes_total = 0  # counted per burst: one metric update per poll, not per frame
@@ -192,7 +201,14 @@ class FrameSource:
                     self._m_bytes.inc(nbytes_total)
                     self._m_depth.set(len(self.queue))
         finally:
+            sock.disable_monitor()
+            self._monitor.close(0)
             sock.close(0)
+
+    def _on_monitor(self, event: dict) -> None:
+        reason = handshake_failure_reason(event["event"])
+        self.metrics.handshake_failures.labels(self.name, reason).inc()
+        log.error("frame source %s: a peer failed the handshake (%s); check the CURVE keys", self.name, reason)
 
     def _skipped(self, n: int) -> None:
         self.metrics.frames_dropped.labels(self.name, "overflow").inc(n)
