@@ -25,6 +25,7 @@ from .sinks.live import LiveFeed
 from .sinks.runfiles import RunFileWriter
 from .sources.bluesky_zmq import BlueskyZmqSource
 from .sources.frame_zmq import FrameSource
+from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,19 @@ class Daemon:
                               for c in config.sources.frames]
         self.router.frames.sources = self.frame_sources
         self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness,
+                               liveness=self.liveness,
                                feed=self.feed, push_interval_s=outputs.web.push_interval_s,
                                max_clients=outputs.web.max_clients)
+        self.systemd = SystemdNotifier(self.liveness)
         self._stopped = threading.Event()
 
     def readiness(self) -> dict[str, bool]:
         return {s.name: s.connected.is_set() for s in self.sources}
+
+    def liveness(self) -> dict[str, float | bool]:
+        """Whether the router is making progress: ``{"live": bool, "stalled_s": seconds}``."""
+        stalled = self.router.stalled_for()
+        return {"live": stalled < self.config.router.stall_timeout_s, "stalled_s": round(stalled, 3)}
 
     def start(self) -> None:
         if self.files is not None:
@@ -69,10 +77,13 @@ class Daemon:
             source.start()
         log.info("beamlens started: %d document source(s), %d frame source(s), %d consumer(s), HTTP on %s",
                  len(self.sources), len(self.frame_sources), len(self.config.consumers), self.http.url)
+        self.systemd.start()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop receiving, process what is queued (up to ``drain_timeout`` s), close open runs as
-        ``incomplete``, stop serving."""
+        """Stop receiving, process what is queued (up to ``drain_timeout`` s), checkpoint open runs
+        (or, without ``state.directory``, close them as ``incomplete``), flush documents and run
+        files, stop serving."""
+        self.systemd.stop()
         for source in [*self.sources, *self.frame_sources]:
             source.stop()
         if not self.router.wait_idle(drain_timeout):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from beamlens.consumers.base import SeriesInfo
@@ -54,6 +54,8 @@ class SeriesState:
     frame_only: bool
     has_end: bool = True
     frames_done: int = 0
+    last_frame: float = field(default_factory=time.monotonic)
+    """Monotonic time of the series' start or newest frame (end-less formats settle on quiet)."""
 
 
 @dataclass
@@ -198,6 +200,7 @@ class FrameRouter:
         now = time.time()
         run.frames_done += n
         state.frames_done += n
+        state.last_frame = time.monotonic()
         run.last_event = run.last_activity = now
         self.metrics.frames_processed.labels(batch.source).inc(n)
         self.metrics.frame_age_seconds.labels(batch.source).observe(now - batch.received)
@@ -232,8 +235,7 @@ class FrameRouter:
         """Finish held runs whose grace period is over (their series' later frames: ``run_closed``)."""
         now = time.monotonic()
         for uid, held in list(self._parked.items()):
-            if now >= held.series_start_deadline and uid not in self._runs_with_series:
-                self._finish_if_settled(uid)
+            self._finish_if_settled(uid)
             if uid in self._parked and now >= held.deadline:
                 del self._parked[uid]
                 run = self.router.open_runs.get(uid)
@@ -249,8 +251,10 @@ class FrameRouter:
         self._frame_only.discard(run.uid)
 
     def _has_open_series(self, run: RunState) -> bool:
-        """An attached series whose end will be announced is still open."""
-        return any(st.run is run and st.has_end for st in self._current.values())
+        """An attached series is still open: one whose end will be announced, or an end-less one
+        (array-1.0) that had a frame within ``series_quiet_s`` (frames may still be in transit)."""
+        quiet_since = time.monotonic() - self.router.config.series_quiet_s
+        return any(st.run is run and (st.has_end or st.last_frame > quiet_since) for st in self._current.values())
 
     def _frame_slots(self, run: RunState) -> list:
         return [slot for slot in run.slots if slot.active and slot.consumer.inputs == "frames"]

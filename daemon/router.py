@@ -93,6 +93,8 @@ class Router:
         self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
                              if config.state.directory is not None else None)
         self._next_tick = time.monotonic() + TICK_S
+        self.heartbeat = time.monotonic()
+        """Monotonic time the loop last came round (idle or not); a stale value means a consumer hangs."""
 
     @property
     def open_runs(self) -> dict[str, RunState]:
@@ -123,6 +125,13 @@ class Router:
         self.queue.put(document)
         self.metrics.queue_depth.labels("documents").set(self.queue.qsize())
 
+    def stalled_for(self) -> float:
+        """Seconds since the loop last came round (0 while it is idle or moving); ``inf`` when the
+        router thread is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            return float("inf")
+        return max(0.0, time.monotonic() - self.heartbeat - TICK_S)
+
     def wait_idle(self, timeout: float) -> bool:
         """Block until every submitted document has been processed (tests, shutdown)."""
         with self._idle:
@@ -131,6 +140,7 @@ class Router:
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            self.heartbeat = time.monotonic()
             if self.frames.waiting:
                 self.frames.expire()
             if time.monotonic() >= self._next_tick:

@@ -32,12 +32,18 @@ class Replay:
 
 
 def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None = None, stop: bool = True,
-           timeout: float = 120.0) -> Replay:
+           timeout: float = 120.0, settle_after: int | None = None, page_size: int = 256) -> Replay:
     """Feed ``data`` point by point (raster order, or ``order`` of flat indices) to a Router.
 
     The router runs in strict mode, so a consumer exception fails the test.
+
+    Args:
+        settle_after: after this many events, wait until the router is idle and every consumer's
+            background refits have finished, so what follows meets a fitted model (deterministic
+            whatever the machine's speed).
+        page_size: the router's ``max_page_size``.
     """
-    config = load_config(text=consumers_yaml + "\nrouter: {strict: true}\n", environ={})
+    config = load_config(text=consumers_yaml + f"\nrouter: {{strict: true, max_page_size: {page_size}}}\n", environ={})
     metrics, store = Metrics(), RunStore()
     router = Router(config, metrics, store)
     router.start()
@@ -59,7 +65,9 @@ def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None =
     submit("start", run.start_doc)
     submit("descriptor", desc.descriptor_doc)
     flat = data.spectra.reshape(ny * nx, n_ch)
-    for i in (np.arange(ny * nx) if order is None else order):
+    for count, i in enumerate(np.arange(ny * nx) if order is None else order):
+        if count == settle_after:
+            _settle(router, store, run.start_doc["uid"], timeout)
         submit("event", desc.compose_event(data={"xas_spectrum": flat[i].astype(np.float64)},
                                            timestamps={"xas_spectrum": now}, seq_num=int(i) + 1))
     if stop:
@@ -70,3 +78,14 @@ def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None =
         if stop:
             router.stop()
     return Replay(router, store, metrics, run.start_doc["uid"])
+
+
+def _settle(router: Router, store: RunStore, uid: str, timeout: float) -> None:
+    assert router.wait_idle(timeout), "router did not finish in time"
+    deadline = time.monotonic() + timeout
+    for slot in store.get(uid).slots:
+        for name in ("refitter", "pca_refitter"):
+            refitter = getattr(slot.consumer, name, None)
+            while refitter is not None and refitter.busy:
+                assert time.monotonic() < deadline, f"{slot.name}.{name} still fitting"
+                time.sleep(0.01)

@@ -3,8 +3,10 @@
 Routes:
 
 - ``GET /metrics``: Prometheus text exposition of the daemon's registry (prometheus_client).
-- ``GET /health``: ``{"live": true, "ready": <every source connected>, "sources": {...}}``;
-  503 while not ready, so it serves as a container HEALTHCHECK and a readiness probe.
+- ``GET /health``: ``{"live", "ready", "sources", "stalled_s"}``; 503 unless live and ready, so it
+  serves as a container HEALTHCHECK. ``GET /health/live``: 503 when the router has not come round
+  for ``router.stall_timeout_s`` (a consumer hangs): restart me. ``GET /health/ready``: 503 until
+  every document source is connected: do not expect results yet.
 - ``GET /api/runs``: summaries of open and recent runs, newest first, each listing its buffers.
 - ``GET /api/runs/{uid}``: one summary (``uid`` may be ``latest``).
 - ``GET /api/runs/{uid}/{consumer}/{buffer}.json``: the buffer as
@@ -70,6 +72,7 @@ class HTTPServer:
         metrics: the registry to expose.
         store: runs to publish.
         readiness: returns ``{source_name: connected}``.
+        liveness: returns ``{"live": bool, "stalled_s": float}``.
         feed: the live page's state (register it as a router listener); ``None`` serves the page
             without live updates.
         push_interval_s: at most one server-sent update per interval (s).
@@ -77,13 +80,16 @@ class HTTPServer:
     """
 
     def __init__(self, host: str, port: int, metrics: Metrics, store: RunStore,
-                 readiness: Callable[[], dict[str, bool]] = dict, feed: LiveFeed | None = None,
+                 readiness: Callable[[], dict[str, bool]] = dict,
+                 liveness: Callable[[], dict[str, Any]] = lambda: {"live": True, "stalled_s": 0.0},
+                 feed: LiveFeed | None = None,
                  push_interval_s: float = 0.5, max_clients: int = 32):
         self.host = host
         self.port = port
         self.metrics = metrics
         self.store = store
         self.readiness = readiness
+        self.liveness = liveness
         self.feed = feed
         self.push_interval_s = push_interval_s
         self.max_clients = max_clients
@@ -106,6 +112,7 @@ class HTTPServer:
         app.add_routes([
             web.get("/metrics", self.handle_metrics),
             web.get("/health", self.handle_health),
+            web.get("/health/{probe:live|ready}", self.handle_health),
             web.get("/api/runs", self.handle_runs),
             web.get("/api/runs/{uid}", self.handle_run),
             web.get(r"/api/runs/{uid}/{consumer}/{buffer}.{ext:json|png|f32}", self.handle_buffer),
@@ -192,7 +199,9 @@ class HTTPServer:
     async def handle_health(self, request: web.Request) -> web.Response:
         sources = self.readiness()
         ready = all(sources.values())
-        return web.json_response({"live": True, "ready": ready, "sources": sources}, status=200 if ready else 503)
+        body = {**self.liveness(), "ready": ready, "sources": sources}
+        ok = {"live": body["live"], "ready": ready}.get(request.match_info.get("probe", ""), body["live"] and ready)
+        return web.json_response(body, status=200 if ok else 503)
 
     async def handle_runs(self, request: web.Request) -> web.Response:
         return web.json_response(self.store.summaries())
