@@ -26,6 +26,7 @@ ENV_PREFIX = "BEAMLENS_"
 BUILTIN_CONSUMERS: dict[str, str] = {
     "stats": "beamlens.consumers.stats:StatsConsumer",
     "pca": "beamlens.consumers.pca:PCAConsumer",
+    "defects": "beamlens.consumers.defects:DefectsConsumer",
 }
 
 

@@ -102,6 +102,7 @@ class ImagingParams:
         scan_amplitude_px: amplitude of the sinusoidal fast-axis line shift, px.
         scan_period_px: its period along the slow (row) axis, px.
         line_jitter_px: sigma of the random per-line fast-axis shift, px.
+        line_gain_jitter: relative sigma of a random per-line gain (scan-line streaks).
     """
 
     dose: float = 20.0
@@ -114,6 +115,7 @@ class ImagingParams:
     scan_amplitude_px: float = 0.6
     scan_period_px: float = 90.0
     line_jitter_px: float = 0.25
+    line_gain_jitter: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,7 @@ class Movie:
                 amp[idx] = lat.dopant_intensity * self._scatter[s][idx] if KINDS[kind] == "heavy_dopant" else 0.0
             pos = self._distort(self.site_position(ij, np.full(len(ij), s)) + drift, jitter)
             _splat(ideal, pos, amp, lat.column_sigma_px)
+        ideal *= 1.0 + img.line_gain_jitter * self.rng.standard_normal(lat.shape[0])[:, None]
         counts = self.rng.poisson(np.clip(ideal, 0, None) * img.dose).astype(float)
         counts += img.offset + img.read_noise * self.rng.standard_normal(lat.shape)
         image = np.clip(np.round(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
@@ -380,7 +383,7 @@ def _splat(image: np.ndarray, pos: np.ndarray, amp: np.ndarray, sigma: float) ->
 
 def random_params(rng: np.random.Generator, shape: tuple[int, int] = (128, 128), n_defects: int | None = None) -> MovieParams:
     """Draw varied movie parameters for training: lattice 15-26 px, any rotation, column width,
-    contrast, dose 12-150 counts, drift and distortion amplitudes.
+    contrast, dose 4-150 counts, drift, distortion and scan-line gain noise.
 
     Args:
         rng: the random generator.
@@ -391,12 +394,13 @@ def random_params(rng: np.random.Generator, shape: tuple[int, int] = (128, 128),
     area = shape[0] * shape[1]
     n = n_defects if n_defects is not None else int(rng.integers(area // 4000 + 1, area // 2000 + 2))
     lattice = LatticeParams(
-        shape=shape, lattice_px=a, angle_deg=rng.uniform(0, 60), column_sigma_px=a * rng.uniform(0.11, 0.16),
-        chalcogen_intensity=rng.uniform(0.3, 0.55), dopant_intensity=rng.uniform(1.5, 2.3),
+        shape=shape, lattice_px=a, angle_deg=rng.uniform(0, 60), column_sigma_px=a * rng.uniform(0.11, 0.18),
+        chalcogen_intensity=rng.uniform(0.3, 0.65), dopant_intensity=rng.uniform(1.5, 2.3),
         column_scatter=rng.uniform(0.02, 0.08))
     imaging = ImagingParams(
-        dose=float(np.exp(rng.uniform(np.log(12), np.log(150)))), background=rng.uniform(0.0, 0.3),
+        dose=float(np.exp(rng.uniform(np.log(4), np.log(150)))), background=rng.uniform(0.0, 0.4),
         contamination=rng.uniform(0.0, 0.15), read_noise=rng.uniform(0.5, 4.0), offset=rng.uniform(0, 50),
-        scan_amplitude_px=rng.uniform(0, 1.0), scan_period_px=rng.uniform(40, 200), line_jitter_px=rng.uniform(0, 0.4))
+        scan_amplitude_px=rng.uniform(0, 1.0), scan_period_px=rng.uniform(40, 200), line_jitter_px=rng.uniform(0, 0.4),
+        line_gain_jitter=rng.uniform(0, 0.08))
     dynamics = replace(DynamicsParams(), n_defects=n, min_separation_px=1.1 * a, edge_margin_px=0.0)
     return MovieParams(lattice, imaging, dynamics)

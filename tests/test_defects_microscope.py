@@ -49,3 +49,30 @@ def test_rejects_bad_arguments():
         SimulatedMicroscope(socket_type="dealer")
     with pytest.raises(ValueError, match="rate_hz"):
         SimulatedMicroscope(rate_hz=0)
+
+
+def test_microscope_frames_through_zmq_into_the_defects_consumer(ctx):
+    """Sender -> real ZMQ socket -> array-1.0 decoding as any receiver does -> consumer: the counts
+    found follow the simulator's ground truth (the daemon's frame source does the decoding there)."""
+    from defects_helpers import make_consumer
+
+    n = 8
+    with SimulatedMicroscope(MovieParams(), seed=11, n_frames=n, rate_hz=None, context=ctx) as scope:
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVTIMEO, 10_000)
+        pull.connect(scope.address)
+        scope.start()
+        consumer = info = None
+        for _ in range(n):
+            header_bytes, payload = pull.recv_multipart()
+            header = json.loads(header_bytes)
+            frame = np.frombuffer(payload, dtype=np.dtype(header["type"]).newbyteorder("<")).reshape(header["shape"])
+            if consumer is None:
+                consumer, info = make_consumer(tuple(header["shape"]), n, header["frame_time_s"], fit_after=20)
+            consumer.frames(frame[None], np.array([header["frame"]]), info)
+        consumer.stop({})
+        scope.join(10)
+        pull.close()
+    true_counts = np.array([len(t.ids) for t in scope.truth])
+    assert np.abs(consumer.results.total - true_counts).max() <= 2
+    assert consumer.tracker.dt == scope.frame_time_s
