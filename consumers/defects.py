@@ -67,7 +67,7 @@ class DefectsParams(ConsumerParams):
     pca_components: int = Field(4, ge=1, le=32)
     fit_after: int = Field(80, ge=4)
     """Defects collected before PCA and the mixture are first fitted."""
-    refit_every: int = Field(50, ge=1)
+    refit_every: int = Field(100, ge=1)
     """Frames between mixture updates."""
     reservoir: int = Field(1000, ge=10)
     """Most recent patches kept for the updates."""

@@ -254,7 +254,8 @@ class Movie:
         dyn = self.params.dynamics
         n = dyn.n_defects
         self.ids = np.arange(n, dtype=np.int64)
-        self.kinds = self.rng.choice(len(KINDS), size=n, p=np.asarray(dyn.initial_kind_probability) / np.sum(dyn.initial_kind_probability))
+        p0 = np.asarray(dyn.initial_kind_probability, dtype=float)
+        self.kinds = self.rng.choice(len(KINDS), size=n, p=p0 / p0.sum())
         self.ij = np.zeros((n, 2), dtype=np.int64)
         placed: list[np.ndarray] = []
         for d in range(n):

@@ -7,7 +7,8 @@ from beamlens.consumers.base import Results, RunInfo, SeriesInfo
 from beamlens.consumers.defects import DefectsConsumer
 
 
-def make_consumer(shape: tuple[int, int], n_frames: int, frame_time_s: float = 0.5, **params) -> tuple[DefectsConsumer, SeriesInfo]:
+def make_consumer(shape: tuple[int, int], n_frames: int, frame_time_s: float = 0.5,
+                  **params) -> tuple[DefectsConsumer, SeriesInfo]:
     consumer = DefectsConsumer(DefectsConsumer.Params(**params), RunInfo(uid="test", nav_shape=(n_frames,), start_doc={}))
     info = SeriesInfo(source="sim", series_id="1", sig_shape=shape, dtype="uint16", n_frames=n_frames,
                       meta={"frame_time_s": frame_time_s})

@@ -21,6 +21,7 @@ def test_shipped_model_matches_its_card():
     session = load_session(providers=["CPUExecutionProvider"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
     assert inp.shape[1:] == card["input"]["shape"][1:] and inp.type == "tensor(float)"
+    assert (inp.name, out.name) == (card["input"]["name"], card["output"]["name"])
     prob = session.run(None, {inp.name: np.zeros((2, *inp.shape[1:]), np.float32)})[0]
     assert prob.shape == (2, *inp.shape[1:]) and ((prob >= 0) & (prob <= 1)).all()
     m = card["metrics"]["held_out_simulated"]
