@@ -29,6 +29,7 @@ BUILTIN_CONSUMERS: dict[str, str] = {
     "embedding": "beamlens.consumers.embedding:EmbeddingConsumer",
     "unmixing": "beamlens.consumers.unmixing:UnmixingConsumer",
     "frame_stats": "beamlens.consumers.frame_stats:FrameStatsConsumer",
+    "defects": "beamlens.consumers.defects:DefectsConsumer",
 }
 
 

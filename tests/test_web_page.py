@@ -85,6 +85,9 @@ def test_page_follows_a_streamed_run_without_reloading(proxy, beamline, make_dae
         "document.querySelector('figure[data-key=\"stats/total\"] canvas.map').getAttribute('aria-label')"
         ".includes('256 measured')", timeout=10_000)
 
+    # the recorder samples every 40 ms: let it catch the final value too
+    page.wait_for_function("window.__progress.length && window.__progress[window.__progress.length - 1][0] === 256",
+                           timeout=10_000)
     assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
     progress = page.evaluate("window.__progress")
     values = [v for v, m in progress if m == 256]

@@ -1,0 +1,267 @@
+"""Run the shipped defect-segmentation network (ONNX) on frames of any size: verified loading,
+normalisation, tiling/stitching, and defect positions from the probability map.
+
+The network (trained by :mod:`beamlens.models.train_defects`) maps a z-scored frame tile
+``(n, 1, T, T)`` float32 to a per-pixel defect probability of the same shape (Maksov et al., npj
+Comput. Mater. 5, 12 (2019): fully convolutional segmentation, then threshold, connected blobs and
+their centres of mass). Its model card (``defect_net.json``) records the tile size, the normalisation
+and the file's sha256; :func:`load_session` refuses a file whose hash differs.
+
+Only numpy, scipy and onnxruntime are used here, so the daemon and the tests need no PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = Path(str(files("beamlens.models")))
+MODEL_PATH = MODEL_DIR / "defect_net.onnx"
+CARD_PATH = MODEL_DIR / "defect_net.json"
+REAL_FRAMES_DIR = MODEL_DIR / "data" / "stem_mos2_scilink"
+
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model file's sha256 differs from the one in its model card (tampered or corrupted)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(card_path: Path = CARD_PATH) -> dict[str, Any]:
+    """Read a model card (JSON)."""
+    return json.loads(Path(card_path).read_text())
+
+
+def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = None,
+                 providers: list[str] | None = None, threads: int = 0):
+    """Open an onnxruntime session on a model after checking its sha256 against its card.
+
+    Args:
+        model_path: the ``.onnx`` file.
+        card: the model card; default: ``defect_net.json`` next to the shipped model.
+        providers: onnxruntime execution providers in order of preference; those not available in
+            this onnxruntime build are dropped (so ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
+            runs on CUDA where present, on CPU otherwise). Default: CUDA if available, else CPU.
+        threads: ``intra_op_num_threads`` (0: onnxruntime's default).
+
+    Returns:
+        ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ModelIntegrityError: if the file's sha256 differs from ``card["sha256"]``.
+        ValueError: if none of ``providers`` is available.
+    """
+    import onnxruntime as ort
+
+    card = card if card is not None else load_card()
+    digest = sha256_file(Path(model_path))
+    if digest != card["sha256"]:
+        raise ModelIntegrityError(
+            f"refusing to load {model_path}: its sha256 is {digest}, the model card says {card['sha256']} "
+            "(the file was modified or corrupted; reinstall beamlens or retrain and rewrite the card)")
+    available = ort.get_available_providers()
+    wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise ValueError(f"none of the execution providers {wanted} is available (available: {available})")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
+    log.info("defect network %s loaded (sha256 %s..., providers %s)", Path(model_path).name, digest[:12], session.get_providers())
+    return session
+
+
+def normalise(frame: np.ndarray) -> np.ndarray:
+    """The network's input normalisation: per-frame z-score, float32 ``(rows, cols)``.
+
+    Raises:
+        ValueError: if the frame is constant or not finite.
+    """
+    x = np.asarray(frame, dtype=np.float32)
+    sd = float(x.std())
+    if not np.isfinite(sd) or sd == 0:
+        raise ValueError("frame is constant or has non-finite values")
+    return (x - np.float32(x.mean())) / np.float32(sd)
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Start indices of tiles of ``tile`` px covering ``length`` px with at least ``overlap`` px of
+    overlap; the last tile ends exactly at ``length``.
+
+    Raises:
+        ValueError: if ``length < tile`` or ``overlap >= tile``.
+    """
+    if length < tile:
+        raise ValueError(f"frame side {length} px is smaller than the model tile {tile} px")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, {tile})")
+    step = tile - overlap
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of a frame shape and the part of each tile kept when stitching.
+
+    Each output pixel is taken from the tile whose centre is nearest along each axis (so a tile's
+    outer ``overlap / 2`` px, where the network sees no context, are dropped except at frame edges).
+    """
+
+    shape: tuple[int, int]
+    tile: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        rows = tile_origins(self.shape[0], self.tile, self.overlap)
+        cols = tile_origins(self.shape[1], self.tile, self.overlap)
+        object.__setattr__(self, "origins", [(r, c) for r in rows for c in cols])
+        object.__setattr__(self, "_rows", _keep_ranges(rows, self.tile, self.shape[0]))
+        object.__setattr__(self, "_cols", _keep_ranges(cols, self.tile, self.shape[1]))
+
+    def cut(self, frame: np.ndarray, out: np.ndarray) -> None:
+        """Write the tiles of ``frame`` ``(rows, cols)`` into ``out`` ``(n_tiles, 1, T, T)``."""
+        t = self.tile
+        for k, (r, c) in enumerate(self.origins):
+            out[k, 0] = frame[r:r + t, c:c + t]
+
+    def stitch(self, tiles: np.ndarray, out: np.ndarray) -> None:
+        """Assemble ``tiles`` ``(n_tiles, 1, T, T)`` into ``out`` ``(rows, cols)``."""
+        k = 0
+        for r0, (ra, rb) in self._rows:
+            for c0, (ca, cb) in self._cols:
+                out[ra:rb, ca:cb] = tiles[k, 0, ra - r0:rb - r0, ca - c0:cb - c0]
+                k += 1
+
+
+def _keep_ranges(starts: list[int], tile: int, length: int) -> list[tuple[int, tuple[int, int]]]:
+    centres = [s + tile / 2 for s in starts]
+    bounds = [0] + [int(round((a + b) / 2)) for a, b in zip(centres, centres[1:])] + [length]
+    return [(s, (bounds[i], bounds[i + 1])) for i, s in enumerate(starts)]
+
+
+class DefectNet:
+    """The segmentation network applied to whole frames.
+
+    Args:
+        session: an onnxruntime session of a network with input ``(n, 1, T, T)`` float32.
+        card: its model card (``input.tile``, ``postprocessing``).
+        overlap: tile overlap for frames larger than ``T``, px (default: the card's).
+        batch_tiles: tiles per ``session.run`` call.
+
+    Frames smaller than the tile are refused (ValueError from :func:`tile_origins`).
+    """
+
+    def __init__(self, session, card: dict[str, Any], overlap: int | None = None, batch_tiles: int = 16):
+        self.session = session
+        self.card = card
+        self.tile = int(card["input"]["tile"])
+        self.overlap = int(card["input"]["overlap"] if overlap is None else overlap)
+        self.batch_tiles = batch_tiles
+        self.input_name = session.get_inputs()[0].name
+        self._tilings: dict[tuple[int, int], Tiling] = {}
+
+    def tiling(self, shape: tuple[int, int]) -> Tiling:
+        if shape not in self._tilings:
+            self._tilings[shape] = Tiling(tuple(shape), self.tile, self.overlap)
+        return self._tilings[shape]
+
+    def probability(self, frames: np.ndarray) -> np.ndarray:
+        """Per-pixel defect probability of each frame.
+
+        Args:
+            frames: ``(n, rows, cols)`` any real dtype, rows and cols >= the tile size.
+
+        Returns:
+            float32 ``(n, rows, cols)`` in [0, 1].
+        """
+        return self.probability_normalised([normalise(f) for f in np.asarray(frames)])
+
+    def probability_normalised(self, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """As :meth:`probability`, for frames already passed through :func:`normalise`
+        (float32 ``(rows, cols)`` each)."""
+        n = len(frames)
+        shape = tuple(frames[0].shape)
+        tiling = self.tiling(shape)
+        per = len(tiling.origins)
+        tiles = np.empty((n * per, 1, self.tile, self.tile), dtype=np.float32)
+        for i, f in enumerate(frames):
+            tiling.cut(f, tiles[i * per:(i + 1) * per])
+        out = np.empty((n * per, 1, self.tile, self.tile), dtype=np.float32)
+        step = max(self.batch_tiles, 1)
+        for a in range(0, len(tiles), step):
+            out[a:a + step] = self.session.run(None, {self.input_name: tiles[a:a + step]})[0]
+        prob = np.empty((n, *shape), dtype=np.float32)
+        for i in range(n):
+            tiling.stitch(out[i * per:(i + 1) * per], prob[i])
+        return prob
+
+
+def find_defects(prob: np.ndarray, threshold: float = 0.5, min_area: int = 4, max_area: int = 700) -> np.ndarray:
+    """Defect centres from a probability map: threshold, 8-connected components (scipy.ndimage),
+    probability-weighted centre of mass of each blob with ``min_area <= area <= max_area`` px
+    (Maksov et al. 2019 keep 5 < area < 700).
+
+    Args:
+        prob: float ``(rows, cols)`` probability map.
+
+    Returns:
+        float64 ``(n, 2)`` sub-pixel centres (row, col), px.
+    """
+    mask = prob > threshold
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    if n == 0:
+        return np.empty((0, 2))
+    # one pass of bincounts over the blob pixels (ndimage.center_of_mass rescans the image per label)
+    rr, cc = np.nonzero(mask)
+    lab = labels[rr, cc]
+    w = prob[rr, cc].astype(np.float64)
+    area = np.bincount(lab, minlength=n + 1)[1:]
+    mass = np.bincount(lab, w, minlength=n + 1)[1:]
+    centres = np.stack([np.bincount(lab, w * rr, minlength=n + 1)[1:],
+                        np.bincount(lab, w * cc, minlength=n + 1)[1:]], axis=1) / mass[:, None]
+    keep = (area >= min_area) & (area <= max_area)
+    return centres[keep]
+
+
+def match_points(found: np.ndarray, true: np.ndarray, radius: float) -> tuple[int, int, int]:
+    """One-to-one matching of detections to true positions (Hungarian, scipy linear_sum_assignment)
+    within ``radius`` px.
+
+    Args:
+        found, true: ``(n, 2)`` and ``(m, 2)`` positions, px.
+
+    Returns:
+        ``(true_positives, false_positives, false_negatives)``.
+    """
+    if len(found) == 0 or len(true) == 0:
+        return 0, len(found), len(true)
+    d = np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1))
+    cost = np.where(d <= radius, d, 1e6)
+    r, c = linear_sum_assignment(cost)
+    tp = int((d[r, c] <= radius).sum())
+    return tp, len(found) - tp, len(true) - tp
