@@ -41,7 +41,7 @@ from sklearn.mixture import GaussianMixture
 
 from beamlens.models.defect_net import CARD_PATH, MODEL_PATH, DefectNet, find_defects, load_card, load_session, normalise
 
-from .base import BadData, BufferSpec, Consumer, ConsumerParams, NotApplicable, SeriesInfo
+from .base import BadData, BufferSpec, Consumer, ConsumerParams, NotApplicable, Results, RunInfo, SeriesInfo
 from .tracking import DefectTracker
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class DefectsConsumer(Consumer):
         if min(info.sig_shape) < tile:
             raise NotApplicable(f"frames of {info.sig_shape} px are smaller than the model tile {tile} px")
         self.net = DefectNet(load_session(model, card, p.providers, p.threads), card)
+        self.model_path, self.card = model, card
+        self.model_sha256 = str(card["sha256"])  # recorded in run files and derived documents
         post = card["postprocessing"]
         self.threshold = p.threshold or float(post["threshold"])
         self.min_area, self.max_area = int(post["min_area_px"]), int(post["max_area_px"])
@@ -206,8 +208,24 @@ class DefectsConsumer(Consumer):
         if self.gmm is not None:
             self._drain()
 
+    # -- checkpoints -------------------------------------------------------------------------
+    transient = ("net", "_pool", "_future")
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._wait()  # the frame being post-processed in the background is part of the state
+        return super().__getstate__()
+
+    def restored(self, run: RunInfo, results: Results) -> None:
+        """Reload the (sha256-verified) network and restart the post-processing worker."""
+        super().restored(run, results)
+        if hasattr(self, "card"):
+            p = self.params
+            self.net = DefectNet(load_session(self.model_path, self.card, p.providers, p.threads), self.card)
+            self._future = None
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="defects-post") if p.background else None
+
     def stop(self, doc: Mapping[str, Any]) -> None:
-        if self._pool is not None:
+        if getattr(self, "_pool", None) is not None:
             try:
                 self._wait()
             finally:
@@ -222,7 +240,7 @@ class DefectsConsumer(Consumer):
 
     # -- internals ---------------------------------------------------------------------------
     def _wait(self) -> None:
-        if self._future is not None:
+        if getattr(self, "_future", None) is not None:
             future, self._future = self._future, None
             future.result()
 

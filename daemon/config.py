@@ -179,6 +179,8 @@ class ConsumerConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="instance name, used in metrics and URLs")
     class_: str = Field(alias="class")
     enabled: bool = True
+    frame_sources: list[str] | None = Field(
+        None, description="frame consumers: analyse only series from these frame sources (default: all)")
     params: dict[str, Any] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -284,6 +286,11 @@ class Config(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"consumer names must be unique; repeated: {dupes}")
+        known = {f.name for f in self.sources.frames}
+        for c in self.consumers:
+            unknown = sorted(set(c.frame_sources or ()) - known)
+            if unknown:
+                raise ValueError(f"consumer {c.name}: frame_sources {unknown} are not configured frame sources")
         return self
 
 

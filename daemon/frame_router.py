@@ -126,7 +126,7 @@ class FrameRouter:
         self.metrics.frame_series.labels(source, "no" if frame_only else "yes").inc()
         log.info("frame series %s of %s (%s, %s, %s frames) -> %s run %s", s.series_id, source, info.sig_shape,
                  info.dtype, s.n_frames or "?", "frame-only" if frame_only else "Bluesky", run.uid)
-        for slot in self._frame_slots(run):
+        for slot in self._frame_slots(run, source):
             self.router._call(run, slot, "series", info)
             if slot.active and not slot.specs:
                 specs = self.router._call(run, slot, "result_buffers")
@@ -196,7 +196,8 @@ class FrameRouter:
         run.max_position = max(run.max_position, int(positions.max()))
         if run.nav_shape == (0,):
             self.router._ensure_capacity(run, run.max_position + 1)
-        self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames")
+        self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames",
+                              frame_source=batch.source)
         now = time.time()
         run.frames_done += n
         state.frames_done += n
@@ -256,8 +257,9 @@ class FrameRouter:
         quiet_since = time.monotonic() - self.router.config.series_quiet_s
         return any(st.run is run and (st.has_end or st.last_frame > quiet_since) for st in self._current.values())
 
-    def _frame_slots(self, run: RunState) -> list:
-        return [slot for slot in run.slots if slot.active and slot.consumer.inputs == "frames"]
+    def _frame_slots(self, run: RunState, source: str) -> list:
+        return [slot for slot in run.slots if slot.active and slot.consumer.inputs == "frames"
+                and self.router.takes_frames_from(slot.name, source)]
 
     @staticmethod
     def _stop_doc(run: RunState, status: str, reason: str) -> dict[str, Any]:

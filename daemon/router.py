@@ -77,10 +77,13 @@ class Router:
         self.store = store
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.router.document_queue_size)
         self._consumers = []
+        self._frame_filter: dict[str, frozenset[str] | None] = {}
+        """consumer name -> the frame sources it analyses (None: all)."""
         for c in config.consumers:
             if c.enabled:
                 cls = c.resolve()
                 self._consumers.append((c.name, cls, cls.Params.model_validate(c.params)))
+                self._frame_filter[c.name] = frozenset(c.frame_sources) if c.frame_sources is not None else None
         self._runs: dict[str, RunState] = {}
         self._descriptor_run: dict[str, str] = {}
         self._pending: Document | None = None
@@ -422,11 +425,20 @@ class Router:
             if nav and len(nav[0]) < needed:
                 slot.grow_nav(max(needed, 2 * len(nav[0])))
 
-    def _call_all(self, run: RunState, method: str, *args: Any, inputs: str | None = None) -> None:
-        """Call ``method`` on every active consumer of ``run`` (only those with ``inputs`` if given)."""
+    def _call_all(self, run: RunState, method: str, *args: Any, inputs: str | None = None,
+                  frame_source: str | None = None) -> None:
+        """Call ``method`` on every active consumer of ``run`` (only those with ``inputs`` if given,
+        and only those that analyse ``frame_source`` if given)."""
         for slot in run.slots:
-            if slot.active and (inputs is None or slot.consumer.inputs == inputs):
+            if slot.active and (inputs is None or slot.consumer.inputs == inputs) and (
+                    frame_source is None or self.takes_frames_from(slot.name, frame_source)):
                 self._call(run, slot, method, *args)
+
+    def takes_frames_from(self, consumer: str, source: str) -> bool:
+        """Whether consumer ``consumer`` analyses series of frame source ``source`` (config
+        ``frame_sources``)."""
+        allowed = self._frame_filter.get(consumer)
+        return allowed is None or source in allowed
 
     def _call(self, run: RunState, slot: ConsumerSlot, method: str, *args: Any) -> Any:
         t0 = time.perf_counter()

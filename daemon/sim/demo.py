@@ -1,10 +1,12 @@
 """``beamlens demo``: the whole chain on one machine, all on 127.0.0.1.
 
-Starts a bluesky 0MQ Proxy (subprocess), an emulated DECTRIS detector (stream v2, bitshuffle-LZ4), the
-daemon (subscribed to both), and the simulated beamline; runs the corroding-steel Fe K-edge map
-(21 x 21) and the real Fe L-edge STXM image (150 x 150) as ``grid_scan``s, then a 16 x 16 snaking
-raster during which the detector streams one 256 x 256 frame per point; prints where the maps and
-metrics are; serves until Ctrl-C.
+Starts a bluesky 0MQ Proxy (subprocess), an emulated DECTRIS detector (stream v2, bitshuffle-LZ4), a
+simulated STEM microscope (array-1.0), the daemon (subscribed to all three: the config's sources
+named ``demo``, ``demo_detector`` and ``demo_microscope`` are pointed at them), and the simulated
+beamline; runs the corroding-steel Fe K-edge map (21 x 21) and the real Fe L-edge STXM image
+(150 x 150) as ``grid_scan``s, then a 16 x 16 snaking raster during which the detector streams one
+256 x 256 frame per point, then a defect movie from the microscope; prints where the maps and metrics
+are; serves until Ctrl-C.
 """
 from __future__ import annotations
 
@@ -13,13 +15,32 @@ import threading
 import time
 
 from ..app import Daemon
-from ..config import BlueskySourceConfig, Config, DectrisV2SourceConfig, SourcesConfig
+from ..config import Config
 from .beamline import SimulatedBeamline, wait_until_subscribed
 from .datasets import corroding_steel_map, stxm_map
 from .detectors import DetectorEmulator, raster_series_plan, synthetic_frames
+from .microscope import SimulatedMicroscope
+from .proxy import ProxyProcess
 
 RASTER = (16, 16)
-from .proxy import ProxyProcess
+MOVIE_FRAMES = 150
+MOVIE_RATE_HZ = 10.0
+
+
+def point_sources(config: Config, addresses: dict[str, str]) -> Config:
+    """A copy of ``config`` whose sources named in ``addresses`` connect there instead.
+
+    Raises:
+        ValueError: if the config lacks one of the named sources.
+    """
+    sources = config.sources
+    bluesky = [s.model_copy(update={"address": addresses[s.name]}) if s.name in addresses else s for s in sources.bluesky]
+    frames = [s.model_copy(update={"address": addresses[s.name], "mode": "connect"}) if s.name in addresses else s
+              for s in sources.frames]
+    missing = set(addresses) - {s.name for s in [*bluesky, *frames]}
+    if missing:
+        raise ValueError(f"the demo config needs sources named {sorted(missing)}")
+    return config.model_copy(update={"sources": sources.model_copy(update={"bluesky": bluesky, "frames": frames})})
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +58,10 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
     Returns:
         the (stopped, if ``serve`` is False) daemon, for inspection.
     """
-    with ProxyProcess() as proxy, DetectorEmulator("dectris-v2") as detector:
-        source = BlueskySourceConfig(name="demo", address=proxy.out_address)
-        frames = DectrisV2SourceConfig(name="demo_detector", format="dectris-v2", address=detector.address)
-        config = config.model_copy(update={"sources": SourcesConfig(bluesky=[source], frames=[frames])})
+    with (ProxyProcess() as proxy, DetectorEmulator("dectris-v2") as detector,
+          SimulatedMicroscope(n_frames=MOVIE_FRAMES, rate_hz=MOVIE_RATE_HZ) as microscope):
+        config = point_sources(config, {"demo": proxy.out_address, "demo_detector": detector.address,
+                                        "demo_microscope": microscope.address})
         daemon = Daemon(config)
         daemon.start()
         announce(f"beamlens live page: {daemon.http.url}/  (metrics: {daemon.http.url}/metrics)")
@@ -67,9 +88,13 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
             (uid,) = beamline.RE(raster_series_plan(
                 detector, list(synthetic_frames(n, (256, 256))), RASTER, snake=True,
                 run_seen=lambda u: daemon.store.get(u) is not None, md={"purpose": "demo: detector frames"}))
-            daemon.router.wait_idle(60)
+            daemon.store.wait_finished(uid, 60)
             announce(f"detector raster: {n} DECTRIS stream-v2 frames in {time.perf_counter() - t0:.1f} s "
                      f"-> {daemon.http.url}/api/runs/{uid}")
+            t0 = time.perf_counter()
+            microscope.run()
+            announce(f"STEM defect movie: {MOVIE_FRAMES} array-1.0 frames at {MOVIE_RATE_HZ:.0f} Hz in "
+                     f"{time.perf_counter() - t0:.1f} s; defect counts in {daemon.http.url}/metrics (beamlens_defects)")
         finally:
             beamline.close()
         if serve:

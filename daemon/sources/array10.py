@@ -49,6 +49,23 @@ def dtype_of(header: dict) -> np.dtype:
     return frame_dtype(name, byteorder)
 
 
+PER_FRAME_KEYS = frozenset({"htype", "shape", "type", "dtype", "frame", "timeStamp", "encoding", "endianness"})
+
+
+def series_meta(head: dict) -> dict:
+    """The header's scalar fields that describe the series rather than one frame (``source``,
+    ``series_id``, ``frame_time_s``, ...), for :attr:`SeriesInfo.meta`; long strings are cut."""
+    meta = {}
+    for key, value in list(head.items())[:64]:
+        if key in PER_FRAME_KEYS or not isinstance(key, str):
+            continue
+        if isinstance(value, str):
+            meta[key[:64]] = value[:256]
+        elif isinstance(value, (int, float, bool)) or value is None:
+            meta[key[:64]] = value
+    return meta
+
+
 class Array10Decoder(FrameDecoder):
     """Decoder of one array-1.0 / ``send_array`` stream.
 
@@ -92,7 +109,7 @@ class Array10Decoder(FrameDecoder):
             number = self._last + 1
         arr = as_array(parts[1], dtype, shape)
         out: list[Item] = []
-        key = (shape, arr.dtype.name, head.get("source"))
+        key = (shape, arr.dtype.name, head.get("source"), head.get("series_id"))
         if self._series is None or key != self._key or number < self._last:
             if self._series is not None:
                 out.append(SeriesEnd(self._series))
@@ -100,8 +117,11 @@ class Array10Decoder(FrameDecoder):
             source = head.get("source")
             self._series = f"{source[:64]}-{self._count}" if isinstance(source, str) and source else str(self._count)
             self._key = key
-            out.append(SeriesStart(self._series, shape, arr.dtype.name, None,
-                                   {"format": self.format, "htype": htype or "send_array"}, has_end=False))
+            expected = head.get("number_frames_expected")
+            n_frames = expected if isinstance(expected, int) and not isinstance(expected, bool) and expected > 0 else None
+            out.append(SeriesStart(self._series, shape, arr.dtype.name, n_frames,
+                                   {**series_meta(head), "format": self.format, "htype": htype or "send_array"},
+                                   has_end=False))
         self._last = number
         out.append(Frame(self._series, number, arr))
         return out
