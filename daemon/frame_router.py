@@ -203,6 +203,7 @@ class FrameRouter:
         state.frames_done += n
         state.last_frame = time.monotonic()
         run.last_event = run.last_activity = now
+        self.metrics.last_event_time.set(now)
         self.metrics.frames_processed.labels(batch.source).inc(n)
         self.metrics.frame_age_seconds.labels(batch.source).observe(now - batch.received)
         self.router._update_gauges(run)

@@ -75,7 +75,7 @@ class Metrics:
         self.runs_joined_midway = Counter(
             "beamlens_runs_joined_midway_total", "Runs first seen after their RunStart (daemon joined mid-run).", registry=r)
         self.last_event_time = Gauge(
-            "beamlens_last_event_timestamp_seconds", "Unix time at which the last event was received.", registry=r)
+            "beamlens_last_event_timestamp_seconds", "Unix time at which the last event or detector frame was processed.", registry=r)
         self.source_connected = Gauge(
             "beamlens_source_connected", "1 while a source has a live connection to its peer.", ["source"], registry=r)
         self.handshake_failures = Counter(

@@ -1,6 +1,7 @@
 """Rendering result buffers as PNG images with a colour scale (matplotlib, Agg, no pyplot state).
 
-- ``nav`` maps of 2 dimensions: an image in scan order (row 0 at the top, as bluesky's LiveGrid),
+- ``nav`` maps of 2 dimensions, and 2-D ``sig`` buffers without a signal axis (a frame-shaped
+  density map): an image in scan order (row 0 at the top, as bluesky's LiveGrid),
   viridis colour scale with a labelled colour bar; unvisited points (NaN) are drawn light grey.
 - 1-D ``nav`` buffers and ``sig``/``single`` buffers: line plots, against the signal axis when the
   consumer published one (e.g. energy in eV).
@@ -34,13 +35,14 @@ def render_png(snap: BufferSnapshot, index: int | None = None, dpi: int = 80) ->
     if spec.kind == "nav" and spec.extra_shape:
         data = data.reshape(*data.shape[: data.ndim - len(spec.extra_shape)], -1)[..., index or 0]
         title += f" [{index or 0}]"
-    if spec.kind == "nav" and data.ndim == 2:
+    image = (spec.kind == "nav" and data.ndim == 2) or (spec.kind == "sig" and data.ndim == 2 and snap.axis is None)
+    if image:
         masked = np.ma.masked_invalid(data)
         ax.set_facecolor("#dddddd")
         im = ax.imshow(masked, cmap="viridis", interpolation="nearest", origin="upper")
         fig.colorbar(im, ax=ax, label=label)
-        ax.set_xlabel("scan axis 2 (fast) / px")
-        ax.set_ylabel("scan axis 1 (slow) / px")
+        ax.set_xlabel("scan axis 2 (fast) / px" if spec.kind == "nav" else "column bin")
+        ax.set_ylabel("scan axis 1 (slow) / px" if spec.kind == "nav" else "row bin")
     else:
         rows = data.reshape(-1, data.shape[-1]) if data.ndim >= 1 else data.reshape(1, 1)
         if snap.axis is not None and snap.axis[0].shape[-1] == rows.shape[-1]:

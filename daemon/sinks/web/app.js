@@ -32,6 +32,7 @@ const HISTORY = 600;  // samples kept per single-valued buffer
 const state = {
   runs: [], selected: null, follow: true,
   cards: new Map(),             // "consumer/buffer" -> card
+  hidden: new Set(),            // buffers not drawn on the page (too many dimensions)
   inflight: new Set(), pending: new Set(),
   history: new Map(),           // "run/consumer/buffer" -> {t: [], v: [[...]]}
 };
@@ -269,8 +270,12 @@ class PlotCard {
     if (this.kind === "single") {
       ({ series, xlabel } = this.timeSeries(buffer));
     } else {
-      const rows = buffer.shape.length > 1 && buffer.kind === "sig"
-        ? buffer.data.map((r) => [r].flat(Infinity)) : [buffer.data.flat(Infinity)];
+      // sig (k, n): k curves against the signal axis; nav (n, k): k curves against scan point
+      let rows;
+      if (buffer.shape.length > 1 && buffer.kind === "sig") rows = buffer.data.map((r) => [r].flat(Infinity));
+      else if (buffer.shape.length === 2 && buffer.kind === "nav") {
+        rows = Array.from({ length: buffer.shape[1] }, (_, j) => buffer.data.map((r) => r[j]));
+      } else rows = [buffer.data.flat(Infinity)];
       const n = rows[0].length;
       const axis = buffer.axis && buffer.axis.values.length === n ? buffer.axis : null;
       const x = axis ? axis.values : Array.from({ length: n }, (_, i) => i);
@@ -298,8 +303,17 @@ class PlotCard {
 }
 
 // -- runs, cards and fetching ----------------------------------------------------------------
+// Buffers with more dimensions than a map or a set of curves (per-point lists of defect
+// positions, stacks of patches) are left to the JSON API and the run files.
+// Scan points analysed: events for document runs, frames for detector runs.
+function pointsDone(run) { return Math.max(run.events_done, run.frames_done || 0); }
+
 function cardFor(key, spec, navShape) {
-  if (spec.kind === "nav" && navShape.length === 2) return new MapCard(key, spec);
+  if (spec.kind === "nav" && navShape.length === 2 && spec.extra_shape.length <= 1) return new MapCard(key, spec);
+  if (spec.kind === "sig" && spec.extra_shape.length === 2 && !spec.axis) {
+    return new MapCard(key, { ...spec, extra_shape: [] });   // a frame-shaped image, e.g. a density map
+  }
+  if (spec.kind === "nav" ? spec.extra_shape.length > 1 : spec.extra_shape.length > 2) return null;
   return new PlotCard(key, spec, spec.kind);
 }
 
@@ -308,8 +322,9 @@ function ensureCards(run) {
   for (const [consumer, c] of Object.entries(run.consumers)) {
     for (const [name, spec] of Object.entries(c.buffers)) {
       const key = `${consumer}/${name}`;
-      if (state.cards.has(key)) continue;
+      if (state.cards.has(key) || state.hidden.has(key)) continue;
       const card = cardFor(key, spec, run.nav_shape);
+      if (!card) { state.hidden.add(key); continue; }
       state.cards.set(key, card);
       (card instanceof MapCard ? maps : plots).append(card.fig);
       requestBuffer(run.uid, key);
@@ -320,6 +335,7 @@ function ensureCards(run) {
 function selectRun(uid) {
   state.selected = uid;
   state.cards.clear();
+  state.hidden.clear();
   document.getElementById("maps").replaceChildren();
   document.getElementById("plots").replaceChildren();
   renderRuns();
@@ -380,11 +396,11 @@ function renderRun(run) {
   const expected = run.expected_points;
   if (expected) {
     bar.max = expected;
-    bar.value = run.status === "open" ? Math.min(run.events_done, expected) : expected;
-    text.textContent = `${run.events_done} / ${expected} points (${Math.round(100 * run.progress)} %)`;
+    bar.value = run.status === "open" ? Math.min(pointsDone(run), expected) : expected;
+    text.textContent = `${pointsDone(run)} / ${expected} points (${Math.round(100 * run.progress)} %)`;
   } else {
     bar.removeAttribute("value");
-    text.textContent = `${run.events_done} points (length unknown)`;
+    text.textContent = `${pointsDone(run)} points (length unknown)`;
   }
   if (run.status !== "open") text.textContent += ` · ${run.status}`;
 }
@@ -400,7 +416,7 @@ function renderRuns() {
       onRuns(state.runs);
     });
     const when = new Date(run.opened * 1000).toLocaleTimeString();
-    return el("li", { class: `status-${run.status}` }, button, ` · ${run.events_done} points · opened ${when}`);
+    return el("li", { class: `status-${run.status}` }, button, ` · ${pointsDone(run)} points · opened ${when}`);
   }));
 }
 
