@@ -215,3 +215,23 @@ class DaemonProcess:
         elif not self.proc.stderr.closed:
             self._reader.join(10)
             self.proc.stderr.close()
+
+
+def curve_keys(tmp_path):
+    """CURVE certificates for a server, an allowed client and a stranger (``zmq.auth`` format),
+    with the allowed client's public key alone in ``allowed_dir``."""
+    import shutil
+    from types import SimpleNamespace
+
+    import zmq.auth
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(keys, "server")
+    client_public, client_secret = zmq.auth.create_certificates(keys, "client")
+    _, stranger_secret = zmq.auth.create_certificates(keys, "stranger")
+    shutil.copy(client_public, allowed / "client.key")
+    return SimpleNamespace(server_public=str(server_public), server_secret=str(server_secret),
+                           client_secret=str(client_secret), stranger_secret=str(stranger_secret),
+                           allowed_dir=str(allowed))

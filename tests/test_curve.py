@@ -2,14 +2,10 @@
 and the failed handshakes are counted."""
 from __future__ import annotations
 
-import shutil
-
-import zmq.auth
-
 from beamlens.daemon.sim.beamline import SimulatedBeamline
 from beamlens.daemon.sim.datasets import corroding_steel_map
 from beamlens.daemon.sim.proxy import ProxyProcess
-from helpers import scrape, subscribe, wait_for, wait_run_finished
+from helpers import curve_keys, scrape, subscribe, wait_for, wait_run_finished
 
 
 def curve_yaml(address: str, secret: str, server_public: str) -> str:
@@ -25,15 +21,11 @@ consumers:
 
 
 def test_curve_client_keys(tmp_path, make_daemon):
-    allowed, keys = tmp_path / "allowed", tmp_path / "keys"
-    allowed.mkdir(), keys.mkdir()
-    _, server_secret = zmq.auth.create_certificates(keys, "server")
-    client_public, client_secret = zmq.auth.create_certificates(keys, "client")
-    _, intruder_secret = zmq.auth.create_certificates(keys, "intruder")
-    shutil.copy(client_public, allowed / "client.key")
-    server_public = str(keys / "server.key")
+    keys = curve_keys(tmp_path)
+    server_secret, client_secret, intruder_secret = keys.server_secret, keys.client_secret, keys.stranger_secret
+    server_public, allowed = keys.server_public, keys.allowed_dir
 
-    with ProxyProcess(out_curve=(server_secret, str(allowed))) as proxy:
+    with ProxyProcess(out_curve=(server_secret, allowed)) as proxy:
         intruder = make_daemon(curve_yaml(proxy.out_address, intruder_secret, server_public))
         good = make_daemon(curve_yaml(proxy.out_address, client_secret, server_public))
         beamline = SimulatedBeamline(proxy.in_address)

@@ -2,15 +2,13 @@
 analysed; one with an unknown key is refused at the handshake, counted, and nothing it sends lands."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import zmq
 import zmq.auth
 
 from beamlens.daemon.sim.detectors import array10_messages, synthetic_frames
 from frame_helpers import counter, daemon_yaml
-from helpers import wait_for
+from helpers import curve_keys, wait_for
 
 
 def curve_push(address: str, secret: str, server_public: str) -> zmq.Socket:
@@ -24,17 +22,14 @@ def curve_push(address: str, secret: str, server_public: str) -> zmq.Socket:
 
 
 def test_bound_frame_source_admits_only_allowed_client_keys(tmp_path, make_daemon):
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    keys.mkdir(), allowed.mkdir()
-    _, server_secret = zmq.auth.create_certificates(keys, "daemon")
-    detector_public, detector_secret = zmq.auth.create_certificates(keys, "detector")
-    _, stranger_secret = zmq.auth.create_certificates(keys, "stranger")
-    shutil.copy(detector_public, allowed / "detector.key")
+    keys = curve_keys(tmp_path)
+    server_secret, detector_secret, stranger_secret = keys.server_secret, keys.client_secret, keys.stranger_secret
+    allowed = keys.allowed_dir
     source = (f"    - {{name: cam, format: array-1.0, mode: bind, address: 'tcp://127.0.0.1:0', "
               f"curve: {{secret_key_file: '{server_secret}', allowed_clients_dir: '{allowed}'}}}}\n")
     daemon = make_daemon(daemon_yaml([source]))
     address = daemon.frame_sources[0].address
-    server_public = str(keys / "daemon.key")
+    server_public = keys.server_public
 
     stranger = curve_push(address, stranger_secret, server_public)
     detector = curve_push(address, detector_secret, server_public)
