@@ -73,6 +73,16 @@ def ready(pub: RawPublisher, daemon: DaemonProcess) -> None:
     pub.ready(seen=daemon.probe_seen(daemon.metric("beamlens_probes_received_total", source="test")))
 
 
+def next_run_is_analysed_fully(pub: RawPublisher, daemon: DaemonProcess) -> None:
+    nxt = RunWriter(SPECTRA)
+    nxt.head(pub)
+    nxt.events(pub, range(len(SPECTRA)))
+    nxt.stop(pub)
+    wait_for(lambda: (daemon.run(nxt.uid) or {}).get("status") == "success")
+    summary = daemon.run(nxt.uid)
+    assert summary["events_done"] == len(SPECTRA) and summary["events_missing"] == 0
+
+
 def test_proxy_killed_and_restarted_mid_run(proxy, tmp_path, pythonpath):
     daemon = DaemonProcess(config_file(tmp_path, proxy.out_address))
     pub = RawPublisher(proxy.in_address)
@@ -99,12 +109,7 @@ def test_proxy_killed_and_restarted_mid_run(proxy, tmp_path, pythonpath):
         assert summary["events_done"] + summary["events_missing"] == 120
         assert daemon.metric("beamlens_events_missing_total") == summary["events_missing"]
 
-        nxt = RunWriter(SPECTRA)
-        nxt.head(pub)
-        nxt.events(pub, range(120))
-        nxt.stop(pub)
-        wait_for(lambda: (daemon.run(nxt.uid) or {}).get("status") == "success")
-        assert daemon.run(nxt.uid)["events_done"] == 120 and daemon.run(nxt.uid)["events_missing"] == 0
+        next_run_is_analysed_fully(pub, daemon)
     finally:
         pub.close()
         daemon.close()
@@ -140,6 +145,7 @@ def test_daemon_killed_and_restarted_resumes_from_checkpoint(proxy, tmp_path, py
             total = np.array(json.loads(r.read())["data"], dtype=float)
         np.testing.assert_allclose(total.ravel(), SPECTRA.sum(1))  # both halves, across the restart
         assert not list((tmp_path / "state").glob("*.ckpt"))
+        next_run_is_analysed_fully(pub, daemon)
     finally:
         pub.close()
         daemon.close()
@@ -174,6 +180,8 @@ def test_sigterm_during_a_flood_drains_checkpoints_and_exits_zero(proxy, tmp_pat
         # everything received before SIGTERM was analysed; the rest is counted as missing
         assert summary["events_done"] == done
         assert summary["events_done"] + summary["events_missing"] == 3000
+        assert daemon.metric("beamlens_events_missing_total") == summary["events_missing"]
+        next_run_is_analysed_fully(pub, daemon)
     finally:
         pub.close()
         daemon.close()
