@@ -45,6 +45,7 @@ class Collector:
 
     def __init__(self, proxy_out: str, proxy_in: str):
         self.docs: list[tuple[str, dict[str, Any]]] = []
+        self.marker = f"handshake-{uuid.uuid4()}"
         self.dispatcher = RemoteDispatcher(proxy_out, prefix=b"beamlens", deserializer=make_deserializer("msgpack"))
         self.dispatcher.subscribe(self)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -58,20 +59,22 @@ class Collector:
             pass
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if doc.get("uid") == self.marker:  # handshake markers, also those still in flight after it
+            self.marker_seen = True
+            return
         self.docs.append((name, doc))
 
     def _handshake(self, proxy_in: str) -> None:
-        """Publish marker RunStarts until one arrives (PUB/SUB slow joiner), then forget them."""
+        """Publish marker RunStarts until one arrives (PUB/SUB slow joiner); markers are never kept."""
         publisher = Publisher(proxy_in, prefix=b"beamlens", serializer=msgpack_serializer)
-        marker = f"handshake-{uuid.uuid4()}"
+        self.marker_seen = False
         try:
             def arrived() -> bool:
-                publisher("start", {"uid": marker, "time": time.time()})
-                return any(d.get("uid") == marker for _, d in list(self.docs))
+                publisher("start", {"uid": self.marker, "time": time.time()})
+                return self.marker_seen
             wait_for(arrived, timeout=30, interval=0.05)
         finally:
             publisher.close()
-        self.docs = [(n, d) for n, d in self.docs if d.get("uid") != marker]
 
     def close(self) -> None:
         self.dispatcher.loop.call_soon_threadsafe(self.dispatcher._task.cancel)
