@@ -20,7 +20,8 @@ consumers never notice (bluesky's ``make_callback_safe``, with a strict mode for
 Detector frames (:class:`~beamlens.daemon.frames.SeriesEvent` and ``FrameBatch`` items from the frame
 sources) travel through the same queue and thread, so consumer methods are never called
 concurrently and a run's start, frames and stop stay ordered; their routing is in
-:mod:`beamlens.daemon.frame_router`. Documents go to ``inputs = "events"`` consumers, frames to
+:mod:`beamlens.daemon.frame_router`. Run timeouts, slow-consumer shedding and checkpoints are in
+:mod:`beamlens.daemon.supervision`. Documents go to ``inputs = "events"`` consumers, frames to
 ``inputs = "frames"`` consumers; ``start`` and ``stop`` to both.
 """
 from __future__ import annotations
@@ -36,9 +37,9 @@ import numpy as np
 from event_model import pack_event_page
 from threadpoolctl import threadpool_limits
 
-from beamlens.consumers.base import BadData, NotApplicable, Results, RunInfo
+from beamlens.consumers.base import BadData, NotApplicable, RunInfo
 
-from .checkpoint import Checkpointer, run_state
+from .checkpoint import Checkpointer
 from .config import Config
 from .documents import Document
 from .frame_router import FrameRouter
@@ -46,19 +47,16 @@ from .frames import FrameBarrier, FrameBatch, SeriesEvent
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import flat_positions, nav_shape_from_start, snaking_from_start
 from .results import ConsumerSlot, RunState, RunStore
+from .supervision import TICK_S, RunSupervision
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 PRIMARY = "primary"
 INITIAL_CAPACITY = 1024
-TICK_S = 1.0
-"""How often the router looks at run timeouts, checkpoints and consumer lag, s."""
-BUSY_DECAY = 0.5
-"""Per tick, consumers' recent processing time is multiplied by this (for shedding the slowest)."""
 
 
-class Router:
+class Router(RunSupervision):
     """Routes documents from a bounded queue to per-run consumer instances.
 
     Args:
@@ -296,102 +294,6 @@ class Router:
         if self.frames.park_stop(run, doc):
             return
         self._finish(run, doc.get("exit_status", "success"), doc)
-
-    # -- supervision: timeouts, lag, checkpoints ---------------------------------------------
-    def _tick(self) -> None:
-        """Once per :data:`TICK_S`: close runs silent for ``run_timeout_s``, shed the slowest
-        consumer while the queue is nearly full, checkpoint open runs when due."""
-        self._next_tick = time.monotonic() + TICK_S
-        now = time.time()
-        for run in list(self._runs.values()):
-            if now - run.last_activity > self.config.run_timeout_s:
-                log.error("run %s: nothing received for %.0f s; closing it as incomplete", run.uid, now - run.last_activity)
-                self._finish(run, "incomplete", self._synthetic_stop(run, "incomplete", "run timed out: no RunStop"))
-        if self.config.shed_slow_consumers and self.queue.qsize() > self.config.shed_queue_fraction * self.queue.maxsize:
-            self._shed_slowest()
-        for run in self._runs.values():
-            for slot in run.slots:
-                slot.busy_s *= BUSY_DECAY
-        if self.checkpointer is not None and self.checkpointer.due():
-            self._checkpoint_open_runs()
-
-    def _shed_slowest(self) -> None:
-        slots = [(slot.busy_s, run, slot) for run in self._runs.values() for slot in run.slots if slot.active]
-        if not slots:
-            return
-        busy, run, slot = max(slots, key=lambda t: t[0])
-        slot.quarantined = True
-        self.metrics.consumers_quarantined.labels(slot.name, "too_slow").inc()
-        log.error("consumer %s quarantined for the rest of run %s: too slow (%.2f s of recent processing, %d items "
-                  "queued); intake goes on without it", slot.name, run.uid, busy, self.queue.qsize())
-
-    def _checkpoint_open_runs(self) -> None:
-        for run in self._runs.values():
-            descriptors = [d for d, r in self._descriptor_run.items() if r == run.uid]
-            try:
-                self.checkpointer.save(run_state(run, descriptors))
-                self.metrics.checkpoints.labels("save", "ok").inc()
-            except Exception:  # a checkpoint that fails must not stop the analysis
-                self.metrics.checkpoints.labels("save", "failed").inc()
-                log.exception("checkpoint of run %s failed", run.uid)
-        self.checkpointer.mark_saved()
-
-    def _suspend_open_runs(self) -> None:
-        """Shutdown with checkpoints: save open runs, let sinks write what they have (status
-        ``suspended``), and leave them to be resumed by the next daemon."""
-        self._checkpoint_open_runs()
-        for run in list(self._runs.values()):
-            run.status = "suspended"
-            run.closed = time.time()
-            del self._runs[run.uid]
-            self.store.add(run)
-            log.info("run %s suspended at shutdown after %d events; resumes from its checkpoint", run.uid, run.events_done)
-            self._notify("stop", run, self._synthetic_stop(run, "abort", "beamlens shut down; analysis resumes on restart"))
-        self.metrics.runs_open.set(0)
-
-    def _restore_checkpoints(self) -> None:
-        for state in self.checkpointer.load_all():
-            try:
-                run = self._restore(state)
-            except Exception:
-                self.metrics.checkpoints.labels("restore", "failed").inc()
-                log.exception("run %s could not be resumed from its checkpoint", state.get("uid"))
-                continue
-            self.metrics.checkpoints.labels("restore", "ok").inc()
-            self.metrics.runs_resumed.inc()
-            log.info("run %s resumed from its checkpoint (%d events done)", run.uid, run.events_done)
-
-    def _restore(self, state: dict[str, Any]) -> RunState:
-        uid, start = state["uid"], state["start_doc"]
-        nav_shape = tuple(state["nav_shape"])
-        run = RunState(uid=uid, start_doc=start, nav_shape=nav_shape, snaking=tuple(state["snaking"]),
-                       info=RunInfo(uid=uid, nav_shape=nav_shape, start_doc=start), joined_midway=state["joined_midway"],
-                       opened=state["opened"], last_event=state["last_event"], events_done=state["events_done"],
-                       max_position=state["max_position"], primary_descriptors=set(state["primary_descriptors"]),
-                       descriptor_shapes=state["descriptor_shapes"], buffers_allocated=state["buffers_allocated"])
-        run.restore_counts(state)
-        for s in state["slots"]:
-            consumer = s["consumer"]
-            info = RunInfo(uid=uid, nav_shape=nav_shape, start_doc=start, skipped=self._skip_counter(s["name"]),
-                           axes=s["axes"])
-            consumer.restored(info, Results(s["arrays"]))
-            run.slots.append(ConsumerSlot(name=s["name"], consumer=consumer, specs=s["specs"], arrays=s["arrays"],
-                                          failures=s["failures"], quarantined=s["quarantined"],
-                                          inactive_reason=s["inactive_reason"]))
-        run.last_activity = time.time()
-        self._runs[uid] = run
-        for d in state["descriptors"]:
-            self._descriptor_run[d] = uid
-        self.store.add(run)
-        self.metrics.runs_open.set(len(self._runs))
-        return run
-
-    @staticmethod
-    def _synthetic_stop(run: RunState, status: str, reason: str) -> dict[str, Any]:
-        """A RunStop-like document for runs beamlens closes itself (not schema-valid: no uid of
-        the raw run's own)."""
-        return {"run_start": run.uid, "exit_status": status, "reason": reason, "time": time.time(),
-                "uid": "", "num_events": {}}
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, run: RunState, status: str, doc: dict[str, Any]) -> None:
