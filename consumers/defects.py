@@ -59,6 +59,9 @@ class DefectsParams(ConsumerParams):
     """onnxruntime execution providers, in order of preference; unavailable ones are skipped."""
     threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads (0: its default)."""
+    spinning: bool = False
+    """Let onnxruntime's idle threads spin-wait between calls (faster alone, slower beside the
+    daemon's receive, decode and post-processing threads, which then lose their cores)."""
     threshold: float | None = Field(None, gt=0, lt=1)
     """Probability threshold; default: the model card's."""
     n_classes: int = Field(3, ge=1, le=12)
@@ -129,7 +132,7 @@ class DefectsConsumer(Consumer):
         tile = int(card["input"]["tile"])
         if min(info.sig_shape) < tile:
             raise NotApplicable(f"frames of {info.sig_shape} px are smaller than the model tile {tile} px")
-        self.net = DefectNet(load_session(model, card, p.providers, p.threads), card)
+        self.net = DefectNet(load_session(model, card, p.providers, p.threads, p.spinning), card)
         self.model_path, self.card = model, card
         self.model_sha256 = str(card["sha256"])  # recorded in run files and derived documents
         post = card["postprocessing"]
@@ -220,7 +223,7 @@ class DefectsConsumer(Consumer):
         super().restored(run, results)
         if hasattr(self, "card"):
             p = self.params
-            self.net = DefectNet(load_session(self.model_path, self.card, p.providers, p.threads), self.card)
+            self.net = DefectNet(load_session(self.model_path, self.card, p.providers, p.threads, p.spinning), self.card)
             self._future = None
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="defects-post") if p.background else None
 

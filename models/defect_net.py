@@ -53,7 +53,7 @@ def load_card(card_path: Path = CARD_PATH) -> dict[str, Any]:
 
 
 def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = None,
-                 providers: list[str] | None = None, threads: int = 0):
+                 providers: list[str] | None = None, threads: int = 0, spinning: bool = True):
     """Open an onnxruntime session on a model after checking its sha256 against its card.
 
     Args:
@@ -63,6 +63,9 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
             this onnxruntime build are dropped (so ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
             runs on CUDA where present, on CPU otherwise). Default: CUDA if available, else CPU.
         threads: ``intra_op_num_threads`` (0: onnxruntime's default).
+        spinning: let idle intra-op threads spin-wait for the next call (onnxruntime's default,
+            ``session.intra_op.allow_spinning``); inside the daemon, where other threads need the
+            cores between network calls, False leaves them the CPU.
 
     Returns:
         ``onnxruntime.InferenceSession``.
@@ -88,6 +91,8 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
     log.info("defect network %s loaded (sha256 %s..., providers %s)", Path(model_path).name, digest[:12], session.get_providers())
     return session
