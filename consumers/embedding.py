@@ -85,10 +85,8 @@ class EmbeddingConsumer(SpectralConsumer):
     Params = EmbeddingParams
     params: EmbeddingParams
 
-    def descriptor(self, doc: Mapping[str, Any]) -> None:
-        if hasattr(self, "prep"):
-            return
-        super().descriptor(doc)
+    def setup(self, doc: Mapping[str, Any]) -> None:
+        super().setup(doc)
         c = self.prep.n_out
         self.k = min(self.params.n_components, c)
         self.store = PointStore(c)

@@ -137,10 +137,8 @@ class UnmixingConsumer(SpectralConsumer):
     Params = UnmixingParams
     params: UnmixingParams
 
-    def descriptor(self, doc: Mapping[str, Any]) -> None:
-        if hasattr(self, "prep"):
-            return
-        super().descriptor(doc)
+    def setup(self, doc: Mapping[str, Any]) -> None:
+        super().setup(doc)
         p = self.params
         if (p.references or p.match_library) and self.energy is None:
             raise NotApplicable("references need an energy axis; none found in the descriptor")

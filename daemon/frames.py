@@ -12,18 +12,16 @@ from typing import Any
 
 import numpy as np
 
+from .documents import DecodeError
+
 #: Pixel types a frame may have on the wire (DECTRIS: u8/u16/u32; array-1.0 adds the rest).
 FRAME_DTYPES = frozenset(
     ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64"])
 
 
-class FrameDecodeError(Exception):
-    """A message that cannot be decoded; ``reason`` is the metric label
+class FrameDecodeError(DecodeError):
+    """A frame message that cannot be decoded; ``reason`` is the metric label
     (``beamlens_frame_decode_errors_total{reason=...}``)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(slots=True)

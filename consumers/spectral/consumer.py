@@ -30,8 +30,17 @@ class SpectralConsumer(Consumer):
     params: SpectralParams
 
     def descriptor(self, doc: Mapping[str, Any]) -> None:
-        if hasattr(self, "prep"):
-            return  # a second primary descriptor (e.g. a restarted stream) keeps the run's setup
+        """Set up from the first primary descriptor; a later one (e.g. a restarted stream) keeps
+        the run's setup. Subclasses extend :meth:`setup`, not this."""
+        if not hasattr(self, "prep"):
+            self.setup(doc)
+
+    def setup(self, doc: Mapping[str, Any]) -> None:
+        """Data key, preprocessing and energy axis from the run's first primary descriptor.
+
+        Raises:
+            NotApplicable: no usable 1-D data key, or preprocessing that cannot apply.
+        """
         self.key = self.params.data_key or first_array_key(doc, ndim=1)
         if self.key not in doc["data_keys"]:
             raise NotApplicable(f"data key {self.key!r} not in the primary descriptor")
