@@ -198,6 +198,7 @@ class FrameRouter:
             self.router._ensure_capacity(run, run.max_position + 1)
         self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames",
                               frame_source=batch.source)
+        self.router._notify("frames", run, {"seq_num": (batch.numbers + 1).tolist(), "source": batch.source})
         now = time.time()
         run.frames_done += n
         state.frames_done += n
