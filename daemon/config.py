@@ -263,10 +263,22 @@ class FilesOutputConfig(Strict):
     queue_size: int = Field(16, gt=0, description="runs waiting to be written; more block the router")
 
 
+class TiledOutputConfig(Strict):
+    """Results written into a Tiled server as they grow (``tiled.client``; ``pip install beamlens[tiled]``)."""
+
+    enabled: bool = Field(False, description="off by default")
+    uri: str = Field("http://127.0.0.1:8000/api/v1", description="the Tiled server's API address")
+    api_key: str | None = Field(None, description="Tiled API key (else tiled's own TILED_API_KEY variable)")
+    path: str = Field("beamlens", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="container under the server's root, one child per raw run uid")
+    write_interval_s: float = Field(1.0, gt=0, le=600, description="changes are written at most this often")
+
+
 class OutputsConfig(Strict):
     web: WebConfig = Field(default_factory=WebConfig)
     documents: DocumentsOutputConfig = Field(default_factory=DocumentsOutputConfig)
     files: FilesOutputConfig = Field(default_factory=FilesOutputConfig)
+    tiled: TiledOutputConfig = Field(default_factory=TiledOutputConfig)
 
 
 class Config(Strict):
