@@ -163,3 +163,33 @@ def test_frame_run_of_unknown_length_grows_with_extend(make_daemon, tiled_server
     assert node.shape == (9,), "the per-frame results grew from 4 to 9 frames"
     np.testing.assert_allclose(node.read(), [f.astype(np.float64).sum() for f in frames])
     np.testing.assert_allclose(node.read(), served(daemon, uid, "fs", "total"))
+
+
+@pytest.fixture
+def no_client_retries():
+    """tiled.client retries a refused connection for ~25 s (stamina); stamina's testing mode makes
+    it one attempt, so the test sees the failure at once."""
+    import stamina
+    stamina.set_testing(True, attempts=1)
+    yield
+    stamina.set_testing(False)
+
+
+def test_unreachable_server_is_counted_and_the_daemon_goes_on(make_daemon, no_client_retries):
+    import socket
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = make_daemon("consumers:\n  - {name: stats, class: stats}\n" + f"""
+outputs:
+  tiled: {{enabled: true, uri: "http://127.0.0.1:{port}/api/v1", api_key: x, write_interval_s: 0.05}}
+""")
+    uid, head, events, stop, spectra = grid_docs()
+    for name, doc in head + events + [stop]:
+        daemon.router.submit(Document(name, doc, "test", time.time()))
+    assert daemon.router.wait_idle(30)
+    wait_for(lambda: scrape(daemon.http.url)[("beamlens_output_failures_total", (("output", "tiled"),))] >= 1)
+    assert daemon.store.get(uid).status == "success"
+    np.testing.assert_allclose(served(daemon, uid, "stats", "total"), spectra.sum(axis=1).reshape(NY, NX), rtol=1e-12)
+    status, _, _ = http_get(daemon.http.url + "/health")
+    assert status == 200
