@@ -193,3 +193,12 @@ outputs:
     np.testing.assert_allclose(served(daemon, uid, "stats", "total"), spectra.sum(axis=1).reshape(NY, NX), rtol=1e-12)
     status, _, _ = http_get(daemon.http.url + "/health")
     assert status == 200
+
+
+def test_tiled_config_is_checked_and_the_api_key_never_dumped():
+    from beamlens.daemon.config import ConfigError, load_config
+    config = load_config(text="outputs:\n  tiled: {enabled: true, api_key: s3cret}\n", environ={})
+    assert config.outputs.tiled.api_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in json.dumps(config.model_dump(mode="json", by_alias=True))  # as run files record it
+    with pytest.raises(ConfigError, match="outputs.tiled.uri"):
+        load_config(text="outputs:\n  tiled: {uri: 'ftp://x'}\n", environ={})

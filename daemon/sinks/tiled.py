@@ -156,12 +156,13 @@ class TiledSink:
                 from tiled.client import from_uri
 
                 self._disconnect()
-                client = self._owned = from_uri(self.config.uri, api_key=self.config.api_key)
-            key = self.config.path
-            if key not in client:
-                client.create_container(key, metadata={"beamlens_version": __version__,
-                                                       "description": "beamlens live-analysis results by raw run uid"})
-            self._root = client[key]
+                key = self.config.api_key.get_secret_value() if self.config.api_key is not None else None
+                client = self._owned = from_uri(self.config.uri, api_key=key)
+            path = self.config.path
+            if path not in client:
+                client.create_container(path, metadata={"beamlens_version": __version__,
+                                                        "description": "beamlens live-analysis results by raw run uid"})
+            self._root = client[path]
         return self._root
 
     def _disconnect(self) -> None:
