@@ -208,3 +208,27 @@ def scan_axes(start_doc: Mapping[str, Any], nav_shape: tuple[int, ...], motor_un
     if planned or measured:  # a run stopped early: the plan's positions, else what was read
         return planned or measured
     return [Axis(f"scan_dim_{i}", np.arange(n, dtype=np.float64), "", i) for i, n in enumerate(nav_shape)]
+
+
+class RunReadings:
+    """Motor readings of every run a router listener sees; :meth:`axes` gives a run's scan axes."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, MotorReadings] = {}
+
+    def observe(self, name: str, run: Any, doc: Mapping[str, Any]) -> None:
+        """Feed one router notification (``run`` is a :class:`~beamlens.daemon.results.RunState`)."""
+        if name == "start":
+            self._runs[run.uid] = MotorReadings(run.start_doc, run.nav_shape, run.snaking)
+        elif name == "descriptor" and run.uid in self._runs:
+            self._runs[run.uid].descriptor(doc)
+        elif name == "event_page" and run.uid in self._runs:
+            self._runs[run.uid].event_page(doc)
+
+    def axes(self, run: Any) -> list[Axis]:
+        """The run's scan axes in motor units (:func:`scan_axes`); forgets the run's readings."""
+        readings = self._runs.pop(run.uid, None)
+        return scan_axes(run.start_doc, run.published_nav_shape, readings.units if readings else {}, readings)
+
+    def forget(self, uid: str) -> None:
+        self._runs.pop(uid, None)

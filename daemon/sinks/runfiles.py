@@ -55,7 +55,7 @@ from .. import __version__
 from ..config import Config
 from ..metrics import Metrics
 from ..results import BufferSnapshot, RunState, RunStore
-from .axes import Axis, MotorReadings, scan_axes
+from .axes import Axis, RunReadings
 from .provenance import consumer_provenance
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class RunFileWriter:
         self.store = store
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.outputs.files.queue_size)
         metrics.output_failures.labels("files").inc(0)  # exported from the start, so increase() sees the first
-        self._readings: dict[str, MotorReadings] = {}
+        self._readings = RunReadings()
         self._thread: threading.Thread | None = None
         self.written: list[Path] = []
 
@@ -309,13 +309,8 @@ class RunFileWriter:
 
     def __call__(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
         """Router hook (router thread): gather motor units and readings; at stop, queue the run's results."""
-        if name == "start":
-            self._readings[run.uid] = MotorReadings(run.start_doc, run.nav_shape, run.snaking)
-        elif name == "descriptor" and run.uid in self._readings:
-            self._readings[run.uid].descriptor(doc)
-        elif name == "event_page" and run.uid in self._readings:
-            self._readings[run.uid].event_page(doc)
-        elif name == "stop":
+        self._readings.observe(name, run, doc)
+        if name == "stop":
             try:
                 record = self.record(run)
             except Exception:
@@ -333,14 +328,8 @@ class RunFileWriter:
         return RunRecord(
             uid=run.uid, start_doc=dict(run.start_doc), status=run.status, opened=run.opened,
             closed=run.closed or time.time(), events_done=run.events_done, events_missing=run.events_missing,
-            nav_axes=self.axes(run),
+            nav_axes=self._readings.axes(run),
             consumers=consumers, config=self.config.model_dump(mode="json", by_alias=True))
-
-    def axes(self, run: RunState) -> list[Axis]:
-        """The run's scan axes in motor units (:func:`~beamlens.daemon.sinks.axes.scan_axes`); forgets
-        the run's readings."""
-        readings = self._readings.pop(run.uid, None)
-        return scan_axes(run.start_doc, run.published_nav_shape, readings.units if readings else {}, readings)
 
     def _loop(self) -> None:
         while True:

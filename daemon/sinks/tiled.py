@@ -43,7 +43,7 @@ from .. import __version__
 from ..config import TiledOutputConfig
 from ..metrics import Metrics
 from ..results import BufferSnapshot, RunState, RunStore
-from .axes import MotorReadings, scan_axes
+from .axes import RunReadings
 from .provenance import consumer_provenance
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class TiledSink:
         self._owned: Any = None  # a client this sink connected, closed with the sink
         self._root: Any = None
         self._touched: set[str] = set()
-        self._readings: dict[str, MotorReadings] = {}
+        self._readings = RunReadings()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
@@ -113,13 +113,8 @@ class TiledSink:
         """Router hook: mark ``run`` as changed; gather its motor readings for the scan axes."""
         with self._lock:
             self._touched.add(run.uid)
-            if name == "start":
-                self._readings[run.uid] = MotorReadings(run.start_doc, run.nav_shape, run.snaking)
-            elif name == "descriptor" and run.uid in self._readings:
-                self._readings[run.uid].descriptor(doc)
-            elif name == "event_page" and run.uid in self._readings:
-                self._readings[run.uid].event_page(doc)
-            elif name == "stop":
+            self._readings.observe(name, run, doc)
+            if name == "stop":
                 self._wake.set()  # write the final state now, not at the next interval
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -218,7 +213,7 @@ class TiledSink:
         nodes.status = status
         if status != "open":
             with self._lock:
-                self._readings.pop(uid, None)
+                self._readings.forget(uid)
             del self._runs[uid]
 
     @staticmethod
@@ -272,8 +267,7 @@ class TiledSink:
 
     def _finish(self, nodes: _RunNodes, run: RunState) -> None:
         with self._lock:
-            readings = self._readings.get(run.uid)
-        axes = scan_axes(run.start_doc, run.published_nav_shape, readings.units if readings else {}, readings)
+            axes = self._readings.axes(run)
         container = self._container(nodes.container, "axes", {"description": "scan axes in motor units"})
         for axis in axes:
             if axis.name not in container:
