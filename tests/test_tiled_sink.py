@@ -175,7 +175,7 @@ def no_client_retries():
     stamina.set_testing(False)
 
 
-def test_unreachable_server_is_counted_and_the_daemon_goes_on(make_daemon, no_client_retries):
+def test_unreachable_server_is_counted_and_the_daemon_goes_on(no_client_retries, make_daemon):
     import socket
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))

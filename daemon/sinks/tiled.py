@@ -27,7 +27,9 @@ nothing queues up behind a slow server.
 
 **Failures.** The client connects lazily and reconnects after an error; every failed pass is
 logged and counted in ``beamlens_output_failures_total{output="tiled"}`` and retried at the next
-interval from the nodes already on the server. A run that leaves the run store (``router.keep_runs``)
+interval from the nodes already on the server. ``tiled.client`` retries a refused connection for
+about 25 s before failing, so a dead server also delays shutdown by that much per pending pass
+(``close`` waits at most 60 s). A run that leaves the run store (``router.keep_runs``)
 before a successful final write is lost to Tiled (its run file and derived documents are not).
 """
 from __future__ import annotations
