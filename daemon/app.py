@@ -50,6 +50,11 @@ class Daemon:
         self.documents = DocumentsSink(outputs.documents, self.metrics) if outputs.documents.enabled else None
         self.files = RunFileWriter(config, self.metrics, self.store) if outputs.files.enabled else None
         self.router.listeners += [s for s in (self.documents, self.files) if s is not None]
+        self.tiled = None
+        if outputs.tiled.enabled:
+            from .sinks.tiled import TiledSink  # tiled.client is the optional extra beamlens[tiled]
+            self.tiled = TiledSink(outputs.tiled, self.metrics, self.store)
+            self.router.listeners.append(self.tiled)
         self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
                               for c in config.sources.frames]
         self.router.frames.sources = self.frame_sources
@@ -71,6 +76,8 @@ class Daemon:
     def start(self) -> None:
         if self.files is not None:
             self.files.start()
+        if self.tiled is not None:
+            self.tiled.start()
         self.router.start()
         self.http.start()
         for source in [*self.sources, *self.frame_sources]:
@@ -93,6 +100,8 @@ class Daemon:
             self.documents.close()
         if self.files is not None:
             self.files.close()
+        if self.tiled is not None:
+            self.tiled.close()
         self.http.stop()
         self._stopped.set()
         log.info("beamlens stopped")

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic import SecretStr
 
 from beamlens.consumers.base import Consumer
 
@@ -263,10 +264,30 @@ class FilesOutputConfig(Strict):
     queue_size: int = Field(16, gt=0, description="runs waiting to be written; more block the router")
 
 
+class TiledOutputConfig(Strict):
+    """Results written into a Tiled server as they grow (``tiled.client``; ``pip install beamlens[tiled]``)."""
+
+    enabled: bool = Field(False, description="off by default")
+    uri: str = Field("http://127.0.0.1:8000/api/v1", description="the Tiled server's API address")
+    api_key: SecretStr | None = Field(None, description="Tiled API key (else tiled's own TILED_API_KEY variable); "
+                                      "never written to run files or logs")
+    path: str = Field("beamlens", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="container under the server's root, one child per raw run uid")
+    write_interval_s: float = Field(1.0, gt=0, le=600, description="changes are written at most this often")
+
+    @field_validator("uri")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// address of a Tiled server's API")
+        return v
+
+
 class OutputsConfig(Strict):
     web: WebConfig = Field(default_factory=WebConfig)
     documents: DocumentsOutputConfig = Field(default_factory=DocumentsOutputConfig)
     files: FilesOutputConfig = Field(default_factory=FilesOutputConfig)
+    tiled: TiledOutputConfig = Field(default_factory=TiledOutputConfig)
 
 
 class Config(Strict):

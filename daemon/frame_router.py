@@ -19,6 +19,10 @@ frame-specific part of the routing:
   that announces its end has ended, for at most ``router.series_end_grace_s``. A series that starts
   in that window, from a source whose barrier has not come back, still belongs to the held run.
 
+Router listeners (sinks) are told of each batch as ``("frames", run, {"seq_num": [k + 1, ...],
+"source": name})`` after the consumers have seen it, so derived documents and Tiled follow frame
+runs point by point as they follow event pages.
+
 Frame consumers (``inputs = "frames"``) get ``series(info)``, then ``result_buffers()`` (once per
 run; nav buffers sized by the run), then ``frames(frames, positions, info)`` batches, and ``stop``.
 Calls go through the router's ``_call`` (error counting, quarantine, strict mode).
@@ -198,6 +202,7 @@ class FrameRouter:
             self.router._ensure_capacity(run, run.max_position + 1)
         self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames",
                               frame_source=batch.source)
+        self.router._notify("frames", run, {"seq_num": (batch.numbers + 1).tolist(), "source": batch.source})
         now = time.time()
         run.frames_done += n
         state.frames_done += n

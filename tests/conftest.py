@@ -41,3 +41,13 @@ def beamline(proxy: ProxyProcess) -> Iterator[SimulatedBeamline]:
     bl = SimulatedBeamline(proxy.in_address)
     yield bl
     bl.close()
+
+
+@pytest.fixture
+def tiled_server(tmp_path_factory):
+    """A real Tiled server (``tiled.server.SimpleTiledServer``: SQLite catalog, file and DuckDB
+    storage, in-memory streaming cache) on a free 127.0.0.1 port, in this process."""
+    from tiled.server import SimpleTiledServer
+
+    with SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled")) as server:
+        yield server

@@ -145,29 +145,38 @@ def test_derived_runs_are_valid_and_carry_the_consumer_values(proxy, beamline, m
     positions = flat_positions(np.asarray(seq_nums), (10, 8), raw.snaking)
     assert [e["data"]["nav_index"] for e in events] == positions.tolist()
     np.testing.assert_allclose([e["data"]["total"] for e in events], expected_total.ravel()[positions], rtol=1e-12)
-    (maps,) = events_of(docs, descriptors["maps"])
-    assert descriptors["maps"]["data_keys"]["total"]["shape"] == [10, 8]
-    assert descriptors["maps"]["data_keys"]["total"]["dims"] == ["scan_dim_0", "scan_dim_1"]
-    np.testing.assert_allclose(maps["data"]["total"], expected_total, rtol=1e-12)
+    assert start["plan_type"] == "beamlens" and start["motors"] == ["sample_y", "sample_x"]
+    assert start["hints"]["dimensions"] == [[["sample_y"], "primary"], [["sample_x"], "primary"]]
+    for e in events:  # each point carries the motor positions it was measured at
+        iy, ix = np.unravel_index(e["data"]["nav_index"], (10, 8))
+        assert e["data"]["sample_y"] == pytest.approx(data.y[iy]) and e["data"]["sample_x"] == pytest.approx(data.x[ix])
+    rows = events_of(docs, descriptors["maps"])  # one event per row of the map
+    assert descriptors["maps"]["data_keys"]["total"]["shape"] == [8]
+    assert descriptors["maps"]["data_keys"]["total"]["dims"] == ["scan_dim_1"]
+    assert [r["data"]["row"] for r in rows] == list(range(10))
+    np.testing.assert_allclose([r["data"]["total"] for r in rows], expected_total, rtol=1e-12)
     stop = docs[-1][1]
     assert docs[-1][0] == "stop" and stop["exit_status"] == "success"
-    assert stop["num_events"] == {"primary": 80, "maps": 1}
+    assert stop["num_events"] == {"primary": 80, "maps": 10}
 
     # -- pca: final maps and spectra equal what the daemon serves ----------------------------
     docs = runs["beamlens:pca"]
     descriptors = {d["name"]: d for n, d in docs if n == "descriptor"}
     assert set(descriptors) == {"primary", "summary", "maps"}
-    comp = descriptors["summary"]["data_keys"]["components"]
-    assert comp["shape"] == [2, len(data.energy)] and comp["dims"] == ["components_dim_0", "energy"]
+    # (2, n_energy) components: one 1-D key per component (TiledWriter's tables hold at most 1-D cells)
+    comp = descriptors["summary"]["data_keys"]["components_1"]
+    assert comp["shape"] == [len(data.energy)] and comp["dims"] == ["energy"]
+    assert "components" not in descriptors["summary"]["data_keys"]
     config = descriptors["summary"]["configuration"]["pca"]
     assert config["data_keys"]["energy"]["units"] == "eV"
     np.testing.assert_allclose(config["data"]["energy"], data.energy)
     summaries = events_of(docs, descriptors["summary"])
     assert len(summaries) >= 2, "the summary is published as the fit improves, not only at the end"
     served = {b: http_get(f"{daemon.http.url}/api/runs/{raw_uid}/pca/{b}.json")[1] for b in ("components", "score_1")}
-    np.testing.assert_allclose(summaries[-1]["data"]["components"], json.loads(served["components"])["data"], rtol=1e-12)
-    (maps,) = events_of(docs, descriptors["maps"])
-    np.testing.assert_allclose(maps["data"]["score_1"], json.loads(served["score_1"])["data"], rtol=1e-12)
+    np.testing.assert_allclose([summaries[-1]["data"][f"components_{i}"] for i in (1, 2)],
+                               json.loads(served["components"])["data"], rtol=1e-12)
+    rows = events_of(docs, descriptors["maps"])
+    np.testing.assert_allclose([r["data"]["score_1"] for r in rows], json.loads(served["score_1"])["data"], rtol=1e-12)
 
     metrics = scrape(daemon.http.url)
     assert metrics[("beamlens_documents_published_total", (("type", "stop"),))] == 2

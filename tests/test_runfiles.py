@@ -109,7 +109,7 @@ def test_run_file_at_stop_has_shapes_units_and_provenance(make_daemon, tmp_path)
     with h5py.File(path, "r") as f:
         assert f.attrs["default"] == "entry" and f.attrs["creator_version"] == __version__
         entry = f["entry"]
-        assert entry.attrs["NX_class"] == "NXentry" and entry.attrs["default"] == "stats"
+        assert entry.attrs["NX_class"] == "NXentry" and entry.attrs["default"] == "plot" and entry["plot"].attrs["NX_class"] == "NXdata"
         assert entry["raw_run_uid"].asstr()[()] == uid and entry["exit_status"].asstr()[()] == "success"
         assert entry["points_processed"][()] == NY * NX
         assert entry["program_name"].attrs["version"] == __version__

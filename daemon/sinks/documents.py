@@ -10,18 +10,29 @@ or any ``RemoteDispatcher(prefix=b"beamlens")`` can consume it. The pattern is b
 
 The derived run of consumer ``C`` for raw run ``R``:
 
-- RunStart: ``plan_name="beamlens:C"``, ``original_run_uid=R``, the raw ``scan_id``, ``shape`` and
-  ``snaking`` (so a LiveGrid places points as it does for the raw run), and ``beamlens`` provenance
-  (consumer class, parameters, version, ``model_sha256`` when the consumer has one).
-- stream ``primary``: one event per processed scan point, carrying the raw event's ``seq_num``,
-  ``nav_index`` (flat position in the map) and the value of every ``nav`` buffer at that point.
-  Points are gathered and published as EventPages at most every ``event_interval_s``.
+- RunStart: ``plan_name="beamlens:C"``, ``plan_type="beamlens"``, ``original_run_uid=R``,
+  ``scan_id`` (the raw run's; runs without one, such as frame-only runs, are numbered by the sink),
+  ``shape``/``snaking``/``num_points`` (so a LiveGrid places points as it does for the raw run),
+  ``motors`` and ``hints.dimensions`` (the raw run's motors, else ``nav_index``), and ``beamlens``
+  provenance (consumer class, parameters, version, ``model_sha256`` when the consumer has one).
+- stream ``primary``: one event per processed scan point or detector frame, carrying the raw event's
+  ``seq_num`` (frame ``k``: ``k + 1``), ``nav_index`` (flat position in the map), the raw event's
+  motor readings and the value of every ``nav`` buffer at that point. Points are gathered and
+  published as EventPages at most every ``event_interval_s``; frames are announced by the router
+  (listener name ``"frames"``); points never published by the RunStop (a raster run whose
+  detector sent frames but whose RunEngine sent no events) are published before the final maps.
 - stream ``summary``: the ``sig`` and ``single`` buffers (component spectra, explained variance,
   defect counts) as one event per interval in which they changed; signal axes (energy, eV) in the
-  descriptor's ``configuration``.
-- stream ``maps``: at the end, one event with every ``nav`` buffer as a whole map
-  ``(*nav_shape, *extra_shape)``; consumers that refine earlier points (PCA rescoring) finish here.
+  descriptor's ``configuration``. A 2-D buffer of up to 16 rows (``components`` ``(k, n_energy)``)
+  is one 1-D key per row, ``components_1 .. components_k``; larger ones are not in the documents.
+- stream ``maps``: at the end, one event per row of the slowest scan axis, carrying ``row`` and that
+  row of every ``nav`` map; consumers that refine earlier points (PCA rescoring) finish here.
 - RunStop: the raw run's exit status (``incomplete`` raw runs, closed at shutdown, stop as ``abort``).
+
+Every value in an event is a number or a 1-D array, so bluesky's ``TiledWriter`` (whose event tables
+are pyarrow tables and hold at most 1-D cells) stores every derived run, and its ``maps`` columns
+read back as ``(*nav_shape, *extra_shape)`` arrays. Buffers that would need more dimensions per event
+(defect positions per frame, class patches) are in the Tiled sink, the HTTP API and the run files.
 
 Data keys carry ``shape``, ``dims``, ``units`` and ``dtype_numpy``. Publishing happens in the router
 thread (a 0MQ PUB send never blocks; a slow subscriber loses messages at the proxy's high-water
@@ -45,6 +56,7 @@ from ..documents import msgpack_serializer
 from ..metrics import Metrics
 from ..placement import flat_positions
 from ..results import ConsumerSlot, RunState
+from .axes import motor_names
 from .live import buffer_digest
 from .provenance import consumer_provenance
 
@@ -71,6 +83,28 @@ def _value(arr: np.ndarray) -> Any:
     return float(arr) if arr.ndim == 0 else np.array(arr)
 
 
+MAX_SPLIT = 16
+"""A 2-D ``sig``/``single`` buffer with at most this many rows (components, classes) is published
+as one 1-D data key per row; larger ones (images) are left out of the documents."""
+
+
+def summary_keys(name: str, spec: BufferSpec) -> list[tuple[str, int | None]]:
+    """The summary data keys of one buffer: ``[(key, row)]``; ``row`` is None for the whole value.
+
+    Every value in an event is at most 1-D, because bluesky's TiledWriter stores event data in a
+    table (pyarrow) that holds scalars and 1-D arrays only. A 2-D value of up to :data:`MAX_SPLIT`
+    rows (``components`` ``(k, n_energy)``, ``transition_matrix`` ``(k, k)``) becomes ``k`` keys
+    ``<name>_1 .. <name>_k``; anything else of 2 or more dimensions is not published as documents
+    (it is in the Tiled sink, the HTTP API and the run files).
+    """
+    shape = spec.extra_shape
+    if len(shape) <= 1:
+        return [(name, None)]
+    if len(shape) == 2 and shape[0] <= MAX_SPLIT:
+        return [(f"{name}_{i + 1}", i) for i in range(shape[0])]
+    return []
+
+
 class DerivedRun:
     """The derived run of one consumer of one raw run (router thread only).
 
@@ -78,36 +112,59 @@ class DerivedRun:
         run: the raw run.
         slot: the consumer, with its buffers allocated.
         emit: publishes ``(name, doc)``.
+        scan_id: the derived run's ``scan_id`` (the raw run's, or a number the sink gives runs
+            without one, such as frame-only runs).
+        motors: motor name -> its raw data key (``units`` etc.), in RunStart ``motors`` order.
     """
 
-    def __init__(self, run: RunState, slot: ConsumerSlot, emit: Emit):
+    def __init__(self, run: RunState, slot: ConsumerSlot, emit: Emit, scan_id: int,
+                 motors: dict[str, dict[str, Any]] | None = None):
         self.run, self.slot, self.emit = run, slot, emit
         self.source = f"beamlens:{slot.name}"
         raw = run.start_doc
-        md: dict[str, Any] = {"plan_name": self.source, "original_run_uid": run.uid,
-                              "beamlens": consumer_provenance(slot)}
-        for key in ("scan_id", "shape", "snaking", "sample"):
+        self.motors = dict(motors or {})
+        md: dict[str, Any] = {"plan_name": self.source, "plan_type": "beamlens", "original_run_uid": run.uid,
+                              "scan_id": scan_id, "beamlens": consumer_provenance(slot)}
+        for key in ("shape", "snaking", "sample", "extents", "gridding"):
             if key in raw:
                 md[key] = raw[key]
+        if run.nav_shape != (0,):
+            md["shape"], md["snaking"] = list(run.nav_shape), list(run.snaking)
+            md["num_points"] = int(np.prod(run.nav_shape))
+        if self.motors:
+            md["motors"] = list(self.motors)
+            md["hints"] = {"dimensions": [[[m], "primary"] for m in self.motors]}
+            if "gridding" in (raw.get("hints") or {}):
+                md["hints"]["gridding"] = raw["hints"]["gridding"]
+        else:
+            md["hints"] = {"dimensions": [[["nav_index"], "primary"]]}
         self.bundle = compose_run(metadata=md)
         emit("start", self.bundle.start_doc)
-        self.nav = {n: s for n, s in slot.specs.items() if s.kind == "nav"}
-        self.other = {n: s for n, s in slot.specs.items() if s.kind != "nav"}
+        self.nav = {n: s for n, s in slot.specs.items() if s.kind == "nav" and len(s.extra_shape) <= 1}
+        self.maps = {n: s for n, s in slot.specs.items() if s.kind == "nav"}
+        self.other = {n: s for n, s in slot.specs.items() if s.kind != "nav" and summary_keys(n, s)}
         self.points = None
         if self.nav:
             keys = {"nav_index": {"source": self.source, "dtype": "integer", "dtype_numpy": "<i8", "shape": [],
                                   "dims": [], "units": ""}}
+            keys.update({m: {**_motor_key(dk), "source": f"{self.source}:{m}"} for m, dk in self.motors.items()})
             keys.update({n: data_key(s, self.source, s.extra_shape, _dims(s)) for n, s in self.nav.items()})
             self.points = self.bundle.compose_descriptor(name="primary", data_keys=keys,
                                                          hints={slot.name: {"fields": list(self.nav)}})
             emit("descriptor", self.points.descriptor_doc)
         self.summary = None
         if self.other:
-            keys = {n: data_key(s, self.source, s.extra_shape, _dims(s)) for n, s in self.other.items()}
+            keys = {}
+            for n, s in self.other.items():
+                for key, row in summary_keys(n, s):
+                    shape = s.extra_shape if row is None else s.extra_shape[1:]
+                    dims = _dims(s) if row is None else _dims(s)[1:]
+                    keys[key] = data_key(s, self.source, shape, dims)
             self.summary = self.bundle.compose_descriptor(name="summary", data_keys=keys,
                                                           configuration=self._axes_configuration())
             emit("descriptor", self.summary.descriptor_doc)
-        self.pending: dict[int, int] = {}  # raw seq_num -> flat nav position, in arrival order
+        self.pending: dict[int, tuple[int, dict[str, float]]] = {}  # raw seq_num -> (flat position, motors)
+        self.published: set[int] = set()
         self.summary_digests: dict[str, str] = {}
 
     def _axes_configuration(self) -> dict[str, Any]:
@@ -121,19 +178,27 @@ class DerivedRun:
                     "dims": [a], "units": axes[a][1]} for a in used}
         return {self.slot.name: {"data": data, "timestamps": {a: now for a in used}, "data_keys": keys}}
 
-    def add_points(self, seq_nums: list[int], positions: np.ndarray) -> None:
-        for seq, pos in zip(seq_nums, positions.tolist()):
+    def add_points(self, seq_nums: list[int], positions: np.ndarray, motors: dict[str, np.ndarray] | None = None) -> None:
+        """Queue points for the next flush: raw ``seq_nums`` at flat ``positions`` ``(n,)`` int64
+        (``-1``: outside the map, skipped), with the raw events' motor readings ``{motor: (n,)}``."""
+        motors = motors or {}
+        for i, (seq, pos) in enumerate(zip(seq_nums, positions.tolist())):
             if pos >= 0:
                 self.pending.pop(int(seq), None)
-                self.pending[int(seq)] = pos
+                self.pending[int(seq)] = (pos, {m: float(v[i]) for m, v in motors.items() if m in self.motors})
 
     def flush(self) -> None:
         """Publish the points gathered since the last flush and the summary, if it changed."""
         now = time.time()
         if self.points is not None and self.pending:
-            seqs, positions = list(self.pending), np.fromiter(self.pending.values(), dtype=np.int64)
+            seqs = list(self.pending)
+            positions = np.fromiter((p for p, _ in self.pending.values()), dtype=np.int64, count=len(seqs))
+            readings = [r for _, r in self.pending.values()]
             self.pending = {}
+            self.published.update(positions.tolist())
             data: dict[str, list[Any]] = {"nav_index": positions.tolist()}
+            for m in self.motors:
+                data[m] = [r.get(m, float("nan")) for r in readings]
             for name, spec in self.nav.items():
                 values = self.slot.arrays[name][positions]
                 data[name] = values.tolist() if not spec.extra_shape else [np.array(v) for v in values]
@@ -144,24 +209,58 @@ class DerivedRun:
             digests = {n: buffer_digest(self.slot.arrays[n]) for n in self.other}
             if digests != self.summary_digests:
                 self.summary_digests = digests
-                data = {n: _value(self.slot.arrays[n]) for n in self.other}
+                data = {}
+                for n, s in self.other.items():
+                    arr = self.slot.arrays[n]
+                    for key, row in summary_keys(n, s):
+                        data[key] = _value(arr if row is None else arr[row])
                 self.emit("event", self.summary.compose_event(data=data, timestamps={k: now for k in data}))
 
     def finish(self, status: str, reason: str) -> None:
-        """Flush, publish the final maps, and stop the derived run."""
+        """Publish every point not yet published (frame runs), flush, publish the final maps, and
+        stop the derived run."""
+        shape = self.run.published_nav_shape
+        n = int(np.prod(shape))
+        if self.points is not None:
+            queued = {p for p, _ in self.pending.values()}
+            rest = [p for p in range(n) if p not in self.published and p not in queued]
+            if rest:
+                self.add_points(_seq_nums_of(np.asarray(rest, dtype=np.int64), shape, self.run.snaking), np.asarray(rest))
         self.flush()
-        if self.nav:
-            shape = self.run.published_nav_shape
-            n = int(np.prod(shape))
-            dims = [f"scan_dim_{i}" for i in range(len(shape))]
-            keys = {name: data_key(s, self.source, (*shape, *s.extra_shape), dims + _dims(s))
-                    for name, s in self.nav.items()}
+        rows = {name: s for name, s in self.maps.items() if len(shape) - 1 + len(s.extra_shape) <= 1}
+        if rows and n:
+            # the final maps, one event per row of the slowest scan axis (each value at most 1-D:
+            # stacked by TiledWriter into (*nav_shape, *extra_shape) arrays)
+            dims = [f"scan_dim_{i}" for i in range(1, len(shape))]
+            keys = {name: data_key(s, self.source, (*shape[1:], *s.extra_shape), dims + _dims(s)) for name, s in rows.items()}
+            keys["row"] = {"source": self.source, "dtype": "integer", "dtype_numpy": "<i8", "shape": [], "dims": [], "units": ""}
             maps = self.bundle.compose_descriptor(name="maps", data_keys=keys)
             self.emit("descriptor", maps.descriptor_doc)
             now = time.time()
-            data = {name: self.slot.arrays[name][:n].reshape(*shape, *s.extra_shape).copy() for name, s in self.nav.items()}
-            self.emit("event", maps.compose_event(data=data, timestamps={k: now for k in data}))
+            values = {name: self.slot.arrays[name][:n].reshape(*shape, *s.extra_shape) for name, s in rows.items()}
+            data: dict[str, list[Any]] = {"row": list(range(shape[0]))}
+            for name, s in rows.items():
+                v = values[name]
+                data[name] = v.tolist() if v.ndim == 1 else [np.array(r) for r in v]
+            self.emit("event_page", maps.compose_event_page(
+                data=data, timestamps={k: [now] * shape[0] for k in data},
+                seq_num=list(range(1, shape[0] + 1)), time=[now] * shape[0]))
         self.emit("stop", self.bundle.compose_stop(exit_status=EXIT_STATUS.get(status, "abort"), reason=reason))
+
+
+def _motor_key(dk: dict[str, Any]) -> dict[str, Any]:
+    return {"dtype": "number", "dtype_numpy": "<f8", "shape": [], "dims": [], "units": str(dk.get("units") or "")}
+
+
+def _seq_nums_of(positions: np.ndarray, shape: tuple[int, ...], snaking: tuple[bool, ...]) -> list[int]:
+    """The seq_nums that land on flat ``positions`` (the inverse of ``flat_positions``)."""
+    if shape == (0,) or not any(snaking):
+        return (positions + 1).tolist()
+    size = int(np.prod(shape))
+    all_pos = flat_positions(np.arange(1, size + 1), shape, snaking)
+    inverse = np.empty(size, dtype=np.int64)
+    inverse[all_pos] = np.arange(1, size + 1)
+    return inverse[positions].tolist()
 
 
 class DocumentsSink:
@@ -182,6 +281,9 @@ class DocumentsSink:
         metrics.output_failures.labels("documents").inc(0)  # exported from the start, so increase() sees the first
         self._derived: dict[str, dict[str, DerivedRun]] = {}
         self._last_flush: dict[str, float] = {}
+        self._motors: dict[str, dict[str, dict[str, Any]]] = {}  # raw run uid -> motor -> raw data key
+        self._scan_ids: dict[str, int] = {}
+        self._next_scan_id = 1
 
     def close(self) -> None:
         close = getattr(self._publisher, "close", None)
@@ -200,17 +302,39 @@ class DocumentsSink:
             self.metrics.output_failures.labels("documents").inc()
             log.exception("derived documents of run %s: %s not published", run.uid, name)
 
+    def _scan_id(self, run: RunState) -> int:
+        """The raw run's ``scan_id``; runs without one (frame-only runs) are numbered by this sink."""
+        raw = run.start_doc.get("scan_id")
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if run.uid not in self._scan_ids:
+            self._scan_ids[run.uid], self._next_scan_id = self._next_scan_id, self._next_scan_id + 1
+        return self._scan_ids[run.uid]
+
     def _handle(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
         if name == "start":
             return
+        if name == "descriptor" and run.uid not in self._derived and doc.get("name", "primary") == "primary":
+            keys = doc.get("data_keys") or {}
+            self._motors[run.uid] = {m: keys[m] for m in motor_names(run.start_doc)
+                                     if isinstance(keys.get(m), dict) and not keys[m].get("shape")}
         derived = self._derived.setdefault(run.uid, {})
         for slot in run.slots:
             if slot.name not in derived and slot.specs and slot.active:
-                derived[slot.name] = DerivedRun(run, slot, self._emit)
-        if name == "event_page":
-            positions = flat_positions(np.asarray(doc["seq_num"]), run.nav_shape, run.snaking)
+                derived[slot.name] = DerivedRun(run, slot, self._emit, self._scan_id(run), self._motors.get(run.uid))
+        if name in ("event_page", "frames"):
+            seq_nums = np.asarray(doc["seq_num"])
+            positions = flat_positions(seq_nums, run.nav_shape, run.snaking)
+            motors = {}
+            for m in self._motors.get(run.uid, {}):
+                try:
+                    values = np.asarray(doc.get("data", {}).get(m), dtype=np.float64).reshape(-1)
+                except (TypeError, ValueError):
+                    continue
+                if values.shape == seq_nums.shape:
+                    motors[m] = values
             for d in derived.values():
-                d.add_points(doc["seq_num"], positions)
+                d.add_points(doc["seq_num"], positions, motors)
             now = time.monotonic()
             if now - self._last_flush.get(run.uid, 0.0) >= self.config.event_interval_s:
                 self._last_flush[run.uid] = now
@@ -221,3 +345,5 @@ class DocumentsSink:
             for d in self._derived.pop(run.uid, {}).values():
                 d.finish(run.status, reason)
             self._last_flush.pop(run.uid, None)
+            self._motors.pop(run.uid, None)
+            self._scan_ids.pop(run.uid, None)

@@ -14,22 +14,25 @@ data format", manual.nexusformat.org; ``default``/``signal``/``axes``/``AXISNAME
 NeXus "Find the plottable data" rules)::
 
     /                           @default=entry @creator=beamlens @creator_version
-    /entry          NXentry     @default=<first consumer>
+    /entry          NXentry     @default=plot
         title, start_time, end_time (ISO 8601), program_name (@version), raw_run_uid, exit_status
         (success | abort | fail | incomplete: closed by timeout or shutdown | suspended: checkpointed
         at shutdown, resumed later), points_processed, events_missing (announced, never received)
+        plot            NXdata      link (@target) to the first consumer's default buffer
         raw_run_start   NXnote      type=application/json, data=<the raw RunStart>
         configuration   NXnote      type=application/json, data=<the daemon configuration>
-        <consumer>      NXprocess   @default=<first buffer>
+        <consumer>      NXprocess   @default=<first nav buffer, else first buffer>
             program, version, sequence_index, model_sha256 (when the consumer has one)
             parameters  NXnote      type=application/json, data=<the consumer's parameters>
             <buffer>    NXdata      @signal=data @axes=[...] @<axis>_indices
                 data        (*nav_shape, *extra_shape) | extra_shape, @units @long_name
                 <axis>      motor positions (nav) or signal axis values (sig), @units
 
-Scan axes: for ``grid_scan``-style runs (RunStart ``plan_pattern == "outer_product"``) the motor
-positions from ``plan_pattern_args`` with the units of the motor's data key in the primary
-descriptor; otherwise point indices ``scan_dim_<i>``.
+Scan axes are in motor units (:mod:`beamlens.daemon.sinks.axes`): the motors' readings in the raw
+events, else the positions the RunStart's plan pattern describes (``grid_scan``, ``scan``,
+``list_scan``), else point indices ``scan_dim_<i>``. Every numeric dataset has ``@units``;
+dimensionless ones say ``"1"``. Files get mode ``0666 & ~umask`` (group-readable under the usual
+022 or 002 umask), as any file the daemon's user creates.
 """
 from __future__ import annotations
 
@@ -52,21 +55,13 @@ from .. import __version__
 from ..config import Config
 from ..metrics import Metrics
 from ..results import BufferSnapshot, RunState, RunStore
+from .axes import Axis, RunReadings
 from .provenance import consumer_provenance
 
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
 _STOP = object()
-
-
-@dataclass
-class Axis:
-    """One axis of a map or spectrum: ``values`` ``(n,)`` float64 in ``units``."""
-
-    name: str
-    values: np.ndarray
-    units: str = ""
 
 
 @dataclass
@@ -99,29 +94,6 @@ class RunRecord:
         return f"beamlens_scan{scan}_{self.uid[:8]}.nxs" if scan is not None else f"beamlens_{self.uid}.nxs"
 
 
-def scan_axes(start_doc: dict[str, Any], nav_shape: tuple[int, ...], motor_units: dict[str, str]) -> list[Axis]:
-    """Scan axes of a run: motor positions of an outer-product (grid) scan, else point indices.
-
-    Args:
-        start_doc: the raw RunStart (``motors``, ``plan_pattern``, ``plan_pattern_args`` as written
-            by bluesky's ``grid_scan``: ``args = [motor, start, stop, num, ...]``).
-        nav_shape: the map shape the buffers are published in.
-        motor_units: units by motor name, from the primary descriptor's data keys.
-    """
-    args = (start_doc.get("plan_pattern_args") or {}).get("args") or []
-    motors = list(start_doc.get("motors") or [])
-    if (start_doc.get("plan_pattern") == "outer_product" and len(args) == 4 * len(nav_shape)
-            and len(motors) == len(nav_shape)):
-        try:
-            axes = [Axis(motors[i], np.linspace(float(args[4 * i + 1]), float(args[4 * i + 2]), int(args[4 * i + 3])),
-                         motor_units.get(motors[i], "")) for i in range(len(nav_shape))]
-        except (TypeError, ValueError):
-            axes = []
-        if [len(a.values) for a in axes] == list(nav_shape):
-            return axes
-    return [Axis(f"scan_dim_{i}", np.arange(n, dtype=np.float64)) for i, n in enumerate(nav_shape)]
-
-
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
 
@@ -133,27 +105,34 @@ def _note(parent: h5py.Group, name: str, payload: Any) -> None:
     note["data"] = json.dumps(payload, default=str, sort_keys=True)
 
 
+def _units(units: str) -> str:
+    """A dataset's ``@units``: dimensionless values (PCA scores, ratios, indices) get ``"1"``, the
+    SI/UDUNITS spelling of a dimensionless quantity (NeXus NX_DIMENSIONLESS)."""
+    return units or "1"
+
+
 def _write_nxdata(group: h5py.Group, snap: BufferSnapshot, nav_axes: list[Axis]) -> None:
     spec = snap.spec
     data = np.asarray(snap.data)
     group.attrs["NX_class"] = "NXdata"
     group.attrs["signal"] = "data"
     dset = group.create_dataset("data", data=data, compression="gzip", compression_opts=4, shuffle=True)
-    dset.attrs["units"] = spec.units
+    dset.attrs["units"] = _units(spec.units)
     dset.attrs["long_name"] = f"{snap.consumer} {spec.name}" + (f" ({spec.units})" if spec.units else "")
     if spec.description:
         dset.attrs["description"] = spec.description
     axes = ["."] * data.ndim
     lead = nav_axes if spec.kind == "nav" else []
-    for i, axis in enumerate(lead):
-        axes[i] = axis.name
-        group.create_dataset(axis.name, data=axis.values).attrs["units"] = axis.units
-        group.attrs[f"{axis.name}_indices"] = i
+    for axis in lead:
+        if axes[axis.dim] == ".":
+            axes[axis.dim] = axis.name  # the first motor of a dimension plots it; others are auxiliary axes
+        group.create_dataset(axis.name, data=axis.values).attrs["units"] = _units(axis.units)
+        group.attrs[f"{axis.name}_indices"] = axis.dim
     if spec.kind == "sig" and snap.axis is not None and spec.axis and data.ndim:
         values, units = snap.axis
         if np.asarray(values).shape == (data.shape[-1],):
             axes[-1] = spec.axis
-            group.create_dataset(spec.axis, data=np.asarray(values, dtype=np.float64)).attrs["units"] = units
+            group.create_dataset(spec.axis, data=np.asarray(values, dtype=np.float64)).attrs["units"] = _units(units)
             group.attrs[f"{spec.axis}_indices"] = data.ndim - 1
     group.attrs["axes"] = axes
 
@@ -175,7 +154,9 @@ def write_nexus(f: h5py.File, record: RunRecord) -> None:
     entry["raw_run_uid"] = record.uid
     entry["exit_status"] = record.status
     entry["points_processed"] = record.events_done
+    entry["points_processed"].attrs["units"] = "1"
     entry["events_missing"] = record.events_missing
+    entry["events_missing"].attrs["units"] = "1"
     _note(entry, "raw_run_start", start)
     _note(entry, "configuration", record.config)
     for index, consumer in enumerate(record.consumers):
@@ -184,14 +165,47 @@ def write_nexus(f: h5py.File, record: RunRecord) -> None:
         proc["program"] = consumer.provenance["class"]
         proc["version"] = consumer.provenance["beamlens_version"]
         proc["sequence_index"] = index + 1
+        proc["sequence_index"].attrs["units"] = "1"
         if "model_sha256" in consumer.provenance:
             proc["model_sha256"] = consumer.provenance["model_sha256"]
         _note(proc, "parameters", consumer.provenance["params"])
         for snap in consumer.buffers:
             _write_nxdata(proc.create_group(snap.spec.name), snap, record.nav_axes)
         if consumer.buffers:
-            proc.attrs["default"] = consumer.buffers[0].spec.name
-            entry.attrs.setdefault("default", consumer.name)
+            proc.attrs["default"] = _default_buffer(consumer.buffers).spec.name
+    _default_plot(entry, record)
+
+
+def _default_buffer(buffers: list[BufferSnapshot]) -> BufferSnapshot:
+    """The buffer a viewer plots first: the first map (``nav``), else the first buffer."""
+    return next((b for b in buffers if b.spec.kind == "nav"), buffers[0])
+
+
+def _default_plot(entry: h5py.Group, record: RunRecord) -> None:
+    """``entry/@default`` names an NXdata, as the NeXus rules require: ``entry/plot`` is a link to
+    the first consumer's default buffer (NeXus link: the ``@target`` attribute names the original)."""
+    consumer = next((c for c in record.consumers if c.buffers), None)
+    if consumer is None:
+        return
+    target = entry[consumer.name][_default_buffer(consumer.buffers).spec.name]
+    target.attrs["target"] = target.name
+    entry["plot"] = target
+    entry.attrs["default"] = "plot"
+
+
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` (Linux >= 4.7) without changing it; else by
+    setting and restoring it (not atomic, but only where /proc lacks the field)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_run_file(record: RunRecord, directory: Path) -> Path:
@@ -207,6 +221,7 @@ def write_run_file(record: RunRecord, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / record.filename
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=directory)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a run file is as readable as any other
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -272,7 +287,7 @@ class RunFileWriter:
         self.store = store
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.outputs.files.queue_size)
         metrics.output_failures.labels("files").inc(0)  # exported from the start, so increase() sees the first
-        self._motor_units: dict[str, dict[str, str]] = {}
+        self._readings = RunReadings()
         self._thread: threading.Thread | None = None
         self.written: list[Path] = []
 
@@ -293,13 +308,9 @@ class RunFileWriter:
         self._thread = None
 
     def __call__(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
-        """Router hook (router thread): remember motor units; at stop, queue the run's results."""
-        if name == "descriptor":
-            units = self._motor_units.setdefault(run.uid, {})
-            for key, dk in doc.get("data_keys", {}).items():
-                if dk.get("units"):
-                    units.setdefault(key, str(dk["units"]))
-        elif name == "stop":
+        """Router hook (router thread): gather motor units and readings; at stop, queue the run's results."""
+        self._readings.observe(name, run, doc)
+        if name == "stop":
             try:
                 record = self.record(run)
             except Exception:
@@ -317,7 +328,7 @@ class RunFileWriter:
         return RunRecord(
             uid=run.uid, start_doc=dict(run.start_doc), status=run.status, opened=run.opened,
             closed=run.closed or time.time(), events_done=run.events_done, events_missing=run.events_missing,
-            nav_axes=scan_axes(run.start_doc, run.published_nav_shape, self._motor_units.pop(run.uid, {})),
+            nav_axes=self._readings.axes(run),
             consumers=consumers, config=self.config.model_dump(mode="json", by_alias=True))
 
     def _loop(self) -> None:
