@@ -59,8 +59,9 @@ class DefectsParams(ConsumerParams):
     """Path of an ONNX model; default: the shipped network of ``precision``."""
     card: str | None = None
     """Path of its model card (JSON with ``sha256``); default: ``<model stem>.json`` beside the model."""
-    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    """onnxruntime execution providers, in order of preference; unavailable ones are skipped."""
+    providers: list[str] = ["CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    """onnxruntime execution providers, in order of preference; unavailable ones are skipped
+    (OpenVINO with the optional ``beamlens[openvino]`` extra)."""
     threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads (0: the cores this process may run on, ``os.sched_getaffinity``)."""
     spinning: bool = False
