@@ -1,6 +1,7 @@
 """Benchmark: frames/s of the ``defects`` consumer against a bare onnxruntime loop on the same model,
 threads, frames and batch size, measured side by side in one run (alternating rounds, the fastest
-round of each); the shipped int8 network (``defect_net_int8.onnx``) runs bare in the same rounds, for
+round of each; the bare figure is the faster of onnxruntime's spin-waiting default and the daemon's
+no-spinning setting); the shipped int8 network (``defect_net_int8.onnx``) runs bare in the same rounds, for
 the int8/fp32 speed-up. The consumer is measured twice: driven directly as the daemon drives a frame
 consumer (``series`` -> buffers -> ``frames`` batches -> ``stop``), and inside a running daemon,
 the frames arriving as array-1.0 messages over a ZeroMQ socket (receive, decode, frame queue,
@@ -130,13 +131,16 @@ def main(argv: list[str] | None = None) -> None:
         int8_s.append(run_bare(int8, tiles, args.batch * per))
     # the fastest round of each (timeit's rule): on a shared machine the slower rounds measure the neighbours
     fps_c = len(frames) / min(consumer_s)
-    fps_b = len(frames) / min(bare_s)
+    # the bare reference is the faster of onnxruntime's spinning default and the daemon's no-spinning
+    # setting (on a loaded machine spinning threads lose; the daemon must not look good against that)
+    fps_b = len(frames) / min(min(bare_s), min(fp32_s))
     fps_d = max(daemon_fps)
     common = {"frames": args.frames, "frame_px": args.size, "batch": args.batch, "threads": args.threads,
               "tiles_per_frame": per, "background": args.background}
     for figure, value, unit, target in (
         ("consumer_frames_per_second", fps_c, "frames/s", None),
         ("bare_onnxruntime_frames_per_second", fps_b, "frames/s", None),
+        ("bare_onnxruntime_spinning_frames_per_second", len(frames) / min(bare_s), "frames/s", None),
         ("consumer_to_bare_ratio", fps_c / fps_b, "ratio", ">= 0.9"),
         ("daemon_frames_per_second", fps_d, "frames/s", None),
         ("daemon_to_bare_ratio", fps_d / fps_b, "ratio", ">= 0.85"),
