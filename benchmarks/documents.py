@@ -5,7 +5,8 @@ bluesky 0MQ Proxy as fast as a Publisher can, once to a bare SUB socket that onl
 transport limit), once to bluesky's own ``RemoteDispatcher`` with a no-op callback subscribed (the
 peer: what a bluesky callback process gets), and once to the daemon running the ``stats`` and
 ``pca`` consumers, and reports events/s of each and the daemon's ratios to both (median of
-``--rounds`` interleaved rounds), and the events lost on the way (the proxy's PUB drops at its high-water mark when a subscriber lags; the daemon counts
+``--rounds`` interleaved rounds), the daemon with no consumers at all (intake alone), and the
+events lost on the way (the proxy's PUB drops at its high-water mark when a subscriber lags; the daemon counts
 those as missing from the RunStop). Prints one JSON object per figure.
 
     python benchmarks/documents.py [--events 20000] [--rounds 3]
@@ -94,9 +95,18 @@ def _drain_probe(sock: zmq.Socket, nonce: str) -> bool:
     return False
 
 
-def daemon_rate(proxy: ProxyProcess, docs: list[tuple[str, dict]]) -> tuple[float, int]:
+INTAKE_ONLY = """
+http: {{port: 0}}
+sources:
+  bluesky:
+    - {{name: bench, address: "{address}"}}
+consumers: []
+"""
+
+
+def daemon_rate(proxy: ProxyProcess, docs: list[tuple[str, dict]], config: str = CONFIG) -> tuple[float, int]:
     """(events/s analysed by the daemon, events it counted as missing when the run stopped)."""
-    daemon = Daemon(load_config(text=CONFIG.format(address=proxy.out_address), environ={}))
+    daemon = Daemon(load_config(text=config.format(address=proxy.out_address), environ={}))
     daemon.start()
     pub = Publisher(proxy.in_address, serializer=msgpack_serializer)
     try:
@@ -165,20 +175,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     docs = make_documents(args.events)
-    raw, daemon, peer = [], [], []
+    raw, daemon, peer, intake = [], [], [], []
     with ProxyProcess() as proxy:
         for _ in range(args.rounds):
             raw.append(raw_rate(proxy, docs))
             daemon.append(daemon_rate(proxy, docs))
             peer.append(dispatcher_rate(proxy, docs))
+            intake.append(daemon_rate(proxy, docs, INTAKE_ONLY)[0])
     r, d = statistics.median(x for x, _ in raw), statistics.median(x for x, _ in daemon)
-    p = statistics.median(peer)
+    p, i = statistics.median(peer), statistics.median(intake)
     for figure, value, unit, target in [
         ("raw_transport_events_per_s", r, "events/s", None),
         ("remote_dispatcher_events_per_s", p, "events/s", None),
         ("daemon_events_per_s", d, "events/s", None),
         ("daemon_over_raw_ratio", d / r, "ratio", ">= 0.5"),
         ("daemon_over_remote_dispatcher_ratio", d / p, "ratio", ">= 3"),
+        # the daemon with no consumers: receive, decode, validate, coalesce, route
+        ("intake_only_events_per_s", i, "events/s", None),
+        ("intake_only_over_raw_ratio", i / r, "ratio", None),
         # the proxy's PUB drops at its high-water mark when a subscriber falls behind (bluesky#1177):
         # the daemon counts those from the RunStop's num_events
         ("raw_events_lost", sum(n for _, n in raw), "events", None),
