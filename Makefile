@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean system-deps lock
+.PHONY: demo test test-under-load venv bench clean system-deps lock
 
 # System packages the tests use: promtool (Debian `prometheus`) and headless Chromium for the live
 # page. `make system-deps` installs the missing ones when run as root (CI, fresh machines) and
@@ -38,6 +38,10 @@ system-deps:
 ## Run the test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Run the test suite three times in a row with every core kept busy by CPU hogs (tests/under_load.py).
+test-under-load: $(STAMP)
+	$(BIN)/python tests/under_load.py --runs 3
 
 ## Run the benchmarks (JSON lines on stdout).
 bench: $(STAMP)

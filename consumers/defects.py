@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import sklearn
@@ -39,7 +39,7 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from beamlens.models.defect_net import CARD_PATH, MODEL_PATH, DefectNet, find_defects, load_card, load_session, normalise
+from beamlens.models.defect_net import MODELS, DefectNet, find_defects, load_card, load_session, normalise
 
 from .base import BadData, BufferSpec, Consumer, ConsumerParams, NotApplicable, Results, RunInfo, SeriesInfo
 from .tracking import DefectTracker
@@ -51,14 +51,19 @@ FRAME_TIME_KEYS = ("frame_time_s", "frame_time", "frame_period_s")
 
 
 class DefectsParams(ConsumerParams):
+    precision: Literal["fp32", "int8"] = "fp32"
+    """Which shipped network to run when ``model`` is not set: ``fp32`` (``defect_net.onnx``) or its
+    int8 static quantisation ``int8`` (``defect_net_int8.onnx``; same precision/recall on held-out
+    simulated frames within 0.01, see its model card; faster on CPUs with VNNI/AMX)."""
     model: str | None = None
-    """Path of the ONNX model; default: the shipped ``defect_net.onnx``."""
+    """Path of an ONNX model; default: the shipped network of ``precision``."""
     card: str | None = None
     """Path of its model card (JSON with ``sha256``); default: ``<model stem>.json`` beside the model."""
-    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    """onnxruntime execution providers, in order of preference; unavailable ones are skipped."""
+    providers: list[str] = ["CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    """onnxruntime execution providers, in order of preference; unavailable ones are skipped
+    (OpenVINO with the optional ``beamlens[openvino]`` extra)."""
     threads: int = Field(0, ge=0)
-    """onnxruntime intra-op threads (0: its default)."""
+    """onnxruntime intra-op threads (0: the cores this process may run on, ``os.sched_getaffinity``)."""
     spinning: bool = False
     """Let onnxruntime's idle threads spin-wait between calls (faster alone, slower beside the
     daemon's receive, decode and post-processing threads, which then lose their cores)."""
@@ -126,8 +131,9 @@ class DefectsConsumer(Consumer):
         p = self.params
         if len(info.sig_shape) != 2:
             raise NotApplicable(f"defects needs 2-D frames, the series has shape {info.sig_shape}")
-        model = Path(p.model) if p.model else MODEL_PATH
-        card_path = Path(p.card) if p.card else (CARD_PATH if p.model is None else model.with_suffix(".json"))
+        shipped_model, shipped_card = MODELS[p.precision]
+        model = Path(p.model) if p.model else shipped_model
+        card_path = Path(p.card) if p.card else (shipped_card if p.model is None else model.with_suffix(".json"))
         card = load_card(card_path)
         tile = int(card["input"]["tile"])
         if min(info.sig_shape) < tile:
@@ -158,6 +164,7 @@ class DefectsConsumer(Consumer):
         self.frames_since_fit = 0
         self._future: Future | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="defects-post") if p.background else None
+        self._buffers: list[np.ndarray] = []  # two normalised batches: one in the network, one in post-processing
 
     def result_buffers(self) -> list[BufferSpec]:
         k, p = self.params.n_classes, self.params.patch_px
@@ -184,12 +191,18 @@ class DefectsConsumer(Consumer):
     def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
         if frames.ndim != 3 or tuple(frames.shape[1:]) != self.shape:
             raise BadData("wrong_shape", f"frames of shape {frames.shape[1:]} in a series of {self.shape}")
-        usable = np.array([_usable(f) for f in frames], dtype=bool)
-        self.run.skipped("constant_frame", int((~usable).sum()))
-        frames, positions = frames[usable], positions[usable]
-        if not len(frames):
-            return
-        z = [normalise(f) for f in frames]
+        z = self._normalised(frames)
+        usable = np.ones(len(frames), dtype=bool)
+        for i, f in enumerate(frames):
+            try:
+                normalise(f, out=z[i])
+            except ValueError:  # constant or not finite
+                usable[i] = False
+        if not usable.all():
+            self.run.skipped("constant_frame", int((~usable).sum()))
+            z, positions = z[usable], positions[usable]
+            if not len(z):
+                return
         prob = self.net.probability_normalised(z)
         self._wait()  # at most one batch in post-processing; its errors surface here
         if self._pool is None:
@@ -197,7 +210,17 @@ class DefectsConsumer(Consumer):
         else:
             self._future = self._pool.submit(self._postprocess, z, prob, positions)
 
-    def _postprocess(self, z: list[np.ndarray], prob: np.ndarray, positions: np.ndarray) -> None:
+    def _normalised(self, frames: np.ndarray) -> np.ndarray:
+        """A float32 ``(n, rows, cols)`` buffer for this batch, alternating between two that are
+        reused from batch to batch (the other one may still be read by post-processing, which
+        :meth:`frames` waits for before it hands over the next batch)."""
+        n = len(frames)
+        if not getattr(self, "_buffers", None) or len(self._buffers[0]) < n:
+            self._buffers = [np.empty((n, *self.shape), dtype=np.float32) for _ in range(2)]
+        self._buffers.reverse()
+        return self._buffers[0][:n]
+
+    def _postprocess(self, z: np.ndarray, prob: np.ndarray, positions: np.ndarray) -> None:
         for frame, pmap, pos in zip(z, prob, positions):
             self.frame_index = int(pos) if pos >= 0 else self.frame_index + 1
             centres = find_defects(pmap, self.threshold, self.min_area, self.max_area)
@@ -212,7 +235,7 @@ class DefectsConsumer(Consumer):
             self._drain()
 
     # -- checkpoints -------------------------------------------------------------------------
-    transient = ("net", "_pool", "_future")
+    transient = ("net", "_pool", "_future", "_buffers")
 
     def __getstate__(self) -> dict[str, Any]:
         self._wait()  # the frame being post-processed in the background is part of the state
@@ -324,11 +347,6 @@ class DefectsConsumer(Consumer):
             self.gmm.fit(feats)
         if not self.gmm.converged_:
             self.log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
-
-
-def _usable(frame: np.ndarray) -> bool:
-    lo, hi = frame.min(), frame.max()
-    return bool(np.isfinite(lo) and np.isfinite(hi) and hi > lo)
 
 
 def _permute_gmm(gmm: GaussianMixture, order: np.ndarray) -> None:

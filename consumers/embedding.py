@@ -4,9 +4,12 @@ Event path (constant cost per spectrum): each spectrum is preprocessed and store
 current principal basis and, once an mLLE embedding exists, mapped into it out of sample
 (:func:`~beamlens.consumers.spectral.manifold.transform`) with its off-manifold ratio.
 
-Background (two :class:`~beamlens.consumers.spectral.background.Refitter` threads, so neither ever
-runs on the event path): the IncrementalPCA is updated with every ``batch_size`` new spectra, and
-all points are re-scored in the newest basis with each mLLE refit. The mLLE embedding is fitted
+Background (two :class:`~beamlens.consumers.spectral.background.Refitter`\ s, so neither ever
+runs on the event path): the IncrementalPCA is updated on a thread with every ``batch_size`` new
+spectra; the mLLE refits run in a worker process of the run's own (``refit_in_process``; the fit's
+Python and numpy work would otherwise hold the interpreter lock and slow the event path while it
+runs), which also re-scores all points in the basis current at the snapshot. The worker stops at
+the end of the run. The mLLE embedding is fitted
 once ``min_points`` spectra exist and refitted whenever the run has grown by ``refit_growth`` since
 the last fit, or as soon as the newest spectra lie off the learned manifold (median off-manifold
 ratio of a page above ``refit_residual_ratio``: a new phase appeared). A refit never runs on the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,6 +60,9 @@ class EmbeddingParams(SpectralParams):
     use an evenly spaced subset."""
     final_refit: bool = True
     """Refit the embedding on all points at the end of the run."""
+    refit_in_process: bool = True
+    """Run background mLLE refits in a worker process (False: a thread, sharing the GIL with the
+    event path)."""
     edge_window_ev: float = Field(10.0, gt=0)
     """Half-width (eV) of the window around the main edge of the fitted spectra (their mean) in
     which each spectrum's edge energy is estimated (for the progress sign). Post-edge oscillations
@@ -91,7 +98,7 @@ class EmbeddingConsumer(SpectralConsumer):
         self.k = min(self.params.n_components, c)
         self.store = PointStore(c)
         self.basis = IncrementalBasis(self.k, self.params.batch_size)
-        self.refitter = Refitter(f"beamlens-embedding-{self.run.uid[:8]}")
+        self.refitter = Refitter(f"beamlens-embedding-{self.run.uid[:8]}", process=self.params.refit_in_process)
         self.pca_refitter = Refitter(f"beamlens-embedding-pca-{self.run.uid[:8]}")
         self.pca_requested_upto = 0
         self.mean: np.ndarray | None = None  # current principal basis (c,), (k, c)
@@ -140,28 +147,18 @@ class EmbeddingConsumer(SpectralConsumer):
         if not hasattr(self, "store"):
             return
         self._install_basis(self.pca_refitter.wait(timeout=300))
-        self._install(self.refitter.wait(timeout=300))
+        try:
+            self._install(self.refitter.wait(timeout=300))
+        finally:
+            self.refitter.close()
         if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
             self._install_basis(self._basis())
             self._score(slice(0, self.store.n))
         n = self.store.n
         if self.params.final_refit and n >= self.params.min_points and (self.model is None or n > self.last_fit_n):
-            self._install(self._fit(self._snapshot()))
+            self._install(fit_snapshot(self._snapshot()))
 
     # -- internals ---------------------------------------------------------------------------
-    def _edge_energy(self, x: np.ndarray) -> np.ndarray:
-        """Edge energy per spectrum ``(n,)`` (eV), within ``edge_window_ev`` of the main edge of
-        the mean of ``x`` (so the window depends on the fitted points, not on page boundaries)."""
-        derivative = self.params.preprocess.derivative
-        sel = np.ones(x.shape[1], dtype=bool)
-        if self.energy is not None and x.shape[1] > 2:
-            mean = x.mean(axis=0)
-            d = mean if derivative else np.gradient(mean, self.energy)
-            window = np.abs(self.energy - self.energy[int(np.argmax(d))]) <= self.params.edge_window_ev
-            if window.sum() >= 3:
-                sel = window
-        return edge_position(x[:, sel], None if self.energy is None else self.energy[sel], derivative)
-
     def _pca_step(self, snap: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Background (PCA thread): fit the complete batches not yet fitted; the new basis."""
         x, n = snap
@@ -217,37 +214,19 @@ class EmbeddingConsumer(SpectralConsumer):
         # and for 10 % growth, so a heterogeneous scan (real STXM) does not refit continuously
         return self.off_manifold and n >= self.last_fit_n + max(p.n_neighbors, self.last_fit_n // 10)
 
-    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple | None]:
+    def _snapshot(self) -> tuple:
         n, cap = self.store.n, self.params.max_fit_points
         rows = np.arange(n) if n <= cap else np.linspace(0, n - 1, cap).round().astype(np.int64)
         self.last_fit_n = n
         self.off_manifold = False
         # rows [:n] are never rewritten: views are safe to hand to the worker
         basis = None if self.mean is None else (self.mean, self.comps)
-        return self.store.x[:n], rows, n, basis
+        p = self.params
+        settings = FitSettings(self.energy, p.preprocess.derivative, p.edge_window_ev, p.n_neighbors, p.n_embedding, p.n_pca)
+        return self.store.x[:n], rows, n, basis, settings
 
     def _request_refit(self) -> None:
-        self.refitter.request(self._fit, self._snapshot())
-
-    def _fit(self, snap: tuple) -> tuple[ManifoldModel, np.ndarray, np.ndarray, np.ndarray | None]:
-        """Background (refit thread): fit mLLE on the snapshot's fit rows, map its other rows, and
-        re-score all of them in the principal basis current at the snapshot.
-
-        Returns:
-            ``(model, coordinates (n, d), off-manifold ratio (n,), PCA scores (n, k) or None)``
-            for store rows ``[:n]``.
-        """
-        x, rows, n, basis = snap
-        p = self.params
-        model = fit_manifold(x[rows], self._edge_energy(x[rows]), n_neighbors=p.n_neighbors, n_components=p.n_embedding, n_pca=p.n_pca)
-        coords = np.empty((n, p.n_embedding))
-        ratio = np.empty(n)
-        coords[rows], ratio[rows] = model.y_train, model.loo_ratio
-        others = np.setdiff1d(np.arange(n), rows, assume_unique=True)
-        if len(others):
-            coords[others], ratio[others] = transform(model, x[others])
-        scores = None if basis is None else (x - basis[0]) @ basis[1].T
-        return model, coords, ratio, scores
+        self.refitter.request(fit_snapshot, self._snapshot())
 
     def _install(self, result: tuple | None) -> None:
         """Adopt a finished fit: coordinates (and scores) of the rows it covered, then map the rows
@@ -263,3 +242,55 @@ class EmbeddingConsumer(SpectralConsumer):
         self.mapped_upto = n
         self._map_new()
         self.results.embedding_fits[0] += 1
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What a background mLLE fit needs besides the spectra (sent to the worker process)."""
+
+    energy: np.ndarray | None
+    derivative: bool
+    edge_window_ev: float
+    n_neighbors: int
+    n_embedding: int
+    n_pca: int
+
+
+def edge_energy(x: np.ndarray, settings: FitSettings) -> np.ndarray:
+    """Edge energy per spectrum ``(n,)`` (eV) of spectra ``x`` ``(n, c)``, within
+    ``edge_window_ev`` of the main edge of the mean of ``x`` (so the window depends on the fitted
+    points, not on page boundaries)."""
+    energy, derivative = settings.energy, settings.derivative
+    sel = np.ones(x.shape[1], dtype=bool)
+    if energy is not None and x.shape[1] > 2:
+        mean = x.mean(axis=0)
+        d = mean if derivative else np.gradient(mean, energy)
+        window = np.abs(energy - energy[int(np.argmax(d))]) <= settings.edge_window_ev
+        if window.sum() >= 3:
+            sel = window
+    return edge_position(x[:, sel], None if energy is None else energy[sel], derivative)
+
+
+def fit_snapshot(snap: tuple) -> tuple[ManifoldModel, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Background (worker process or thread): fit mLLE on the snapshot's fit rows, map its other
+    rows, and re-score all of them in the principal basis current at the snapshot.
+
+    Args:
+        snap: ``(x (n, c) float64, fit rows (m,) int64, n, (mean (c,), components (k, c)) or None,
+            FitSettings)``.
+
+    Returns:
+        ``(model, coordinates (n, d), off-manifold ratio (n,), PCA scores (n, k) or None)`` for
+        store rows ``[:n]``.
+    """
+    x, rows, n, basis, settings = snap
+    model = fit_manifold(x[rows], edge_energy(x[rows], settings), n_neighbors=settings.n_neighbors,
+                         n_components=settings.n_embedding, n_pca=settings.n_pca)
+    coords = np.empty((n, settings.n_embedding))
+    ratio = np.empty(n)
+    coords[rows], ratio[rows] = model.y_train, model.loo_ratio
+    others = np.setdiff1d(np.arange(n), rows, assume_unique=True)
+    if len(others):
+        coords[others], ratio[others] = transform(model, x[others])
+    scores = None if basis is None else (x - basis[0]) @ basis[1].T
+    return model, coords, ratio, scores

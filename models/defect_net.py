@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 MODEL_DIR = Path(str(files("beamlens.models")))
 MODEL_PATH = MODEL_DIR / "defect_net.onnx"
 CARD_PATH = MODEL_DIR / "defect_net.json"
+MODELS = {"fp32": (MODEL_PATH, CARD_PATH),
+          "int8": (MODEL_DIR / "defect_net_int8.onnx", MODEL_DIR / "defect_net_int8.json")}
+"""The shipped networks by precision: the trained fp32 network and its int8 static quantisation
+(:mod:`beamlens.models.quantize_defects`), each with its model card."""
 REAL_FRAMES_DIR = MODEL_DIR / "data" / "stem_mos2_scilink"
 
 
@@ -52,6 +57,15 @@ def load_card(card_path: Path = CARD_PATH) -> dict[str, Any]:
     return json.loads(Path(card_path).read_text())
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (``os.sched_getaffinity``: honours taskset, cgroup cpusets
+    and container CPU pinning, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = None,
                  providers: list[str] | None = None, threads: int = 0, spinning: bool = True):
     """Open an onnxruntime session on a model after checking its sha256 against its card.
@@ -62,7 +76,7 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
         providers: onnxruntime execution providers in order of preference; those not available in
             this onnxruntime build are dropped (so ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
             runs on CUDA where present, on CPU otherwise). Default: CUDA if available, else CPU.
-        threads: ``intra_op_num_threads`` (0: onnxruntime's default).
+        threads: ``intra_op_num_threads`` (0: the cores this process may use, :func:`available_cores`).
         spinning: let idle intra-op threads spin-wait for the next call (onnxruntime's default,
             ``session.intra_op.allow_spinning``); inside the daemon, where other threads need the
             cores between network calls, False leaves them the CPU.
@@ -88,7 +102,7 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
     if not chosen:
         raise ValueError(f"none of the execution providers {wanted} is available (available: {available})")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or available_cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     if not spinning:
@@ -98,17 +112,26 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
     return session
 
 
-def normalise(frame: np.ndarray) -> np.ndarray:
+def normalise(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The network's input normalisation: per-frame z-score, float32 ``(rows, cols)``.
 
+    Args:
+        frame: ``(rows, cols)`` any real dtype.
+        out: optional float32 ``(rows, cols)`` buffer to write into (no allocation per frame).
+
     Raises:
-        ValueError: if the frame is constant or not finite.
+        ValueError: if the frame is constant or not finite (``out`` may then hold garbage).
     """
-    x = np.asarray(frame, dtype=np.float32)
-    sd = float(x.std())
+    if out is None:
+        out = np.empty(frame.shape, dtype=np.float32)
+    np.copyto(out, frame, casting="unsafe")
+    mean = out.mean(dtype=np.float64)
+    np.subtract(out, np.float32(mean), out=out)
+    sd = float(np.sqrt(np.vdot(out.ravel(), out.ravel()) / out.size))
     if not np.isfinite(sd) or sd == 0:
         raise ValueError("frame is constant or has non-finite values")
-    return (x - np.float32(x.mean())) / np.float32(sd)
+    np.multiply(out, np.float32(1.0 / sd), out=out)
+    return out
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
@@ -208,11 +231,15 @@ class DefectNet:
 
     def probability_normalised(self, frames: list[np.ndarray] | np.ndarray) -> np.ndarray:
         """As :meth:`probability`, for frames already passed through :func:`normalise`
-        (float32 ``(rows, cols)`` each)."""
+        (float32 ``(rows, cols)`` each, or one float32 ``(n, rows, cols)`` array). Frames of
+        exactly one tile go to the network without cutting or stitching (no copy of the batch)."""
         n = len(frames)
         shape = tuple(frames[0].shape)
         tiling = self.tiling(shape)
         per = len(tiling.origins)
+        if per == 1 and isinstance(frames, np.ndarray) and frames.dtype == np.float32 and frames.flags.c_contiguous \
+                and len(frames) <= max(self.batch_tiles, 1):
+            return self.session.run(None, {self.input_name: frames[:, None]})[0][:, 0]
         tiles = np.empty((n * per, 1, self.tile, self.tile), dtype=np.float32)
         for i, f in enumerate(frames):
             tiling.cut(f, tiles[i * per:(i + 1) * per])
@@ -270,3 +297,25 @@ def match_points(found: np.ndarray, true: np.ndarray, radius: float) -> tuple[in
     r, c = linear_sum_assignment(cost)
     tp = int((d[r, c] <= radius).sum())
     return tp, len(found) - tp, len(true) - tp
+
+
+def evaluate(net: DefectNet, n_frames: int, seed: int) -> dict[str, float]:
+    """Precision/recall of a network on held-out default-parameter simulated movies
+    (:class:`beamlens.models.stem_sim.Movie`, 256 x 256 px), post-processed as its card says
+    (threshold, minimum blob area), matching within half the column spacing.
+
+    Returns:
+        ``{"precision", "recall", "frames", "defects", "match_radius_px"}``.
+    """
+    from .stem_sim import Movie, MovieParams
+
+    post = net.card["postprocessing"]
+    tp = fp = fn = 0
+    params = MovieParams()
+    radius = 0.5 * params.lattice.column_spacing_px
+    for img, truth in Movie(params, seed=seed).frames(n_frames):
+        found = find_defects(net.probability(img[None])[0], float(post["threshold"]), int(post["min_area_px"]))
+        a, b, c = match_points(found, truth.positions, radius)
+        tp, fp, fn = tp + a, fp + b, fn + c
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "frames": n_frames,
+            "defects": tp + fn, "match_radius_px": radius}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .defect_net import DefectNet, find_defects, load_session, match_points, sha256_file
+from .defect_net import DefectNet, evaluate, load_session, sha256_file
 from .stem_sim import KINDS, Movie, MovieParams, random_params
 
 log = logging.getLogger("beamlens.models.train_defects")
@@ -127,21 +127,6 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (p * target).sum()
     dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
     return bce + dice
-
-
-def evaluate(net: DefectNet, n_frames: int, seed: int) -> dict[str, float]:
-    """Precision/recall of the exported network on held-out default-parameter movies (256 x 256),
-    matching within half the column spacing."""
-    tp = fp = fn = 0
-    params = MovieParams()
-    radius = 0.5 * params.lattice.column_spacing_px
-    movie = Movie(params, seed=seed)
-    for img, truth in movie.frames(n_frames):
-        found = find_defects(net.probability(img[None])[0], THRESHOLD, MIN_AREA)
-        a, b, c = match_points(found, truth.positions, radius)
-        tp, fp, fn = tp + a, fp + b, fn + c
-    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "frames": n_frames,
-            "defects": tp + fn, "match_radius_px": radius}
 
 
 def train(out: Path, seed: int = 0, n_train: int = 1500, crop: int = 96, iterations: int = 1200,

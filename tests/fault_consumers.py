@@ -45,8 +45,13 @@ class Sleepy(Consumer):
     Params = SleepyParams
     params: SleepyParams
 
+    spans: list[tuple[float, float]] = []
+    """(monotonic start, end) of every sleep, for tests that reason about when the router hung."""
+
     def event_page(self, doc, positions):
+        t0 = time.monotonic()
         time.sleep(self.params.seconds_per_page)
+        Sleepy.spans.append((t0, time.monotonic()))
 
 
 class Counting(Consumer):

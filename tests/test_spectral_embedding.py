@@ -2,6 +2,8 @@
 reaction path, sign reproducibility, background refits and the off-manifold trigger."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 
 import numpy as np
@@ -56,7 +58,7 @@ def test_incremental_pca_matches_batch_pca():
     assert abs(np.corrcoef(score, ref)[0, 1]) >= 0.9999
 
 
-def test_mlle_fits_run_off_the_router_thread(monkeypatch):
+def test_mlle_fits_run_off_the_router_thread_when_threaded(monkeypatch):
     threads: list[str] = []
     real = embedding_module.fit_manifold
 
@@ -65,10 +67,32 @@ def test_mlle_fits_run_off_the_router_thread(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(embedding_module, "fit_manifold", recording)
-    r = replay(embedding_yaml(final_refit="false"), reaction_path_map(seed=2))
+    r = replay(embedding_yaml(final_refit="false", refit_in_process="false"), reaction_path_map(seed=2))
     assert threads and all(name.startswith("beamlens-embedding-") for name in threads), threads
     assert int(r.get("emb", "embedding_fits")[0]) >= 1
     assert np.isfinite(r.get("emb", "progress")).all()  # every point mapped, in sample or out of sample
+
+
+def test_mlle_refits_run_in_a_worker_process_that_ends_with_the_run():
+    data = reaction_path_map(seed=2)
+    r = replay(embedding_yaml(final_refit="false"), data, stop=False, settle_after=120)
+    consumer = r.consumer("emb")
+    refitter = consumer.refitter
+    assert refitter.process and refitter.fits_done >= 1
+    pid = refitter.worker_pid
+    assert pid is not None and pid != os.getpid()
+    assert pid in {p.pid for p in multiprocessing.active_children()}
+    r.router.stop()  # closes the open run (incomplete): the consumer's stop ends its worker
+    assert refitter.worker_pid is None
+    assert pid not in {p.pid for p in multiprocessing.active_children()}
+    assert int(r.get("emb", "embedding_fits")[0]) >= 1
+    assert np.isfinite(r.get("emb", "progress")).all()
+
+
+def test_thread_and_process_refits_give_the_same_maps():
+    data = reaction_path_map(seed=1)
+    maps = [replay(embedding_yaml(refit_in_process=flag), data).get("emb", "progress") for flag in ("true", "false")]
+    np.testing.assert_allclose(maps[0], maps[1], rtol=1e-10, atol=1e-12)
 
 
 def test_a_new_phase_lies_off_the_manifold():

@@ -2,9 +2,18 @@
 
 A SUB socket connects to the proxy's out address and subscribes to ``prefix + b" "`` (bluesky's
 Publisher framing, see :mod:`beamlens.daemon.documents`) and to :data:`PROBE_PREFIX`. Every message is
-size-checked, split, decoded with the configured serializer and validated against event_model's
-schemas in this thread; good documents go to the router's queue (blocking when it is full), bad ones
-are logged and counted under a reason, and the loop goes on.
+size-checked, split (the payload is decoded from a view of the received bytes, not a copy), decoded
+with the configured serializer and validated against event_model's schemas in this thread
+(:func:`~beamlens.daemon.documents.decode_document`: full schema for RunStart/Descriptor/RunStop, a
+structural fast path for Events); good documents go to the router's queue (blocking when it is full),
+bad ones are logged and counted under a reason, and the loop goes on.
+
+Intake near the transport: each wake-up drains what the socket already holds (at most
+:data:`MAX_DRAIN` messages or :data:`MAX_DRAIN_BYTES`, so no wait is added and memory stays bounded),
+decodes and validates every message on its own, then packs runs of consecutive valid Events of one
+descriptor into one EventPage (:func:`~beamlens.daemon.documents.coalesce_events`), so the router,
+its queue and the consumers see one item per burst instead of one per Event. Order is kept; a bad
+message between two Events only ends the page.
 
 Readiness: PUB/SUB silently drops what is published before the subscription reaches the publisher
 (the slow-joiner problem, bluesky#2014). A peer that must not lose the first run publishes
@@ -26,13 +35,18 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import BlueskySourceConfig
-from ..documents import PROBE_PREFIX, DecodeError, Document, decode_document, make_deserializer, split_message
+from ..documents import (PROBE_PREFIX, DecodeError, Document, coalesce_events, decode_document, make_deserializer,
+                         split_message)
 from ..metrics import Metrics
 from .curve import HANDSHAKE_FAILED, apply_curve_client, handshake_failure_reason
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+MAX_DRAIN = 256
+"""Most messages taken from the socket per wake-up (also the largest coalesced EventPage)."""
+MAX_DRAIN_BYTES = 32 << 20
+"""Stop draining once this many bytes are held (bounds memory whatever ``max_message_bytes`` is)."""
 
 
 class BlueskyZmqSource:
@@ -41,7 +55,8 @@ class BlueskyZmqSource:
     Args:
         config: the source's config section.
         metrics: where to count documents and rejects.
-        emit: called with each good :class:`Document`; may block (backpressure).
+        emit: called with each good :class:`Document` (consecutive Events arrive packed as one
+            ``event_page``); may block (backpressure).
         context: 0MQ context to use (a new one by default).
     """
 
@@ -109,12 +124,7 @@ class BlueskyZmqSource:
                 if monitor in events:
                     self._on_monitor(recv_monitor_message(monitor))
                 if sock in events:
-                    while True:
-                        try:
-                            message = sock.recv(zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
-                            break
-                        self.handle(message)
+                    self._drain(sock)
         finally:
             sock.disable_monitor()
             monitor.close(0)
@@ -136,27 +146,60 @@ class BlueskyZmqSource:
             self.metrics.source_connected.labels(self.name).set(0)
             log.warning("source %s lost its connection to %s; 0MQ is reconnecting", self.name, self.config.address)
 
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Take what the socket holds now (bounded), decode each message, emit coalesced."""
+        while True:
+            docs: list[Document] = []
+            held = 0
+            while len(docs) < MAX_DRAIN and held < MAX_DRAIN_BYTES:
+                try:
+                    message = sock.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                held += len(message)
+                doc = self.decode(message)
+                if doc is not None:
+                    docs.append(doc)
+            self._emit_all(docs)
+            if len(docs) < MAX_DRAIN and held < MAX_DRAIN_BYTES:
+                return
+
+    def _emit_all(self, docs: list[Document]) -> None:
+        counts: dict[str, int] = {}
+        for d in docs:
+            counts[d.name] = counts.get(d.name, 0) + 1
+        for name, n in counts.items():
+            self.metrics.documents_received.labels(self.name, name).inc(n)
+        for d in coalesce_events(docs, MAX_DRAIN):
+            self.emit(d)
+
     def handle(self, message: bytes) -> None:
         """Decode one raw message and emit it, or count why not. Never raises."""
+        doc = self.decode(message)
+        if doc is not None:
+            self._emit_all([doc])
+
+    def decode(self, message: bytes) -> Document | None:
+        """One raw message as a validated :class:`Document`; None for a probe or a rejected
+        message (logged and counted under its reason). Never raises."""
         try:
             if len(message) > self.config.max_message_bytes:
                 raise DecodeError("oversized", f"message of {len(message)} bytes exceeds max_message_bytes")
             prefix, name, payload = split_message(message, self.prefix)
             if prefix == PROBE_PREFIX:
                 self._on_probe(payload)
-                return
+                return None
             if prefix != self.prefix:
                 raise DecodeError("wrong_prefix", "message prefix does not match")
             doc = decode_document(name, payload, self.loads, validate=self.config.validate_documents)
         except DecodeError as exc:
             self.metrics.bad_messages.labels(self.name, exc.reason).inc()
             log.warning("source %s rejected a message (%s): %s", self.name, exc.reason, exc)
-            return
-        self.metrics.documents_received.labels(self.name, name).inc()
-        self.emit(Document(name=name, doc=doc, source=self.name, received=time.time()))
+            return None
+        return Document(name=name, doc=doc, source=self.name, received=time.time())
 
-    def _on_probe(self, payload: bytes) -> None:
-        nonce = payload[1:65].decode("ascii", "replace")  # after the 0xC1 guard byte
+    def _on_probe(self, payload: memoryview) -> None:
+        nonce = bytes(payload[1:65]).decode("ascii", "replace")  # after the 0xC1 guard byte
         with self._probe_lock:
             if len(self._probes) > 1000:
                 self._probes.clear()

@@ -1,0 +1,62 @@
+"""The int8 variant of the shipped defect network: its card, its held-out precision and recall beside
+the fp32 network's on the same frames, and its selection in the consumer's config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from beamlens.models.defect_net import MODELS, DefectNet, available_cores, evaluate, load_card, load_session, sha256_file
+from beamlens.models.quantize_defects import MAX_LOSS
+
+from defects_helpers import feed, make_consumer
+
+HELD_OUT_SEED = 2025  # neither the calibration (random_params, seed 7) nor the card's evaluation (seed 1000)
+
+
+def test_int8_model_matches_its_card_and_records_its_source():
+    path, card_path = MODELS["int8"]
+    card, fp32 = load_card(card_path), load_card(MODELS["fp32"][1])
+    assert sha256_file(path) == card["sha256"] and path.stat().st_size == card["size_bytes"]
+    assert card["quantisation"]["source"]["sha256"] == fp32["sha256"]
+    assert card["input"] == fp32["input"] and card["postprocessing"] == fp32["postprocessing"]
+    m8, m32 = card["metrics"]["held_out_simulated"], card["metrics"]["held_out_simulated_fp32"]
+    assert m32["precision"] - m8["precision"] <= MAX_LOSS and m32["recall"] - m8["recall"] <= MAX_LOSS
+
+
+def test_int8_keeps_precision_and_recall_of_fp32_on_fresh_held_out_frames():
+    nets = {k: DefectNet(load_session(p, load_card(c), ["CPUExecutionProvider"], threads=1), load_card(c))
+            for k, (p, c) in MODELS.items()}
+    m = {k: evaluate(net, 12, HELD_OUT_SEED) for k, net in nets.items()}
+    assert m["fp32"]["defects"] >= 100
+    for figure in ("precision", "recall"):
+        assert m["fp32"][figure] - m["int8"][figure] <= MAX_LOSS, m
+
+
+def test_consumer_runs_the_int8_network_when_configured():
+    from beamlens.models.stem_sim import Movie, MovieParams
+
+    frames = np.stack([f for f, _ in Movie(MovieParams(), seed=HELD_OUT_SEED).frames(8)])
+    results = {}
+    for precision in ("fp32", "int8"):
+        consumer, info = make_consumer(frames.shape[1:], len(frames), precision=precision, fit_after=20)
+        assert consumer.model_sha256 == load_card(MODELS[precision][1])["sha256"]
+        feed(consumer, info, frames)
+        results[precision] = consumer.results.total.copy()
+    np.testing.assert_allclose(results["int8"], results["fp32"], atol=1)  # a defect more or less per frame at most
+
+
+def test_thread_count_follows_the_cores_this_process_may_use():
+    import os
+
+    assert available_cores() == len(os.sched_getaffinity(0))
+    session = load_session(providers=["CPUExecutionProvider"], threads=0)
+    assert session.get_session_options().intra_op_num_threads == available_cores()
+    assert load_session(providers=["CPUExecutionProvider"], threads=1).get_session_options().intra_op_num_threads == 1
+
+
+def test_unknown_precision_is_a_config_error():
+    from pydantic import ValidationError
+
+    from beamlens.consumers.defects import DefectsConsumer
+    with pytest.raises(ValidationError):
+        DefectsConsumer.Params(precision="fp16")
