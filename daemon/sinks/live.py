@@ -21,6 +21,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from ..results import RunState, RunStore
+from .jsonsafe import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class LiveFeed:
         with self._lock:
             touched, self._touched = self._touched, set()
         old = self.state
-        runs = self.store.summaries()
+        runs = json_safe(self.store.summaries())  # RunStart values are the wire's: ExtType, numpy, NaN
         live_uids = {r["uid"] for r in runs}
         digests = {k: v for k, v in old.digests.items() if k[0] in live_uids and k[0] not in touched}
         for summary in runs:
@@ -113,7 +114,7 @@ class LiveFeed:
                         digests[(uid, consumer, buffer)] = buffer_digest(self.store.snapshot(uid, consumer, buffer).data)
                     except KeyError:  # buffers not allocated yet
                         continue
-        status = health_status(self.registry)
+        status = json_safe(health_status(self.registry))
         if runs == old.runs and status == old.status and digests == old.digests:
             return False
         self.state = LiveState(old.version + 1, runs, status, digests)
