@@ -45,6 +45,7 @@ from ..results import BufferSnapshot, RunStore
 from .httpguard import ConnectionGuard, host_allowed, limit_flood_logging, tcp_all_acked, tcp_window
 from .jsonsafe import json_safe
 from .live import LiveFeed, LiveState, changed_buffers, health_status
+from .point import point_results
 from .render import render_png
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class HTTPServer:
             web.get("/api/runs", self.handle_runs),
             web.get("/api/runs/{uid}", self.handle_run),
             web.get(r"/api/runs/{uid}/{consumer}/{buffer}.{ext:json|png|f32}", self.handle_buffer),
+            web.get("/api/runs/{uid}/{consumer}/point", self.handle_point),
+            web.get("/api/runs/{uid}/{consumer}/{buffer}/history", self.handle_history),
             web.get("/api/status", self.handle_status),
             web.get("/api/stream", self.handle_stream),
             web.get("/", self.handle_index),
@@ -299,13 +302,38 @@ class HTTPServer:
         return web.json_response(body, status=200 if ok else 503)
 
     async def handle_runs(self, request: web.Request) -> web.Response:
+        if self.feed is not None:
+            return _json(self.feed.summaries())
         return _json(json_safe(self.store.summaries()))
 
     async def handle_run(self, request: web.Request) -> web.Response:
         run = self.store.get(request.match_info["uid"])
         if run is None:
             raise web.HTTPNotFound(text="no such run")
-        return _json(json_safe(run.summary()))
+        return _json(self.feed.summary(run) if self.feed is not None else json_safe(run.summary()))
+
+    async def handle_point(self, request: web.Request) -> web.Response:
+        """One scan point of one consumer (``?nav=row,col``): see :mod:`~beamlens.daemon.sinks.point`."""
+        m = request.match_info
+        try:
+            body = point_results(self.store, m["uid"], m["consumer"], request.query.get("nav", ""))
+        except KeyError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return _json(body)
+
+    async def handle_history(self, request: web.Request) -> web.Response:
+        """A ``single`` buffer's values over wall-clock time, as the server recorded them:
+        ``{"t": [unix s, ...], "values": [[...], ...]}`` (oldest first, at most
+        :data:`~beamlens.daemon.sinks.live.HISTORY_SAMPLES`)."""
+        m = request.match_info
+        run = self.store.get(m["uid"])
+        if run is None or self.feed is None:
+            raise web.HTTPNotFound(text="no such run")
+        samples = list(self.feed.history.get((run.uid, m["consumer"], m["buffer"]), ()))
+        return _json({"run": run.uid, "consumer": m["consumer"], "buffer": m["buffer"],
+                      "t": [t for t, _ in samples], "values": [v for _, v in samples]})
 
     async def handle_buffer(self, request: web.Request) -> web.Response:
         m = request.match_info

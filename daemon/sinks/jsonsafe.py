@@ -65,3 +65,11 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if type(value) in (list, tuple, set, frozenset):  # not named tuples such as msgpack's ExtType
         return [json_safe(v, depth + 1) for _, v in zip(range(MAX_ITEMS), value)]
     return _text(value)
+
+
+def finite_list(array: Any) -> Any:
+    """A numeric array as nested lists of floats, NaN and infinities as None (any size)."""
+    data = np.asarray(array, dtype=np.float64)
+    values = data.astype(object)
+    values[~np.isfinite(data)] = None
+    return values.tolist()
