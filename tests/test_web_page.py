@@ -252,3 +252,33 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web_page_steer.png"), full_page=True)
     assert not errors, errors
+
+
+def test_frame_run_shows_the_newest_frame_with_its_defects(make_daemon, browser_page):
+    """A microscope movie (array-1.0 over ZeroMQ) through the defects network: the page shows the
+    newest frame with as many class-coloured circles as the API lists defects for it."""
+    from beamlens.daemon.sim.microscope import SimulatedMicroscope
+    from frame_helpers import counter, daemon_yaml, frame_source_yaml
+    from helpers import wait_for
+
+    page, errors = browser_page
+    n = 16
+    with SimulatedMicroscope(n_frames=n, rate_hz=None, seed=5) as scope:
+        daemon = make_daemon(daemon_yaml(
+            [frame_source_yaml("stem", "array-1.0", scope.address)],
+            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
+        scope.start()
+        scope.join(60)
+        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n, timeout=120)
+    (run,) = daemon.store.summaries()
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{run['uid']}/defects/frame_defects.json")
+    listed = sum(row[0] is not None for row in json.loads(body)["data"])
+    assert status == 200 and listed > 0
+    page.goto(daemon.http.url + "/")
+    sel = "figure[data-key='defects/frame'] canvas.frame"
+    wait_js(page, f"document.querySelector(\"{sel}\")?.dataset.defects === '{listed}'", timeout=15_000)
+    assert page.locator("figure[data-key='defects/frame'] .legend span").count() >= 1
+    assert page.locator("figure[data-key='defects/frame_defects']").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("figure[data-key='defects/frame']").screenshot(path=str(ARTIFACTS / "frame.png"))
+    assert not errors, errors

@@ -102,6 +102,12 @@ function axisValue(a, i) {
   if (a.values && a.values.length === a.num && a.values[i] !== null) return a.values[i];
   return a.num > 1 ? a.start + (a.stop - a.start) * i / (a.num - 1) : a.start;
 }
+// tick labels with as many decimals as the axis span needs (motor positions like -4709.95 mm)
+function axisTick(v, a) {
+  const span = Math.abs(a.stop - a.start) || 1;
+  if (Math.abs(v) >= 1e6 || (Math.abs(v) < 1e-3 && v !== 0 && span < 1e-3)) return v.toExponential(2);
+  return v.toFixed(Math.min(6, Math.max(0, Math.ceil(-Math.log10(span / 4)) + 1)));
+}
 function axisTitle(a, fallback) { return a.motor ? (a.units ? `${a.name} (${a.units})` : a.name) : fallback; }
 
 function percentile(sorted, p) {
@@ -257,13 +263,13 @@ class MapCard {
     ctx.textAlign = "center"; ctx.textBaseline = "top";
     for (const c of ticks(g.xa, this.cols)) {
       const [x] = this.toScreen(g, 0, c);
-      ctx.fillText(tick(axisValue(g.xa, c)), x + g.s / 2, g.T + h + 4);
+      ctx.fillText(axisTick(axisValue(g.xa, c), g.xa), x + g.s / 2, g.T + h + 4);
     }
     ctx.fillText(axisTitle(g.xa, "column index (fast axis)"), g.L + w / 2, g.T + h + 22);
     ctx.textAlign = "right"; ctx.textBaseline = "middle";
     for (const r of ticks(g.ya, this.rows)) {
       const [, y] = this.toScreen(g, r, 0);
-      ctx.fillText(tick(axisValue(g.ya, r)), g.L - 4, y + g.s / 2);
+      ctx.fillText(axisTick(axisValue(g.ya, r), g.ya), g.L - 4, y + g.s / 2);
     }
     ctx.save(); ctx.translate(11, g.T + h / 2); ctx.rotate(-Math.PI / 2);
     ctx.textAlign = "center"; ctx.fillText(axisTitle(g.ya, "row index (slow axis)"), 0, 0); ctx.restore();
@@ -414,6 +420,62 @@ class PlotCard {
   }
 }
 
+// -- the newest detector frame with its defects -------------------------------------------------
+// A consumer publishing "frame" (binned picture), "frame_defects" (row, col, class in frame px)
+// and "frame_bin" (frame px per picture pixel) gets one card: the frame in grey, each defect a
+// circle in its class colour.
+class FrameCard {
+  constructor(key, spec, consumer) {
+    this.key = key; this.spec = spec; this.consumer = consumer; this.kind = "frame";
+    this.canvas = el("canvas", { class: "frame", role: "img", "aria-label": `newest frame of ${consumer}, none yet` });
+    this.legend = el("div", { class: "legend" });
+    this.fig = el("figure", { class: "card", "data-key": key },
+      el("figcaption", { text: `${consumer}: newest frame` }, el("span", { class: "desc", text: "defects circled in their class colour" })),
+      this.canvas, this.legend);
+  }
+
+  update(b) {
+    const [rows, cols] = b.frame.shape;
+    const [lo, hi] = finiteRange(b.frame.values);
+    const img = new ImageData(cols, rows);
+    for (let i = 0; i < rows * cols; i++) {
+      const v = b.frame.values[i];
+      const g = Number.isFinite(v) && hi > lo ? Math.round(255 * (v - lo) / (hi - lo)) : 0;
+      img.data[4 * i] = img.data[4 * i + 1] = img.data[4 * i + 2] = g; img.data[4 * i + 3] = 255;
+    }
+    const off = document.createElement("canvas");
+    off.width = cols; off.height = rows;
+    off.getContext("2d").putImageData(img, 0, 0);
+    const s = Math.max(1, Math.min(400 / cols, 400 / rows));
+    const ctx = sizeCanvas(this.canvas, cols * s, rows * s);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(off, 0, 0, cols * s, rows * s);
+    const f = (b.bin.data && b.bin.data[0]) || 1;
+    const classes = new Map();
+    ctx.lineWidth = 2;
+    for (const [r, c, k] of b.defects.data) {
+      if (r === null || c === null || k === null) continue;
+      classes.set(k, (classes.get(k) || 0) + 1);
+      ctx.strokeStyle = PALETTE[k % PALETTE.length];
+      ctx.beginPath(); ctx.arc((c / f + 0.5) * s, (r / f + 0.5) * s, Math.max(4, 6 * s / f + 3), 0, 2 * Math.PI); ctx.stroke();
+    }
+    const n = [...classes.values()].reduce((a, x) => a + x, 0);
+    this.canvas.setAttribute("aria-label", `newest frame of ${this.consumer}: ${n} defects circled`);
+    this.canvas.dataset.defects = String(n);
+    this.legend.replaceChildren(...[...classes.keys()].sort().map((k) =>
+      el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), `class ${k}: ${classes.get(k)}`)));
+  }
+}
+
+function requestFrame(uid, key, card) {
+  const base = `api/runs/${encodeURIComponent(uid)}/${encodeURIComponent(card.consumer)}`;
+  return Promise.all([
+    fetch(`${base}/frame.f32`).then(async (r) => (r.ok ? { shape: r.headers.get("X-Shape").split(",").map(Number), values: new Float32Array(await r.arrayBuffer()) } : null)),
+    fetch(`${base}/frame_defects.json`).then((r) => (r.ok ? r.json() : null)),
+    fetch(`${base}/frame_bin.json`).then((r) => (r.ok ? r.json() : null)),
+  ]).then(([frame, defects, bin]) => (frame && defects && bin ? { frame, defects, bin } : null));
+}
+
 // -- the clicked scan point --------------------------------------------------------------------
 // For every consumer with a spectral model, the model spectrum at that point (api/.../point)
 // beside the components it is made of, and the point's value in every map.
@@ -485,10 +547,11 @@ function ensureCards(run) {
       const key = `${consumer}/${name}`;
       if (state.cards.has(key)) { state.cards.get(key).run = run; continue; }
       if (state.hidden.has(key)) continue;
-      const card = cardFor(key, spec, run);
+      if (["frame_defects", "frame_bin"].includes(name) && c.buffers.frame) { state.hidden.add(key); continue; }
+      const card = name === "frame" && c.buffers.frame_defects ? new FrameCard(key, spec, consumer) : cardFor(key, spec, run);
       if (!card) { state.hidden.add(key); continue; }
       state.cards.set(key, card);
-      (card instanceof MapCard ? maps : plots).append(card.fig);
+      (card instanceof MapCard || card instanceof FrameCard ? maps : plots).append(card.fig);
       requestBuffer(run.uid, key);
     }
   }
@@ -514,14 +577,14 @@ function requestBuffer(uid, key) {
   const binary = card instanceof MapCard;  // maps travel as float32, plots as JSON (with their axis)
   const url = `api/runs/${encodeURIComponent(uid)}/${encodeURIComponent(consumer)}/${encodeURIComponent(buffer)}`;
   const history = card.kind === "single";  // single values: their history, kept by the server
-  fetch(history ? `${url}/history` : `${url}.${binary ? "f32" : "json"}`)
+  const got = card instanceof FrameCard ? requestFrame(uid, key, card) : fetch(history ? `${url}/history` : `${url}.${binary ? "f32" : "json"}`)
     .then(async (r) => {
       if (!r.ok) return null;
       if (!binary) return r.json();
       const shape = r.headers.get("X-Shape").split(",").map(Number);
       return { shape, values: new Float32Array(await r.arrayBuffer()) };
-    })
-    .then((b) => {
+    });
+  got.then((b) => {
       if (b && uid === state.selected && state.cards.get(key) === card) card.update(b);
     })
     .catch((err) => console.warn("fetching", id, "failed:", err))
@@ -548,7 +611,8 @@ function onChanged(changed) {
   for (const { run, consumer, buffer } of changed) {
     if (run !== state.selected) continue;
     mine = true;
-    if (state.cards.has(`${consumer}/${buffer}`)) requestBuffer(run, `${consumer}/${buffer}`);
+    const key = ["frame_defects", "frame_bin"].includes(buffer) ? `${consumer}/frame` : `${consumer}/${buffer}`;
+    if (state.cards.has(key)) requestBuffer(run, key);
   }
   if (mine && state.point) loadPoint();
 }
