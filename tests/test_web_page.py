@@ -249,6 +249,7 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
                            timeout=15_000)
     page.mouse.click(*pixel_centre(page.locator(sel), r, c, rows=12, cols=16))
     page.wait_for_selector(card, timeout=10_000)
+    page.mouse.move(0, 0)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web_page_steer.png"), full_page=True)
     assert not errors, errors

@@ -191,7 +191,7 @@ class MapCard {
     const [ya, xa] = this.spec.sigImage ? [{ start: 1, stop: 0, num: this.rows }, { start: 0, stop: 1, num: this.cols }]
       : mapAxes(this.run, this.rows, this.cols);
     const s = Math.max(1, Math.min(Math.floor(300 / this.cols), Math.floor(300 / this.rows)));
-    const L = this.spec.sigImage ? 4 : 58, B = this.spec.sigImage ? 4 : 40, T = 6, R = 10;
+    const L = this.spec.sigImage ? 4 : 72, B = this.spec.sigImage ? 4 : 40, T = 6, R = this.spec.sigImage ? 4 : 26;
     return { ya, xa, s, L, B, T, R, W: L + this.cols * s + R, H: T + this.rows * s + B,
       flipX: xa.stop < xa.start, flipY: ya.stop < ya.start };
   }
@@ -289,7 +289,7 @@ class MapCard {
   where(r, c) {
     if (this.spec.sigImage) return "";
     const [ya, xa] = [this.g.ya, this.g.xa];
-    const parts = [[xa, c], [ya, r]].filter(([a]) => a.motor).map(([a, i]) => `${a.name} = ${fmt(axisValue(a, i))}${a.units ? " " + a.units : ""}`);
+    const parts = [[xa, c], [ya, r]].filter(([a]) => a.motor).map(([a, i]) => `${a.name} = ${axisTick(axisValue(a, i), a)}${a.units ? " " + a.units : ""}`);
     return parts.length ? ` (${parts.join(", ")})` : "";
   }
 
