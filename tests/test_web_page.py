@@ -158,20 +158,11 @@ def test_map_values_by_hover_and_keyboard(proxy, beamline, make_daemon, browser_
     assert not errors, errors
 
 
-STEER = """
-consumers:
-  - {name: stats, class: stats, params: {units: OD}}
-  - {name: pca, class: pca, params: {n_components: 2, batch_size: 16}}
-outputs:
-  web: {push_interval_s: 0.1}
-"""
-
-
 def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_page):
     """Motor axes y up, click a pixel -> its model spectrum equals the API's, colour limits,
     server-side history that survives a reload, the run picker; screenshot for the README."""
     page, errors = browser_page
-    daemon = make_daemon(source_yaml(proxy.out_address) + STEER)
+    daemon = make_daemon(source_yaml(proxy.out_address) + CONSUMERS)
     subscribe(daemon, proxy)
     first = beamline.map_scan(stxm_map().region(slice(70, 76), slice(40, 46)))
     wait_run_finished(daemon, first)
@@ -258,19 +249,10 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
 def test_frame_run_shows_the_newest_frame_with_its_defects(make_daemon, browser_page):
     """A microscope movie (array-1.0 over ZeroMQ) through the defects network: the page shows the
     newest frame with as many class-coloured circles as the API lists defects for it."""
-    from beamlens.daemon.sim.microscope import SimulatedMicroscope
-    from frame_helpers import counter, daemon_yaml, frame_source_yaml
-    from helpers import wait_for
+    from frame_helpers import defects_movie_daemon
 
     page, errors = browser_page
-    n = 16
-    with SimulatedMicroscope(n_frames=n, rate_hz=None, seed=5) as scope:
-        daemon = make_daemon(daemon_yaml(
-            [frame_source_yaml("stem", "array-1.0", scope.address)],
-            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
-        scope.start()
-        scope.join(60)
-        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n, timeout=120)
+    daemon, _ = defects_movie_daemon(make_daemon, 16)
     (run,) = daemon.store.summaries()
     status, body, _ = http_get(f"{daemon.http.url}/api/runs/{run['uid']}/defects/frame_defects.json")
     listed = sum(row[0] is not None for row in json.loads(body)["data"])
