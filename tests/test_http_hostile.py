@@ -84,8 +84,13 @@ def test_thousand_half_open_connections_leave_health_and_metrics_reachable(daemo
         for s in attackers:
             s.close()
     assert http_get(d.url + "/health")[0] == 200
+    # 300 malformed requests: aiohttp logs each with a traceback; the log is rate-limited
+    for _ in range(300):
+        with _connect(port, b"GET /health HTTP/1.1\r\nX-No-Host: 1\r\n\r\n") as s:  # 400: no Host
+            s.recv(1024)
+    assert http_get(d.url + "/health")[0] == 200
     tracebacks = sum("Traceback" in line for line in d.lines)
-    assert tracebacks <= 10, f"{tracebacks} tracebacks logged"
+    assert 1 <= tracebacks <= 12, f"{tracebacks} tracebacks logged"
     assert d.proc.poll() is None
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from ..results import RunState, RunStore
-from .axes import motor_names, scan_axes
+from .axes import MotorReadings, motor_names, scan_axes
 from .jsonsafe import json_safe
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,10 @@ HISTORY_MAX_ELEMENTS = 16
 AXIS_VALUES_MAX = 4096
 
 
-def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict[str, str]) -> list[dict[str, Any]]:
-    """The scan axes of a run for the page, in motor units (:func:`~beamlens.daemon.sinks.axes.scan_axes`).
+def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict[str, str],
+              readings: MotorReadings | None = None) -> list[dict[str, Any]]:
+    """The scan axes of a run for the page, in motor units (:func:`~beamlens.daemon.sinks.axes.scan_axes`:
+    the motors' readings when the run has them, which relative plans need, else the plan pattern).
 
     Returns:
         one dict per axis: ``name``, ``units``, ``dim`` (the map dimension it runs along, slowest
@@ -75,7 +77,7 @@ def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict
         :data:`AXIS_VALUES_MAX` points). Never raises.
     """
     try:
-        axes = scan_axes(start_doc, nav_shape, units)
+        axes = scan_axes(start_doc, nav_shape, units, readings)
     except Exception:  # hostile RunStart content: fall back to indices
         log.warning("scan axes of run %s could not be derived", start_doc.get("uid"), exc_info=True)
         axes = scan_axes({}, nav_shape, {})
@@ -123,12 +125,22 @@ class LiveFeed:
         self._lock = threading.Lock()
         self._units: dict[str, dict[str, str]] = {}
         """run uid -> motor units from its primary descriptor."""
-        self._axes: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
+        self._readings: dict[str, MotorReadings] = {}
+        """run uid -> motor readings gathered from its primary event pages (router thread writes)."""
+        self._axes: dict[str, tuple[tuple[Any, ...], list[dict[str, Any]]]] = {}
         self.history: dict[tuple[str, str, str], deque[tuple[float, list[Any]]]] = {}
         """(run, consumer, buffer) -> (unix time, values) of each ``single`` buffer, newest last."""
 
     def __call__(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
-        """Router hook (router thread): remember that ``run`` changed, and its motors' units."""
+        """Router hook (router thread): remember that ``run`` changed, its motors' units and readings."""
+        if name == "start" and motor_names(run.start_doc):
+            with self._lock:
+                self._readings[run.uid] = MotorReadings(run.start_doc, run.nav_shape, run.snaking)
+        elif name == "event_page" and run.uid in self._readings:
+            try:
+                self._readings[run.uid].event_page(doc)
+            except Exception:  # a hostile page must not stop the page's bookkeeping
+                log.warning("motor readings of run %s could not be read", run.uid, exc_info=True)
         if name == "descriptor":
             motors = set(motor_names(run.start_doc))
             units = {k: str(v["units"]) for k, v in (doc.get("data_keys") or {}).items()
@@ -141,15 +153,16 @@ class LiveFeed:
     def summary(self, run: RunState) -> dict[str, Any]:
         """A run's summary as published: JSON-safe, with its scan ``axes`` (:func:`axes_json`)."""
         shape = run.published_nav_shape
-        key = (run.uid, shape)
-        axes = self._axes.get(key)
-        if axes is None:
+        version = (shape, run.status, run.events_done)
+        cached = self._axes.get(run.uid)
+        if cached is not None and cached[0] == version:
+            axes = cached[1]
+        else:
             with self._lock:
                 units = dict(self._units.get(run.uid, {}))
-            axes = axes_json(dict(run.start_doc), shape, units)
-            if run.status != "open" or shape == run.nav_shape:
-                self._axes = {k: v for k, v in self._axes.items() if k[0] != run.uid}
-                self._axes[key] = axes
+                readings = self._readings.get(run.uid)
+            axes = axes_json(dict(run.start_doc), shape, units, readings)
+            self._axes[run.uid] = (version, axes)
         return json_safe({**run.summary(), "axes": axes})
 
     def summaries(self) -> list[dict[str, Any]]:
@@ -187,8 +200,9 @@ class LiveFeed:
                         self.history.setdefault(key, deque(maxlen=HISTORY_SAMPLES)).append((now, values))
         with self._lock:
             self._units = {u: v for u, v in self._units.items() if u in live_uids or u in touched}
+            self._readings = {u: v for u, v in self._readings.items() if u in live_uids or u in touched}
         self.history = {k: v for k, v in self.history.items() if k[0] in live_uids}
-        self._axes = {k: v for k, v in self._axes.items() if k[0] in live_uids}
+        self._axes = {k: v for k, v in self._axes.items() if k in live_uids}
         status = json_safe(health_status(self.registry))
         if runs == old.runs and status == old.status and digests == old.digests:
             return False
