@@ -199,3 +199,26 @@ def test_run_summaries_carry_motor_axes_also_for_relative_plans(proxy, beamline,
         assert (axes[0]["start"], axes[1]["stop"]) == (pytest.approx(y[0]), pytest.approx(x[-1]))
     status, body, _ = http_get(f"{daemon.http.url}/api/runs/{relative}")
     assert status == 200 and json.loads(body)["axes"] == runs[relative]["axes"]
+
+
+def test_png_maps_are_drawn_y_up_as_livegrid():
+    """Row 0 of a scan whose slow motor rises is drawn at the bottom, as LiveGrid draws it; labels
+    are the motors'."""
+    import io
+
+    from matplotlib.image import imread
+
+    from beamlens.consumers.base import BufferSpec
+    from beamlens.daemon.results import BufferSnapshot
+    from beamlens.daemon.sinks.render import render_png
+
+    data = np.zeros((4, 5))
+    data[0] = 1.0  # the first row of the scan is bright
+    snap = BufferSnapshot("uid", "stats", BufferSpec("total", "nav"), data)
+    axes = [{"name": "sample_y", "units": "mm", "dim": 0, "motor": True, "num": 4, "start": 1.0, "stop": 2.5},
+            {"name": "sample_x", "units": "mm", "dim": 1, "motor": True, "num": 5, "start": 0.0, "stop": 4.0}]
+    for a in (axes, None):
+        rgb = imread(io.BytesIO(render_png(snap, axes=a)))[:, : int(0.6 * 400), :3]
+        yellow = np.argwhere((rgb[..., 0] > 0.9) & (rgb[..., 1] > 0.8) & (rgb[..., 2] < 0.3))[:, 0]
+        purple = np.argwhere((rgb[..., 0] < 0.35) & (rgb[..., 1] < 0.1) & (rgb[..., 2] > 0.25))[:, 0]
+        assert len(yellow) and len(purple) and yellow.mean() > purple.mean(), "row 0 is not at the bottom"

@@ -353,7 +353,9 @@ class HTTPServer:
             index = int(request.query.get("index", 0))
         except ValueError:
             raise web.HTTPBadRequest(text="index must be an integer") from None
-        png = await loop.run_in_executor(None, render_png, snap, index)
+        run = self.store.get(m["uid"])
+        axes = self.feed.summary(run)["axes"] if self.feed is not None and run is not None else None
+        png = await loop.run_in_executor(None, render_png, snap, index, 80, axes)
         return web.Response(body=png, content_type="image/png")
 
     async def handle_status(self, request: web.Request) -> web.Response:
