@@ -268,18 +268,20 @@ def test_runstart_metadata_json_cannot_carry(proxy, make_daemon):
         status, body, _ = http_get(daemon.http.url + "/api/runs/latest")
         assert status == 200 and _strict_json(body)["uid"] == uids[-1]
 
-        async def first_runs_event() -> list:
+        async def runs_event_with_them() -> list:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
                 async with session.get(daemon.http.url + "/api/stream") as r:
                     event = None
                     async for line in r.content:
                         if line.startswith(b"event: "):
                             event = line[7:].strip()
-                        elif line.startswith(b"data: ") and event == b"runs" and len(line) > 10:
-                            return _strict_json(line[6:])
+                        elif line.startswith(b"data: ") and event == b"runs":
+                            runs = _strict_json(line[6:])  # every event is strict JSON
+                            if set(uids) <= {r["uid"] for r in runs}:  # (the feed catches up within a push)
+                                return runs
             return []
 
-        streamed = asyncio.run(first_runs_event())
+        streamed = asyncio.run(runs_event_with_them())
         assert set(uids) <= {r["uid"] for r in streamed}
         assert not any(isinstance(r.get("scan_id"), float) and not math.isfinite(r["scan_id"]) for r in streamed)
     finally:

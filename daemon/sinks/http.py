@@ -413,9 +413,11 @@ class HTTPServer:
                 async with self._pushed:
                     try:
                         await asyncio.wait_for(self._pushed.wait(), HEARTBEAT_S)
+                        beat = False
                     except asyncio.TimeoutError:
-                        if not slot.evicted:
-                            await self._write(slot, b": keep-alive\n\n")
+                        beat = True
+                if beat and not slot.evicted:  # outside the condition: a stuck client must not hold it
+                    await self._write(slot, b": keep-alive\n\n")
         except (ConnectionResetError, asyncio.TimeoutError):
             pass
         finally:
