@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Series-metadata keys read, in order, for the time between frames when ``frame_time_s`` is not set.
 FRAME_TIME_KEYS = ("frame_time_s", "frame_time", "frame_period_s")
+#: The newest frame is published binned to at most this many px per side.
+FRAME_PREVIEW_PX = 256
 
 
 class DefectsParams(ConsumerParams):
@@ -114,7 +116,11 @@ class DefectsConsumer(Consumer):
       bins of ``map_bin_px``;
     - ``diffusion`` (single, ``(K,)``, px^2/s) and ``diffusion_steps`` (single, ``(K,)``);
     - ``transition_matrix`` (single, ``(K, K)``): P(class j in the next frame | class i);
-    - ``class_patches`` (single, ``(K, p, p)``): mean z-scored patch of each class.
+    - ``class_patches`` (single, ``(K, p, p)``): mean z-scored patch of each class;
+    - ``frame`` (sig, ``(ceil(rows/f), ceil(cols/f))``, f = ceil(max(rows, cols) / 256)): the newest
+      analysed frame, z-scored and block-averaged by f, and ``frame_defects`` (single,
+      ``(max_defects, 3)``, px of the full frame): row, col, class of its defects (NaN-padded), and
+      ``frame_bin`` (single, ``(1,)``, px): f; for the live page's picture of the newest frame.
 
     Raises (from :meth:`series`): NotApplicable for frames that are not 2-D or smaller than the
     tile; ``ModelIntegrityError`` (from the model loader) for a model whose sha256 differs from its
@@ -153,6 +159,9 @@ class DefectsConsumer(Consumer):
         self.tracker = DefectTracker(p.n_classes, p.max_displacement_px, self.frame_time)
         self.map_shape = tuple(-(-s // p.map_bin_px) for s in self.shape)
         self.map_counts = np.zeros(self.map_shape)
+        self.frame_bin = -(-max(self.shape) // FRAME_PREVIEW_PX)
+        self.frame_preview_shape = tuple(-(-s // self.frame_bin) for s in self.shape)
+        self.newest: tuple[int, np.ndarray] | None = None
         self.n_frames = 0
         self.frame_index = -1
         self.pca: PCA | None = None
@@ -186,6 +195,11 @@ class DefectsConsumer(Consumer):
             BufferSpec("transition_matrix", "single", (k, k),
                        description="probability that a defect of class i is of class j in the next frame"),
             BufferSpec("class_patches", "single", (k, p, p), description="mean z-scored patch of each class"),
+            BufferSpec("frame", "sig", self.frame_preview_shape,
+                       description=f"newest analysed frame, z-scored, {self.frame_bin} x {self.frame_bin} px bins"),
+            BufferSpec("frame_defects", "single", (self.params.max_defects, 3), units="px",
+                       description="row, col, class of each defect in the newest analysed frame (NaN-padded)"),
+            BufferSpec("frame_bin", "single", (1,), units="px", description="frame px per pixel of the newest-frame picture"),
         ]
 
     def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
@@ -226,6 +240,7 @@ class DefectsConsumer(Consumer):
             centres = find_defects(pmap, self.threshold, self.min_area, self.max_area)
             patches = self._patches(frame, centres)
             self.pending.append((self.frame_index, int(pos), centres, patches))
+        self.newest = (self.frame_index, _bin_mean(z[-1], self.frame_bin))
         if self.gmm is None:
             # fit on the frames up to the one where fit_after defects are reached, whatever the batching
             reached = np.cumsum([len(c) for _, _, c, _ in self.pending]) >= max(self.params.fit_after, self.params.n_classes)
@@ -321,6 +336,14 @@ class DefectsConsumer(Consumer):
                 self.patch_n[c] += sel.sum()
         else:
             classes = np.empty(0, dtype=np.int64)
+        if self.newest is not None and self.newest[0] == frame_index:
+            self.results.frame[...] = self.newest[1]
+            self.results.frame_bin[0] = self.frame_bin
+            shown = self.results.frame_defects
+            shown[...] = np.nan
+            m = min(len(centres), p.max_defects)
+            shown[:m, :2] = centres[:m]
+            shown[:m, 2] = classes[:m]
         self.tracker.update(frame_index, centres, classes)
         counts = np.bincount(classes, minlength=k).astype(float)
         bins = np.clip((centres // p.map_bin_px).astype(int), 0, np.array(self.map_shape) - 1)
@@ -347,6 +370,16 @@ class DefectsConsumer(Consumer):
             self.gmm.fit(feats)
         if not self.gmm.converged_:
             self.log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
+
+
+def _bin_mean(frame: np.ndarray, f: int) -> np.ndarray:
+    """Block means of ``f x f`` px (edge blocks over the pixels they have)."""
+    rows, cols = frame.shape
+    pr, pc = -rows % f, -cols % f
+    padded = np.pad(np.asarray(frame, dtype=np.float64), ((0, pr), (0, pc)), constant_values=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f), axis=(1, 3))
 
 
 def _permute_gmm(gmm: GaussianMixture, order: np.ndarray) -> None:

@@ -61,7 +61,7 @@ class Daemon:
         self.http = HTTPServer(config.http.host, config.http.port, self.metrics, self.store, self.readiness,
                                liveness=self.liveness,
                                feed=self.feed, push_interval_s=outputs.web.push_interval_s,
-                               max_clients=outputs.web.max_clients)
+                               max_clients=outputs.web.max_clients, limits=config.http)
         self.systemd = SystemdNotifier(self.liveness)
         self._stopped = threading.Event()
 

@@ -210,6 +210,15 @@ class HTTPConfig(Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port (tests)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names accepted besides loopback names, IP literals and `host` "
+                    "(DNS-rebinding guard); '*' accepts any")
+    max_connections: int = Field(256, gt=0, le=65536, description="open HTTP connections at most; over it the longest-idle one is closed")
+    header_timeout_s: float = Field(10.0, gt=0, description="a started request must have sent its headers within this many seconds")
+    keepalive_timeout_s: float = Field(15.0, gt=0, description="idle keep-alive (or never-used) connections are closed after this long")
+    body_timeout_s: float = Field(5.0, gt=0, description="a request body (never read: every route is GET) is discarded for at most this long")
+    stream_write_timeout_s: float = Field(10.0, gt=0, description="a live-page stream whose writes do not complete within this long is dropped")
 
 
 class RouterConfig(Strict):

@@ -118,3 +118,20 @@ class Metrics:
             name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
             for name, doc in SCIENCE_GAUGES.items()
         }
+        # -- HTTP server -----------------------------------------------------------------------
+        self.http_connections = Gauge(
+            "beamlens_http_connections", "Open HTTP connections (live-page streams included).", registry=r)
+        self.http_connections_closed = Counter(
+            "beamlens_http_connections_closed_total",
+            "HTTP connections the server closed itself, by reason: idle (keep-alive or never used, past "
+            "keepalive_timeout_s), header_timeout (request headers not complete in time), shed (closed to stay "
+            "under max_connections, longest-idle first), refused (over max_connections with none idle), "
+            "stream_stalled (a live-page client that does not read).", ["reason"], registry=r)
+        self.http_requests_refused = Counter(
+            "beamlens_http_requests_refused_total",
+            "HTTP requests answered with an error before reaching a handler, by reason: host (Host header not "
+            "allowed), streams_full (every live-page slot held by a reading client).", ["reason"], registry=r)
+        for reason in ("idle", "header_timeout", "shed", "refused", "stream_stalled"):
+            self.http_connections_closed.labels(reason)
+        for reason in ("host", "streams_full"):
+            self.http_requests_refused.labels(reason)

@@ -208,6 +208,11 @@ class RunStore:
         with self._lock:
             return [r for r in self._runs.values() if r.status == "open"]
 
+    def runs(self) -> list[RunState]:
+        """Every run held, newest first."""
+        with self._lock:
+            return list(reversed(self._runs.values()))
+
     def summaries(self) -> list[dict[str, Any]]:
         """Newest first."""
         with self._lock:

@@ -62,3 +62,19 @@ class FailingFrameConsumer(Consumer):
 
     def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
         raise RuntimeError("deliberate failure")
+
+
+def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
+    """A daemon running ``defects`` on a simulated microscope movie of ``n_frames`` (array-1.0 over
+    ZeroMQ), returned once every frame is processed, with the movie's ground truth."""
+    from beamlens.daemon.sim.microscope import SimulatedMicroscope
+    from helpers import wait_for
+
+    with SimulatedMicroscope(n_frames=n_frames, rate_hz=None, seed=seed) as scope:
+        daemon = make_daemon(daemon_yaml(
+            [frame_source_yaml("stem", "array-1.0", scope.address)],
+            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
+        scope.start()
+        scope.join(60)
+        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n_frames, timeout=120)
+        return daemon, list(scope.truth)

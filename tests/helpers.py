@@ -164,7 +164,7 @@ class DaemonProcess:
 
     URL_LINE = "serving the live page, maps and metrics on "
 
-    def __init__(self, config_path, timeout: float = 60.0):
+    def __init__(self, config_path, timeout: float = 60.0, preexec_fn=None):
         import subprocess
         import sys
         import threading
@@ -172,7 +172,7 @@ class DaemonProcess:
         self.lines: list[str] = []
         self.url: str | None = None
         self.proc = subprocess.Popen([sys.executable, "-m", "beamlens.daemon.cli", "run", "--config", str(config_path)],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=preexec_fn)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         wait_for(lambda: self.url is not None or self.proc.poll() is not None, timeout)

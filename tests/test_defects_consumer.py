@@ -165,3 +165,20 @@ def test_rendered_movie_gives_diffusion_and_transitions_of_the_simulation():
     assert d_hat == pytest.approx(params.diffusion_coefficient()[mobile], rel=0.10)
     P_hat = consumer.results.transition_matrix[np.ix_(class_of, class_of)]  # rows/cols in kind order
     assert np.abs(P_hat - np.asarray(params.dynamics.transition)).max() <= 0.1
+
+
+def test_newest_frame_and_its_defects_for_the_live_page(movie):
+    from beamlens.consumers.defects import _bin_mean
+    from beamlens.models.defect_net import normalise
+
+    params, frames, truths = movie
+    frames = frames[:12]
+    consumer, info = make_consumer(frames.shape[1:], len(frames))
+    feed(consumer, info, frames, batch=5)
+    f = consumer.frame_bin
+    assert consumer.results.frame.shape == tuple(-(-s // f) for s in frames.shape[1:])
+    assert max(consumer.results.frame.shape) <= 256
+    np.testing.assert_allclose(consumer.results.frame, _bin_mean(normalise(frames[-1]), f))
+    # the defects drawn on it are those of the same (last) frame
+    np.testing.assert_array_equal(consumer.results.frame_defects, consumer.results.positions[len(frames) - 1])
+    assert np.isfinite(consumer.results.frame_defects[:, 0]).sum() > 0

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from beamlens.daemon.sim.microscope import SimulatedMicroscope
-from frame_helpers import counter, daemon_yaml, frame_source_yaml
-from helpers import scrape, wait_for
+from frame_helpers import defects_movie_daemon
+from helpers import scrape
 
 N = 24
 
 
 def test_movie_streams_through_the_daemon_and_counts_reach_metrics(make_daemon):
-    with SimulatedMicroscope(n_frames=N, rate_hz=None, seed=5) as scope:
-        daemon = make_daemon(daemon_yaml(
-            [frame_source_yaml("stem", "array-1.0", scope.address)],
-            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
-        scope.start()
-        scope.join(60)
-        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == N, timeout=120)
-        truth = list(scope.truth)
+    daemon, truth = defects_movie_daemon(make_daemon, N)
     (run,) = daemon.store.summaries()
     assert run["plan_name"] == "frame_series" and run["frames_done"] == N and run["nav_shape"] == [N]
     assert run["consumers"]["defects"]["active"]

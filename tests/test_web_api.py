@@ -11,6 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 import numpy as np
+import pytest
 
 from beamlens.daemon.sim.datasets import stxm_map
 
@@ -171,3 +172,53 @@ def test_stream_connection_cap_and_clean_stop(make_daemon):
     finally:
         for s in streams:
             s.close()
+
+
+def test_run_summaries_carry_motor_axes_also_for_relative_plans(proxy, beamline, make_daemon):
+    """grid_scan: axes from the plan pattern (with bluesky's snake flags); rel_grid_scan, whose
+    RunStart holds offsets only: from the motors' readings."""
+    from bluesky import plans as bp
+
+    daemon = make_daemon(source_yaml(proxy.out_address) + CONSUMERS)
+    subscribe(daemon, proxy)
+    data = stxm_map().region(slice(60, 64), slice(40, 45))
+    absolute = beamline.map_scan(data)
+    det = beamline.detector(data)
+    beamline.sample_y.set(float(data.y[1])).wait(5)
+    beamline.sample_x.set(float(data.x[2])).wait(5)
+    (relative,) = beamline.RE(bp.rel_grid_scan([det], beamline.sample_y, -0.05, 0.05, 3,
+                                                beamline.sample_x, -0.1, 0.1, 5, snake_axes=True))
+    wait_run_finished(daemon, relative)
+    runs = {r["uid"]: r for r in json.loads(http_get(daemon.http.url + "/api/runs")[1])}
+    for uid, y, x in ((absolute, data.y, data.x),
+                      (relative, data.y[1] + np.linspace(-0.05, 0.05, 3), data.x[2] + np.linspace(-0.1, 0.1, 5))):
+        axes = {a["dim"]: a for a in runs[uid]["axes"]}
+        assert (axes[0]["name"], axes[1]["name"]) == ("sample_y", "sample_x") and axes[0]["motor"]
+        np.testing.assert_allclose(axes[0]["values"], y, atol=1e-9)
+        np.testing.assert_allclose(axes[1]["values"], x, atol=1e-9)
+        assert (axes[0]["start"], axes[1]["stop"]) == (pytest.approx(y[0]), pytest.approx(x[-1]))
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{relative}")
+    assert status == 200 and json.loads(body)["axes"] == runs[relative]["axes"]
+
+
+def test_png_maps_are_drawn_y_up_as_livegrid():
+    """Row 0 of a scan whose slow motor rises is drawn at the bottom, as LiveGrid draws it; labels
+    are the motors'."""
+    import io
+
+    from matplotlib.image import imread
+
+    from beamlens.consumers.base import BufferSpec
+    from beamlens.daemon.results import BufferSnapshot
+    from beamlens.daemon.sinks.render import render_png
+
+    data = np.zeros((4, 5))
+    data[0] = 1.0  # the first row of the scan is bright
+    snap = BufferSnapshot("uid", "stats", BufferSpec("total", "nav"), data)
+    axes = [{"name": "sample_y", "units": "mm", "dim": 0, "motor": True, "num": 4, "start": 1.0, "stop": 2.5},
+            {"name": "sample_x", "units": "mm", "dim": 1, "motor": True, "num": 5, "start": 0.0, "stop": 4.0}]
+    for a in (axes, None):
+        rgb = imread(io.BytesIO(render_png(snap, axes=a)))[:, : int(0.6 * 400), :3]
+        yellow = np.argwhere((rgb[..., 0] > 0.9) & (rgb[..., 1] > 0.8) & (rgb[..., 2] < 0.3))[:, 0]
+        purple = np.argwhere((rgb[..., 0] < 0.35) & (rgb[..., 1] < 0.1) & (rgb[..., 2] > 0.25))[:, 0]
+        assert len(yellow) and len(purple) and yellow.mean() > purple.mean(), "row 0 is not at the bottom"

@@ -5,8 +5,10 @@ Screenshots go to test-artifacts/ (gitignored): web_page.png (whole page) and ma
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from beamlens.daemon.sim.datasets import stxm_map
 
-from helpers import source_yaml, subscribe, wait_run_finished
+from helpers import http_get, source_yaml, subscribe, wait_run_finished
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless as root on a closed network (see the machine notes): no sandbox, no GPU, no background
@@ -43,6 +45,22 @@ RECORDER = """() => {
     if (map && map.width) window.__mapImages.add(map.toDataURL());
   }, 40);
 }"""
+
+
+def wait_js(page, expression: str, timeout: float) -> None:
+    """Wait until a JavaScript expression is truthy. (As a function, which Playwright compiles over
+    the DevTools protocol: the page's Content-Security-Policy forbids eval, and stays on in tests.)"""
+    page.wait_for_function(f"() => ({expression})", timeout=timeout)
+
+
+def pixel_centre(canvas, r: int, c: int, rows: int, cols: int) -> tuple[float, float]:
+    """Screen position of map point [r, c], drawn y up (row 0 at the bottom for a rising slow axis)."""
+    g = json.loads(canvas.get_attribute("data-geometry"))
+    box = canvas.bounding_box()
+    scale = box["width"] / g["W"]
+    dc = cols - 1 - c if g["flipX"] else c
+    dr = r if g["flipY"] else rows - 1 - r
+    return box["x"] + (g["L"] + (dc + 0.5) * g["s"]) * scale, box["y"] + (g["T"] + (dr + 0.5) * g["s"]) * scale
 
 
 @pytest.fixture
@@ -80,13 +98,13 @@ def test_page_follows_a_streamed_run_without_reloading(proxy, beamline, make_dae
     assert result, "scan did not finish"
     uid = result[0]
     wait_run_finished(daemon, uid)
-    page.wait_for_function("document.getElementById('progress-text').textContent.includes('256 / 256')", timeout=10_000)
-    page.wait_for_function(
+    wait_js(page, "document.getElementById('progress-text').textContent.includes('256 / 256')", timeout=10_000)
+    wait_js(page, 
         "document.querySelector('figure[data-key=\"stats/total\"] canvas.map').getAttribute('aria-label')"
         ".includes('256 measured')", timeout=10_000)
 
     # the recorder samples every 40 ms: let it catch the final value too
-    page.wait_for_function("window.__progress.length && window.__progress[window.__progress.length - 1][0] === 256",
+    wait_js(page, "window.__progress.length && window.__progress[window.__progress.length - 1][0] === 256",
                            timeout=10_000)
     assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
     progress = page.evaluate("window.__progress")
@@ -118,23 +136,132 @@ def test_map_values_by_hover_and_keyboard(proxy, beamline, make_daemon, browser_
 
     page.goto(daemon.http.url + "/")
     canvas = page.locator("figure[data-key='stats/total'] canvas.map")
-    page.wait_for_function(
+    wait_js(page, 
         "document.querySelector('figure[data-key=\"stats/total\"] canvas.map')?.getAttribute('aria-label')"
         "?.includes('48 measured')", timeout=10_000)
     label = canvas.get_attribute("aria-label")
     assert "6 by 8 points" in label and "OD" in label
 
-    box = canvas.bounding_box()
     r, c = 4, 6
-    page.mouse.move(box["x"] + (c + 0.5) * box["width"] / 8, box["y"] + (r + 0.5) * box["height"] / 6)
+    page.mouse.move(*pixel_centre(canvas, r, c, rows=6, cols=8))
     tip = page.text_content("#tooltip")
-    assert tip.startswith(f"stats/total[{r}, {c}] = ") and tip.endswith(" OD")
+    assert tip.startswith(f"stats/total[{r}, {c}] = ") and " OD" in tip
     assert float(re.search(r"= (\S+)", tip).group(1)) == pytest.approx(expected[r, c], rel=1e-3)
+    assert "sample_x = " in tip and "sample_y = " in tip  # motor positions of the point
 
     canvas.focus()
-    for key in ("ArrowDown", "ArrowRight", "ArrowRight", "ArrowDown"):  # first key puts the cursor at [0, 0]
+    for key in ("ArrowUp", "ArrowRight", "ArrowRight", "ArrowUp"):  # first key puts the cursor at [0, 0]
         page.keyboard.press(key)
     readout = page.text_content("figure[data-key='stats/total'] output.readout")
     assert readout.startswith("stats/total[1, 2] = ")
     assert float(re.search(r"= (\S+)", readout).group(1)) == pytest.approx(expected[1, 2], rel=1e-3)
+    assert not errors, errors
+
+
+def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_page):
+    """Motor axes y up, click a pixel -> its model spectrum equals the API's, colour limits,
+    server-side history that survives a reload, the run picker; screenshot for the README."""
+    page, errors = browser_page
+    daemon = make_daemon(source_yaml(proxy.out_address) + CONSUMERS)
+    subscribe(daemon, proxy)
+    first = beamline.map_scan(stxm_map().region(slice(70, 76), slice(40, 46)))
+    wait_run_finished(daemon, first)
+    data = stxm_map().region(slice(60, 72), slice(40, 56))  # 12 x 16
+    uid = beamline.map_scan(data)
+    wait_run_finished(daemon, uid)
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{uid}")
+    summary = json.loads(body)
+    (ya,), (xa,) = ([a for a in summary["axes"] if a["dim"] == d] for d in (0, 1))
+    assert (ya["name"], xa["name"]) == ("sample_y", "sample_x") and ya["motor"] and xa["num"] == 16
+    assert ya["start"] == pytest.approx(float(data.y[0])) and ya["stop"] == pytest.approx(float(data.y[-1]))
+
+    page.goto(daemon.http.url + "/")
+    sel = "figure[data-key='stats/total'] canvas.map"
+    wait_js(page, f"document.querySelector(\"{sel}\")?.getAttribute('aria-label')?.includes('192 measured')",
+                           timeout=15_000)
+    canvas = page.locator(sel)
+    geometry = json.loads(canvas.get_attribute("data-geometry"))
+    assert geometry["flipY"] == bool(data.y[-1] < data.y[0]) and geometry["flipX"] == bool(data.x[-1] < data.x[0])
+
+    # click a pixel: the model spectrum drawn equals the API's answer for that point
+    r, c = 9, 3
+    page.mouse.click(*pixel_centre(canvas, r, c, rows=12, cols=16))
+    card = "figure.point-card[data-consumer='pca'] canvas.plot"
+    page.wait_for_selector(card, timeout=10_000)
+    drawn = page.evaluate(f"document.querySelector(\"{card}\").__series")
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{uid}/pca/point?nav={r},{c}")
+    point = json.loads(body)
+    assert status == 200 and point["nav"] == [r, c]
+    np.testing.assert_allclose(drawn[0]["y"], point["model"]["spectrum"], rtol=1e-12)
+    np.testing.assert_allclose(drawn[0]["x"], point["model"]["axis"]["values"])
+    assert len(drawn) == 3  # the model and its two weighted components
+    assert f"[{r},{c}]" in page.text_content("#point")
+    total = point_total = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}/stats/point?nav={r},{c}")[1])
+    assert point_total["values"]["total"]["value"] == pytest.approx(float(data.spectra[r, c].astype(np.float64).sum()), rel=1e-6)
+    assert total["model"] is None
+    for bad in ("12,0", "0,16", "-1,2", "1", "a,b", "1,2,3", "99999999999,1"):
+        assert http_get(f"{daemon.http.url}/api/runs/{uid}/pca/point?nav={bad}")[0] == 400, bad
+
+    # colour limits: fixed, then percentiles
+    page.select_option("figure[data-key='stats/total'] select.cmode", "fixed")
+    inputs = page.locator("figure[data-key='stats/total'] input.clim")
+    inputs.nth(0).fill("10")
+    inputs.nth(0).dispatch_event("change")
+    inputs.nth(1).fill("20")
+    inputs.nth(1).dispatch_event("change")
+    assert canvas.get_attribute("data-clim") == "10,20"
+    before = canvas.evaluate("c => c.toDataURL()")
+    page.select_option("figure[data-key='stats/total'] select.cmode", "pct")
+    totals = data.spectra.astype(np.float64).sum(axis=-1).ravel()
+    lo, hi = map(float, canvas.get_attribute("data-clim").split(","))
+    assert lo == pytest.approx(np.percentile(totals, 2), rel=1e-4) and hi == pytest.approx(np.percentile(totals, 98), rel=1e-4)
+    assert canvas.evaluate("c => c.toDataURL()") != before
+
+    # history on the server's wall clock: the same after a reload
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{uid}/pca/explained_variance_ratio/history")
+    history = json.loads(body)
+    assert status == 200 and history["t"] and abs(history["t"][-1] - time.time()) < 120
+    page.reload()
+    wait_js(page, "document.querySelector(\"figure[data-key='pca/explained_variance_ratio'] output.readout\")"
+                           "?.textContent.startsWith('now:')", timeout=15_000)
+    label = page.get_attribute("figure[data-key='pca/explained_variance_ratio'] canvas.plot", "aria-label")
+    assert "time (server clock)" in label
+
+    # the run picker shows the older run
+    wait_js(page, f"document.querySelectorAll('#run-picker option').length === 2", timeout=10_000)
+    page.select_option("#run-picker", first)
+    wait_js(page, f"document.querySelector(\"{sel}\")?.getAttribute('aria-label')?.includes('36 measured')",
+                           timeout=15_000)
+    assert first in page.text_content("#run-title")
+    assert page.is_checked("#follow") is False
+
+    page.select_option("#run-picker", uid)
+    wait_js(page, f"document.querySelector(\"{sel}\")?.getAttribute('aria-label')?.includes('192 measured')",
+                           timeout=15_000)
+    page.mouse.click(*pixel_centre(page.locator(sel), r, c, rows=12, cols=16))
+    page.wait_for_selector(card, timeout=10_000)
+    page.mouse.move(0, 0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_page_steer.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_frame_run_shows_the_newest_frame_with_its_defects(make_daemon, browser_page):
+    """A microscope movie (array-1.0 over ZeroMQ) through the defects network: the page shows the
+    newest frame with as many class-coloured circles as the API lists defects for it."""
+    from frame_helpers import defects_movie_daemon
+
+    page, errors = browser_page
+    daemon, _ = defects_movie_daemon(make_daemon, 16)
+    (run,) = daemon.store.summaries()
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{run['uid']}/defects/frame_defects.json")
+    listed = sum(row[0] is not None for row in json.loads(body)["data"])
+    assert status == 200 and listed > 0
+    page.goto(daemon.http.url + "/")
+    sel = "figure[data-key='defects/frame'] canvas.frame"
+    wait_js(page, f"document.querySelector(\"{sel}\")?.dataset.defects === '{listed}'", timeout=15_000)
+    assert page.locator("figure[data-key='defects/frame'] .legend span").count() >= 1
+    assert page.locator("figure[data-key='defects/frame_defects']").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("figure[data-key='defects/frame']").screenshot(path=str(ARTIFACTS / "frame.png"))
     assert not errors, errors

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from ..results import RunState, RunStore
+from .axes import MotorReadings, motor_names, scan_axes
+from .jsonsafe import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,40 @@ def health_status(registry: CollectorRegistry) -> dict[str, list[dict[str, Any]]
             if section is not None:
                 out[section].append({"name": sample.name, "labels": dict(sample.labels), "value": float(sample.value)})
     return out
+
+
+#: Samples of history kept per ``single`` buffer (one per change, at most one per push interval).
+HISTORY_SAMPLES = 600
+#: ``single`` buffers with more elements than this get no history (matrices, patches).
+HISTORY_MAX_ELEMENTS = 16
+#: Axis values are listed in a summary up to this many points per axis (start/stop always).
+AXIS_VALUES_MAX = 4096
+
+
+def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict[str, str],
+              readings: MotorReadings | None = None) -> list[dict[str, Any]]:
+    """The scan axes of a run for the page, in motor units (:func:`~beamlens.daemon.sinks.axes.scan_axes`:
+    the motors' readings when the run has them, which relative plans need, else the plan pattern).
+
+    Returns:
+        one dict per axis: ``name``, ``units``, ``dim`` (the map dimension it runs along, slowest
+        first), ``motor`` (False for point indices ``scan_dim_<i>``), ``num``, ``start`` and
+        ``stop`` (first and last value, motor units) and ``values`` (all of them, None beyond
+        :data:`AXIS_VALUES_MAX` points). Never raises.
+    """
+    try:
+        axes = scan_axes(start_doc, nav_shape, units, readings)
+    except Exception:  # hostile RunStart content: fall back to indices
+        log.warning("scan axes of run %s could not be derived", start_doc.get("uid"), exc_info=True)
+        axes = scan_axes({}, nav_shape, {})
+    out = []
+    for a in axes:
+        v = np.asarray(a.values, dtype=np.float64)
+        out.append({"name": a.name, "units": a.units, "dim": a.dim, "motor": not a.name.startswith("scan_dim_"),
+                    "num": int(len(v)), "start": float(v[0]) if len(v) else None,
+                    "stop": float(v[-1]) if len(v) else None,
+                    "values": v.tolist() if len(v) <= AXIS_VALUES_MAX else None})
+    return json_safe(out)
 
 
 def buffer_digest(data: np.ndarray) -> str:
@@ -85,11 +123,51 @@ class LiveFeed:
         self.state = LiveState()
         self._touched: set[str] = set()
         self._lock = threading.Lock()
+        self._units: dict[str, dict[str, str]] = {}
+        """run uid -> motor units from its primary descriptor."""
+        self._readings: dict[str, MotorReadings] = {}
+        """run uid -> motor readings gathered from its primary event pages (router thread writes)."""
+        self._axes: dict[str, tuple[tuple[Any, ...], list[dict[str, Any]]]] = {}
+        self.history: dict[tuple[str, str, str], deque[tuple[float, list[Any]]]] = {}
+        """(run, consumer, buffer) -> (unix time, values) of each ``single`` buffer, newest last."""
 
     def __call__(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
-        """Router hook (router thread): remember that ``run`` changed."""
+        """Router hook (router thread): remember that ``run`` changed, its motors' units and readings."""
+        if name == "start" and motor_names(run.start_doc):
+            with self._lock:
+                self._readings[run.uid] = MotorReadings(run.start_doc, run.nav_shape, run.snaking)
+        elif name == "event_page" and run.uid in self._readings:
+            try:
+                self._readings[run.uid].event_page(doc)
+            except Exception:  # a hostile page must not stop the page's bookkeeping
+                log.warning("motor readings of run %s could not be read", run.uid, exc_info=True)
+        if name == "descriptor":
+            motors = set(motor_names(run.start_doc))
+            units = {k: str(v["units"]) for k, v in (doc.get("data_keys") or {}).items()
+                     if k in motors and isinstance(v, dict) and isinstance(v.get("units"), str)}
+            with self._lock:
+                self._units[run.uid] = {**units, **self._units.get(run.uid, {})}
         with self._lock:
             self._touched.add(run.uid)
+
+    def summary(self, run: RunState) -> dict[str, Any]:
+        """A run's summary as published: JSON-safe, with its scan ``axes`` (:func:`axes_json`)."""
+        shape = run.published_nav_shape
+        version = (shape, run.status, run.events_done)
+        cached = self._axes.get(run.uid)
+        if cached is not None and cached[0] == version:
+            axes = cached[1]
+        else:
+            with self._lock:
+                units = dict(self._units.get(run.uid, {}))
+                readings = self._readings.get(run.uid)
+            axes = axes_json(dict(run.start_doc), shape, units, readings)
+            self._axes[run.uid] = (version, axes)
+        return json_safe({**run.summary(), "axes": axes})
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every run in the store, newest first, as :meth:`summary` publishes it."""
+        return [self.summary(run) for run in self.store.runs()]
 
     def refresh(self) -> bool:
         """Recompute the state from the store (any thread but the router's; one at a time).
@@ -100,20 +178,32 @@ class LiveFeed:
         with self._lock:
             touched, self._touched = self._touched, set()
         old = self.state
-        runs = self.store.summaries()
+        runs = self.summaries()  # RunStart values are the wire's: ExtType, numpy, NaN -> JSON-safe
         live_uids = {r["uid"] for r in runs}
         digests = {k: v for k, v in old.digests.items() if k[0] in live_uids and k[0] not in touched}
+        now = time.time()
         for summary in runs:
             uid = summary["uid"]
             if uid not in touched:
                 continue
             for consumer, c in summary["consumers"].items():
-                for buffer in c["buffers"]:
+                for buffer, spec in c["buffers"].items():
                     try:
-                        digests[(uid, consumer, buffer)] = buffer_digest(self.store.snapshot(uid, consumer, buffer).data)
+                        snap = self.store.snapshot(uid, consumer, buffer)
                     except KeyError:  # buffers not allocated yet
                         continue
-        status = health_status(self.registry)
+                    key = (uid, consumer, buffer)
+                    digests[key] = buffer_digest(snap.data)
+                    if (spec["kind"] == "single" and np.size(snap.data) <= HISTORY_MAX_ELEMENTS
+                            and digests[key] != old.digests.get(key)):
+                        values = json_safe(np.asarray(snap.data, dtype=np.float64).reshape(-1))
+                        self.history.setdefault(key, deque(maxlen=HISTORY_SAMPLES)).append((now, values))
+        with self._lock:
+            self._units = {u: v for u, v in self._units.items() if u in live_uids or u in touched}
+            self._readings = {u: v for u, v in self._readings.items() if u in live_uids or u in touched}
+        self.history = {k: v for k, v in self.history.items() if k[0] in live_uids}
+        self._axes = {k: v for k, v in self._axes.items() if k in live_uids}
+        status = json_safe(health_status(self.registry))
         if runs == old.runs and status == old.status and digests == old.digests:
             return False
         self.state = LiveState(old.version + 1, runs, status, digests)

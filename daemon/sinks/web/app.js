@@ -27,14 +27,14 @@ const VIRIDIS = (() => {
 const EMPTY_RGB = [214, 214, 214];  // points not measured yet
 // Okabe & Ito colour-blind-safe palette.
 const PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"];
-const HISTORY = 600;  // samples kept per single-valued buffer
 
 const state = {
   runs: [], selected: null, follow: true,
   cards: new Map(),             // "consumer/buffer" -> card
   hidden: new Set(),            // buffers not drawn on the page (too many dimensions)
   inflight: new Set(), pending: new Set(),
-  history: new Map(),           // "run/consumer/buffer" -> {t: [], v: [[...]]}
+  run: null,                    // summary of the selected run
+  point: null,                  // [row, col] clicked, or null
 };
 
 // -- small helpers ---------------------------------------------------------------------------
@@ -42,6 +42,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "text") node.textContent = v;
+    else if (k === "style") Object.assign(node.style, v);  // CSSOM: the CSP forbids style attributes
     else node.setAttribute(k, v);
   }
   for (const child of children) node.append(child);
@@ -89,28 +90,73 @@ function caption(spec, name) {
 }
 
 // -- maps ------------------------------------------------------------------------------------
+// Maps are drawn as bluesky's LiveGrid draws them: the fast (second) scan axis across, the slow
+// (first) one up, each increasing to the right / upwards in motor units. Without motor axes, row
+// index 0 is at the bottom (LiveGrid's default).
+function mapAxes(run, rows, cols) {
+  const byDim = [0, 1].map((d) => (run.axes || []).find((a) => a.dim === d));
+  return [[byDim[0], rows], [byDim[1], cols]].map(([a, n]) => (a && a.num === n && a.start !== null && a.stop !== null)
+    ? a : { name: "", units: "", motor: false, num: n, start: 0, stop: n - 1, values: null });
+}
+function axisValue(a, i) {
+  if (a.values && a.values.length === a.num && a.values[i] !== null) return a.values[i];
+  return a.num > 1 ? a.start + (a.stop - a.start) * i / (a.num - 1) : a.start;
+}
+// tick labels with as many decimals as the axis span needs (motor positions like -4709.95 mm)
+function axisTick(v, a) {
+  const span = Math.abs(a.stop - a.start) || 1;
+  if (Math.abs(v) >= 1e6 || (Math.abs(v) < 1e-3 && v !== 0 && span < 1e-3)) return v.toExponential(2);
+  return v.toFixed(Math.min(6, Math.max(0, Math.ceil(-Math.log10(span / 4)) + 1)));
+}
+function axisTitle(a, fallback) { return a.motor ? (a.units ? `${a.name} (${a.units})` : a.name) : fallback; }
+
+function percentile(sorted, p) {
+  if (!sorted.length) return NaN;
+  const x = (sorted.length - 1) * p / 100, i = Math.floor(x), f = x - i;
+  return i + 1 < sorted.length ? sorted[i] * (1 - f) + sorted[i + 1] * f : sorted[i];
+}
+
 class MapCard {
-  constructor(key, spec) {
-    this.key = key; this.spec = spec; this.channel = 0; this.cursor = null; this.buffer = null;
+  constructor(key, spec, run) {
+    this.key = key; this.spec = spec; this.run = run; this.channel = 0; this.cursor = null; this.buffer = null;
     this.canvas = el("canvas", { class: "map", tabindex: "0", role: "img", "aria-label": `map of ${key}, no data yet` });
     this.scaleCanvas = el("canvas", { "aria-hidden": "true" });
     this.hi = el("span"); this.lo = el("span");
     this.readout = el("output", { class: "readout", "aria-live": "polite" });
     this.select = null;
+    const id = key.replace(/\W/g, "-");
+    this.mode = el("select", { id: `cs-${id}`, class: "cmode" },
+      el("option", { value: "auto", text: "min–max" }), el("option", { value: "pct", text: "percentiles" }),
+      el("option", { value: "fixed", text: "fixed" }));
+    this.loIn = el("input", { type: "number", step: "any", class: "clim", "aria-label": `${key} colour scale low` });
+    this.hiIn = el("input", { type: "number", step: "any", class: "clim", "aria-label": `${key} colour scale high` });
+    this.mode.addEventListener("change", () => this.modeChanged());
+    for (const input of [this.loIn, this.hiIn]) input.addEventListener("change", () => this.draw());
+    this.loIn.hidden = this.hiIn.hidden = true;
+    const controls = el("div", { class: "climbox" }, el("label", { for: `cs-${id}`, text: "Colour scale " }), this.mode,
+      " ", this.loIn, " ", this.hiIn);
     const scale = el("div", { class: "scalebox" }, this.scaleCanvas, el("div", { class: "scale" }, this.hi, this.lo));
     this.fig = el("figure", { class: "card", "data-key": key }, caption(spec, key),
-      el("div", { class: "mapwrap" }, this.canvas, scale), this.readout);
+      el("div", { class: "mapwrap" }, this.canvas, scale), controls, this.readout);
     if (spec.extra_shape.length) {
       const n = spec.extra_shape.reduce((a, b) => a * b, 1);
-      const id = `ch-${key.replace(/\W/g, "-")}`;
-      this.select = el("select", { id });
+      this.select = el("select", { id: `ch-${id}` });
       for (let i = 0; i < n; i++) this.select.append(el("option", { value: String(i), text: `channel ${i}` }));
       this.select.addEventListener("change", () => { this.channel = Number(this.select.value); this.draw(); });
-      this.fig.insertBefore(el("div", {}, el("label", { for: id, text: "Show " }), this.select), this.readout);
+      this.fig.insertBefore(el("div", {}, el("label", { for: `ch-${id}`, text: "Show " }), this.select), controls);
     }
     this.canvas.addEventListener("mousemove", (e) => this.hover(e));
     this.canvas.addEventListener("mouseleave", () => { hideTooltip(); });
+    this.canvas.addEventListener("click", (e) => { const rc = this.cell(e); if (rc) pickPoint(rc); });
     this.canvas.addEventListener("keydown", (e) => this.key_(e));
+  }
+
+  modeChanged() {
+    const m = this.mode.value;
+    this.loIn.hidden = this.hiIn.hidden = m === "auto";
+    if (m === "pct") { this.loIn.value = "2"; this.hiIn.value = "98"; }
+    if (m === "fixed" && this.range) { this.loIn.value = fmt(this.range[0]); this.hiIn.value = fmt(this.range[1]); }
+    this.draw();
   }
 
   // buffer: {shape: [rows, cols, ...extra], values: Float32Array in C order, NaN = not measured}
@@ -125,38 +171,76 @@ class MapCard {
     return Number.isFinite(v) ? v : null;
   }
 
+  limits(values) {
+    const m = this.mode.value;
+    const finite = values.filter((v) => v !== null);
+    if (m === "fixed") {
+      const lo = Number(this.loIn.value), hi = Number(this.hiIn.value);
+      if (Number.isFinite(lo) && Number.isFinite(hi) && hi > lo) return [lo, hi];
+    } else if (m === "pct" && finite.length) {
+      const sorted = Float64Array.from(finite).sort();
+      const p0 = Math.min(100, Math.max(0, Number(this.loIn.value))), p1 = Math.min(100, Math.max(0, Number(this.hiIn.value)));
+      const lo = percentile(sorted, Math.min(p0, p1)), hi = percentile(sorted, Math.max(p0, p1));
+      if (hi > lo) return [lo, hi];
+    }
+    return finiteRange(finite);
+  }
+
+  // display geometry: which canvas cell a map index [r, c] lands in (y up, x right, in motor units)
+  geometry() {
+    const [ya, xa] = this.spec.sigImage ? [{ start: 1, stop: 0, num: this.rows }, { start: 0, stop: 1, num: this.cols }]
+      : mapAxes(this.run, this.rows, this.cols);
+    const s = Math.max(1, Math.min(Math.floor(300 / this.cols), Math.floor(300 / this.rows)));
+    const L = this.spec.sigImage ? 4 : 72, B = this.spec.sigImage ? 4 : 40, T = 6, R = this.spec.sigImage ? 4 : 26;
+    return { ya, xa, s, L, B, T, R, W: L + this.cols * s + R, H: T + this.rows * s + B,
+      flipX: xa.stop < xa.start, flipY: ya.stop < ya.start };
+  }
+  toScreen(g, r, c) {
+    const dc = g.flipX ? this.cols - 1 - c : c;
+    const dr = g.flipY ? r : this.rows - 1 - r;
+    return [g.L + dc * g.s, g.T + dr * g.s];
+  }
+
   draw() {
     const b = this.buffer;
     if (!b) return;
     const rows = this.rows, cols = this.cols;
     const values = new Array(rows * cols);
     for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) values[r * cols + c] = this.value(r, c);
-    const [lo, hi] = finiteRange(values);
+    const [lo, hi] = this.limits(values);
     this.range = [lo, hi];
+    const g = this.geometry();
+    this.g = g;
     const img = new ImageData(cols, rows);
-    for (let i = 0; i < values.length; i++) {
-      const v = values[i];
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+      const v = values[r * cols + c];
       let rgb = EMPTY_RGB;
       if (v !== null && Number.isFinite(v)) {
-        const j = hi > lo ? Math.round(255 * (v - lo) / (hi - lo)) : 128;
+        const t = hi > lo ? Math.min(1, Math.max(0, (v - lo) / (hi - lo))) : 0.5;
+        const j = Math.round(255 * t);
         rgb = VIRIDIS.subarray(3 * j, 3 * j + 3);
       }
+      const dc = g.flipX ? cols - 1 - c : c, dr = g.flipY ? r : rows - 1 - r;
+      const i = dr * cols + dc;
       img.data[4 * i] = rgb[0]; img.data[4 * i + 1] = rgb[1]; img.data[4 * i + 2] = rgb[2]; img.data[4 * i + 3] = 255;
     }
     const off = document.createElement("canvas");
     off.width = cols; off.height = rows;
     off.getContext("2d").putImageData(img, 0, 0);
-    const s = Math.max(1, Math.min(Math.floor(300 / cols), Math.floor(300 / rows)));
-    const ctx = sizeCanvas(this.canvas, cols * s, rows * s);
+    const ctx = sizeCanvas(this.canvas, g.W, g.H);
+    ctx.clearRect(0, 0, g.W, g.H);
     ctx.imageSmoothingEnabled = false;
-    ctx.drawImage(off, 0, 0, cols * s, rows * s);
-    if (this.cursor) {
-      ctx.strokeStyle = "#ff2d2d"; ctx.lineWidth = 2;
-      ctx.strokeRect(this.cursor[1] * s, this.cursor[0] * s, s, s);
+    ctx.drawImage(off, g.L, g.T, cols * g.s, rows * g.s);
+    if (!this.spec.sigImage) this.drawAxes(ctx, g);
+    for (const [rc, colour] of [[state.point, "#ffffff"], [this.cursor, "#ff2d2d"]]) {
+      if (!rc || rc[0] >= rows || rc[1] >= cols) continue;
+      const [x, y] = this.toScreen(g, rc[0], rc[1]);
+      ctx.strokeStyle = colour; ctx.lineWidth = 2;
+      ctx.strokeRect(x, y, g.s, g.s);
     }
-    const sctx = sizeCanvas(this.scaleCanvas, 14, rows * s);
-    for (let y = 0; y < rows * s; y++) {
-      const j = Math.round(255 * (1 - y / Math.max(1, rows * s - 1)));
+    const sctx = sizeCanvas(this.scaleCanvas, 14, rows * g.s);
+    for (let y = 0; y < rows * g.s; y++) {
+      const j = Math.round(255 * (1 - y / Math.max(1, rows * g.s - 1)));
       sctx.fillStyle = `rgb(${VIRIDIS[3 * j]},${VIRIDIS[3 * j + 1]},${VIRIDIS[3 * j + 2]})`;
       sctx.fillRect(0, y, 14, 1);
     }
@@ -165,18 +249,52 @@ class MapCard {
     const done = values.filter((v) => v !== null).length;
     this.canvas.setAttribute("aria-label",
       `map of ${this.key}, ${rows} by ${cols} points, ${done} measured, values ${fmt(lo)} to ${fmt(hi)} ${this.spec.units || ""}`);
+    this.canvas.dataset.clim = `${lo},${hi}`;
+    this.canvas.dataset.geometry = JSON.stringify({ L: g.L, T: g.T, s: g.s, flipX: g.flipX, flipY: g.flipY, W: g.W, H: g.H });
     if (this.cursor) this.describe(...this.cursor, false);
   }
 
+  drawAxes(ctx, g) {
+    const w = this.cols * g.s, h = this.rows * g.s;
+    ctx.strokeStyle = "#4a525c"; ctx.fillStyle = "#1b1f24"; ctx.lineWidth = 1;
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.strokeRect(g.L - 0.5, g.T - 0.5, w + 1, h + 1);
+    const ticks = (a, n) => { const k = Math.min(4, n - 1); return k > 0 ? Array.from({ length: k + 1 }, (_, i) => Math.round(i * (n - 1) / k)) : [0]; };
+    ctx.textAlign = "center"; ctx.textBaseline = "top";
+    for (const c of ticks(g.xa, this.cols)) {
+      const [x] = this.toScreen(g, 0, c);
+      ctx.fillText(axisTick(axisValue(g.xa, c), g.xa), x + g.s / 2, g.T + h + 4);
+    }
+    ctx.fillText(axisTitle(g.xa, "column index (fast axis)"), g.L + w / 2, g.T + h + 22);
+    ctx.textAlign = "right"; ctx.textBaseline = "middle";
+    for (const r of ticks(g.ya, this.rows)) {
+      const [, y] = this.toScreen(g, r, 0);
+      ctx.fillText(axisTick(axisValue(g.ya, r), g.ya), g.L - 4, y + g.s / 2);
+    }
+    ctx.save(); ctx.translate(11, g.T + h / 2); ctx.rotate(-Math.PI / 2);
+    ctx.textAlign = "center"; ctx.fillText(axisTitle(g.ya, "row index (slow axis)"), 0, 0); ctx.restore();
+  }
+
   cell(e) {
-    const rect = this.canvas.getBoundingClientRect();
-    const c = Math.floor((e.clientX - rect.left) / rect.width * this.cols);
-    const r = Math.floor((e.clientY - rect.top) / rect.height * this.rows);
-    return r >= 0 && c >= 0 && r < this.rows && c < this.cols ? [r, c] : null;
+    if (!this.buffer || !this.g) return null;
+    const g = this.g, rect = this.canvas.getBoundingClientRect();
+    const x = (e.clientX - rect.left) * g.W / rect.width - g.L, y = (e.clientY - rect.top) * g.H / rect.height - g.T;
+    let c = Math.floor(x / g.s), dr = Math.floor(y / g.s);
+    if (c < 0 || dr < 0 || c >= this.cols || dr >= this.rows) return null;
+    if (g.flipX) c = this.cols - 1 - c;
+    const r = g.flipY ? dr : this.rows - 1 - dr;
+    return [r, c];
+  }
+
+  where(r, c) {
+    if (this.spec.sigImage) return "";
+    const [ya, xa] = [this.g.ya, this.g.xa];
+    const parts = [[xa, c], [ya, r]].filter(([a]) => a.motor).map(([a, i]) => `${a.name} = ${axisTick(axisValue(a, i), a)}${a.units ? " " + a.units : ""}`);
+    return parts.length ? ` (${parts.join(", ")})` : "";
   }
 
   describe(r, c, announce) {
-    const text = `${this.key}[${r}, ${c}] = ${withUnits(this.value(r, c), this.spec.units)}`;
+    const text = `${this.key}[${r}, ${c}] = ${withUnits(this.value(r, c), this.spec.units)}${this.where(r, c)}`;
     if (announce) this.readout.textContent = text;
     return text;
   }
@@ -190,7 +308,11 @@ class MapCard {
 
   key_(e) {
     if (!this.buffer) return;
-    const moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+    // arrow keys move on the screen: up is towards higher slow-axis positions when the map is drawn y up
+    const g = this.g;
+    const up = g && g.flipY ? -1 : 1, right = g && g.flipX ? -1 : 1;
+    const moves = { ArrowUp: [up, 0], ArrowDown: [-up, 0], ArrowLeft: [0, -right], ArrowRight: [0, right] };
+    if (e.key === "Enter" && this.cursor) { pickPoint(this.cursor); return; }
     const m = moves[e.key];
     if (!m) return;
     e.preventDefault();
@@ -213,7 +335,9 @@ function showTooltip(text, x, y) {
 function hideTooltip() { document.getElementById("tooltip").hidden = true; }
 
 // -- line plots ------------------------------------------------------------------------------
-function drawPlot(canvas, series, xlabel, ylabel) {
+function clock(t) { return new Date(t * 1000).toLocaleTimeString([], { hour12: false }); }
+
+function drawPlot(canvas, series, xlabel, ylabel, xfmt = tick) {
   const W = 380, H = 230, L = 62, R = 22, T = 10, B = 40;
   const ctx = sizeCanvas(canvas, W, H);
   ctx.clearRect(0, 0, W, H);
@@ -229,7 +353,7 @@ function drawPlot(canvas, series, xlabel, ylabel) {
   ctx.textAlign = "center"; ctx.textBaseline = "top";
   for (let i = 0; i <= 4; i++) {
     const x = x0 + (x1 - x0) * i / 4;
-    ctx.fillText(tick(x), px(x), H - B + 4);
+    ctx.fillText(xfmt(x), px(x), H - B + 4);
   }
   ctx.fillText(xlabel, L + (W - L - R) / 2, H - 14);
   ctx.textAlign = "right"; ctx.textBaseline = "middle";
@@ -265,10 +389,16 @@ class PlotCard {
   }
 
   update(buffer) {
-    const ylabel = buffer.units ? `${buffer.name} (${buffer.units})` : buffer.name;
-    let series, xlabel;
+    const units = this.spec.units;
+    const ylabel = units ? `${this.key.split("/")[1]} (${units})` : this.key.split("/")[1];
+    let series, xlabel, xfmt = tick;
     if (this.kind === "single") {
-      ({ series, xlabel } = this.timeSeries(buffer));
+      // history recorded by the server on wall-clock time (api/.../history): survives a reload
+      const n = buffer.values.length ? buffer.values[buffer.values.length - 1].length : 0;
+      series = Array.from({ length: n }, (_, i) => ({ x: buffer.t, y: buffer.values.map((row) => row[i]), label: `${i + 1}` }));
+      xlabel = "time (server clock)"; xfmt = clock;
+      const now = buffer.values.length ? buffer.values[buffer.values.length - 1] : [];
+      this.current.textContent = now.length ? `now: ${now.map((v) => withUnits(v, units)).join(", ")}` : "";
     } else {
       // sig (k, n): k curves against the signal axis; nav (n, k): k curves against scan point
       let rows;
@@ -283,23 +413,115 @@ class PlotCard {
       series = rows.map((y, i) => ({ x, y, label: rows.length > 1 ? `${i + 1}` : buffer.name }));  // 1-based, as score_1
       this.current.textContent = "";
     }
-    drawPlot(this.canvas, series, xlabel, ylabel);
+    drawPlot(this.canvas, series, xlabel, ylabel, xfmt);
     this.legend.replaceChildren(...(series.length > 1 ? series.map((s, k) =>
-      el("span", {}, el("i", { style: `background:${PALETTE[k % PALETTE.length]}` }), s.label)) : []));
+      el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label)) : []));
     this.canvas.setAttribute("aria-label", `plot of ${this.key}: ${series.length} series against ${xlabel}`);
   }
+}
 
-  timeSeries(buffer) {
-    const id = `${buffer.run}/${this.key}`;
-    const h = state.history.get(id) || { t0: Date.now() / 1000, t: [], v: [] };
-    state.history.set(id, h);
-    const values = [buffer.data].flat(Infinity);
-    h.t.push(Date.now() / 1000 - h.t0); h.v.push(values);
-    if (h.t.length > HISTORY) { h.t.shift(); h.v.shift(); }
-    const series = values.map((_, i) => ({ x: h.t, y: h.v.map((row) => row[i]), label: `${i + 1}` }));
-    this.current.textContent = `now: ${values.map((v) => withUnits(v, buffer.units)).join(", ")}`;
-    return { series, xlabel: "time on this page (s)" };
+// -- the newest detector frame with its defects -------------------------------------------------
+// A consumer publishing "frame" (binned picture), "frame_defects" (row, col, class in frame px)
+// and "frame_bin" (frame px per picture pixel) gets one card: the frame in grey, each defect a
+// circle in its class colour.
+class FrameCard {
+  constructor(key, spec, consumer) {
+    this.key = key; this.spec = spec; this.consumer = consumer; this.kind = "frame";
+    this.canvas = el("canvas", { class: "frame", role: "img", "aria-label": `newest frame of ${consumer}, none yet` });
+    this.legend = el("div", { class: "legend" });
+    this.fig = el("figure", { class: "card", "data-key": key },
+      el("figcaption", { text: `${consumer}: newest frame` }, el("span", { class: "desc", text: "defects circled in their class colour" })),
+      this.canvas, this.legend);
   }
+
+  update(b) {
+    const [rows, cols] = b.frame.shape;
+    const [lo, hi] = finiteRange(b.frame.values);
+    const img = new ImageData(cols, rows);
+    for (let i = 0; i < rows * cols; i++) {
+      const v = b.frame.values[i];
+      const g = Number.isFinite(v) && hi > lo ? Math.round(255 * (v - lo) / (hi - lo)) : 0;
+      img.data[4 * i] = img.data[4 * i + 1] = img.data[4 * i + 2] = g; img.data[4 * i + 3] = 255;
+    }
+    const off = document.createElement("canvas");
+    off.width = cols; off.height = rows;
+    off.getContext("2d").putImageData(img, 0, 0);
+    const s = Math.max(1, Math.min(400 / cols, 400 / rows));
+    const ctx = sizeCanvas(this.canvas, cols * s, rows * s);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(off, 0, 0, cols * s, rows * s);
+    const f = (b.bin.data && b.bin.data[0]) || 1;
+    const classes = new Map();
+    ctx.lineWidth = 2;
+    for (const [r, c, k] of b.defects.data) {
+      if (r === null || c === null || k === null) continue;
+      classes.set(k, (classes.get(k) || 0) + 1);
+      ctx.strokeStyle = PALETTE[k % PALETTE.length];
+      ctx.beginPath(); ctx.arc((c / f + 0.5) * s, (r / f + 0.5) * s, Math.max(4, 6 * s / f + 3), 0, 2 * Math.PI); ctx.stroke();
+    }
+    const n = [...classes.values()].reduce((a, x) => a + x, 0);
+    this.canvas.setAttribute("aria-label", `newest frame of ${this.consumer}: ${n} defects circled`);
+    this.canvas.dataset.defects = String(n);
+    this.legend.replaceChildren(...[...classes.keys()].sort().map((k) =>
+      el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), `class ${k}: ${classes.get(k)}`)));
+  }
+}
+
+function requestFrame(uid, key, card) {
+  const base = `api/runs/${encodeURIComponent(uid)}/${encodeURIComponent(card.consumer)}`;
+  return Promise.all([
+    fetch(`${base}/frame.f32`).then(async (r) => (r.ok ? { shape: r.headers.get("X-Shape").split(",").map(Number), values: new Float32Array(await r.arrayBuffer()) } : null)),
+    fetch(`${base}/frame_defects.json`).then((r) => (r.ok ? r.json() : null)),
+    fetch(`${base}/frame_bin.json`).then((r) => (r.ok ? r.json() : null)),
+  ]).then(([frame, defects, bin]) => (frame && defects && bin ? { frame, defects, bin } : null));
+}
+
+// -- the clicked scan point --------------------------------------------------------------------
+// For every consumer with a spectral model, the model spectrum at that point (api/.../point)
+// beside the components it is made of, and the point's value in every map.
+function pickPoint(rc) {
+  state.point = rc;
+  for (const card of state.cards.values()) if (card instanceof MapCard) card.draw();
+  loadPoint();
+}
+
+function loadPoint() {
+  const run = state.run, box = document.getElementById("point");
+  if (!run || !state.point) return;
+  const nav = state.point.join(",");
+  const consumers = Object.keys(run.consumers);
+  Promise.all(consumers.map((c) => fetch(`api/runs/${encodeURIComponent(run.uid)}/${encodeURIComponent(c)}/point?nav=${nav}`)
+    .then((r) => (r.ok ? r.json() : null)).catch(() => null)))
+    .then((answers) => {
+      if (!state.run || state.run.uid !== run.uid || state.point.join(",") !== nav) return;
+      const cards = [];
+      const values = [];
+      answers.forEach((a) => {
+        if (!a) return;
+        for (const [name, v] of Object.entries(a.values)) {
+          values.push(el("tr", {}, el("td", { text: `${a.consumer}/${name}` }),
+            el("td", { class: "num", text: [v.value].flat().map((x) => withUnits(x, v.units)).join(", ") })));
+        }
+        if (!a.model) return;
+        const m = a.model, n = m.spectrum.length;
+        const x = m.axis && m.axis.values.length === n ? m.axis.values : Array.from({ length: n }, (_, i) => i);
+        const xlabel = m.axis ? `${m.axis.name} (${m.axis.units})` : "channel";
+        const canvas = el("canvas", { class: "plot", role: "img", "data-consumer": a.consumer,
+          "aria-label": `model spectrum of ${a.consumer} at point ${nav}` });
+        const series = [{ x, y: m.spectrum, label: "model at this point" },
+          ...m.components.map((y, i) => ({ x, y: y.map((v) => (v === null ? null : v * m.weights[i])), label: `${fmt(m.weights[i])} × component ${i + 1}` }))];
+        const fig = el("figure", { class: "card point-card", "data-consumer": a.consumer },
+          el("figcaption", { text: `${a.consumer}: spectrum at [${nav}]` },
+            el("span", { class: "desc", text: m.mean ? "mean + Σ score × component" : "Σ abundance × component" })),
+          canvas, el("div", { class: "legend" }, ...series.map((s, k) =>
+            el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label))));
+        cards.push(fig);
+        requestAnimationFrame(() => drawPlot(canvas, series, xlabel, m.units || "model"));
+        canvas.__series = series;
+      });
+      const table = el("table", { class: "health" }, el("caption", { text: `Values at [${nav}]` }), el("tbody", {}, ...values));
+      box.replaceChildren(el("div", { class: "cards" }, ...cards, el("div", {}, table)));
+    });
 }
 
 // -- runs, cards and fetching ----------------------------------------------------------------
@@ -308,10 +530,11 @@ class PlotCard {
 // Scan points analysed: events for document runs, frames for detector runs.
 function pointsDone(run) { return Math.max(run.events_done, run.frames_done || 0); }
 
-function cardFor(key, spec, navShape) {
-  if (spec.kind === "nav" && navShape.length === 2 && spec.extra_shape.length <= 1) return new MapCard(key, spec);
+function cardFor(key, spec, run) {
+  const navShape = run.nav_shape;
+  if (spec.kind === "nav" && navShape.length === 2 && spec.extra_shape.length <= 1) return new MapCard(key, spec, run);
   if (spec.kind === "sig" && spec.extra_shape.length === 2 && !spec.axis) {
-    return new MapCard(key, { ...spec, extra_shape: [] });   // a frame-shaped image, e.g. a density map
+    return new MapCard(key, { ...spec, extra_shape: [], sigImage: true }, run);   // a frame-shaped image, e.g. a density map
   }
   if (spec.kind === "nav" ? spec.extra_shape.length > 1 : spec.extra_shape.length > 2) return null;
   return new PlotCard(key, spec, spec.kind);
@@ -322,11 +545,13 @@ function ensureCards(run) {
   for (const [consumer, c] of Object.entries(run.consumers)) {
     for (const [name, spec] of Object.entries(c.buffers)) {
       const key = `${consumer}/${name}`;
-      if (state.cards.has(key) || state.hidden.has(key)) continue;
-      const card = cardFor(key, spec, run.nav_shape);
+      if (state.cards.has(key)) { state.cards.get(key).run = run; continue; }
+      if (state.hidden.has(key)) continue;
+      if (["frame_defects", "frame_bin"].includes(name) && c.buffers.frame) { state.hidden.add(key); continue; }
+      const card = name === "frame" && c.buffers.frame_defects ? new FrameCard(key, spec, consumer) : cardFor(key, spec, run);
       if (!card) { state.hidden.add(key); continue; }
       state.cards.set(key, card);
-      (card instanceof MapCard ? maps : plots).append(card.fig);
+      (card instanceof MapCard || card instanceof FrameCard ? maps : plots).append(card.fig);
       requestBuffer(run.uid, key);
     }
   }
@@ -334,10 +559,12 @@ function ensureCards(run) {
 
 function selectRun(uid) {
   state.selected = uid;
+  state.point = null;
   state.cards.clear();
   state.hidden.clear();
   document.getElementById("maps").replaceChildren();
   document.getElementById("plots").replaceChildren();
+  document.getElementById("point").replaceChildren(el("p", { class: "hint", text: "Click a map (or press Enter on it) to see that point." }));
   renderRuns();
 }
 
@@ -349,14 +576,15 @@ function requestBuffer(uid, key) {
   const card = state.cards.get(key);
   const binary = card instanceof MapCard;  // maps travel as float32, plots as JSON (with their axis)
   const url = `api/runs/${encodeURIComponent(uid)}/${encodeURIComponent(consumer)}/${encodeURIComponent(buffer)}`;
-  fetch(`${url}.${binary ? "f32" : "json"}`)
+  const history = card.kind === "single";  // single values: their history, kept by the server
+  const got = card instanceof FrameCard ? requestFrame(uid, key, card) : fetch(history ? `${url}/history` : `${url}.${binary ? "f32" : "json"}`)
     .then(async (r) => {
       if (!r.ok) return null;
       if (!binary) return r.json();
       const shape = r.headers.get("X-Shape").split(",").map(Number);
       return { shape, values: new Float32Array(await r.arrayBuffer()) };
-    })
-    .then((b) => {
+    });
+  got.then((b) => {
       if (b && uid === state.selected && state.cards.get(key) === card) card.update(b);
     })
     .catch((err) => console.warn("fetching", id, "failed:", err))
@@ -372,15 +600,21 @@ function onRuns(runs) {
   let run = runs.find((r) => r.uid === state.selected);
   if (state.follow || !run) run = runs.find((r) => r.status === "open") || runs[0];
   if (run.uid !== state.selected) selectRun(run.uid);
+  state.run = run;
   renderRun(run);
   renderRuns();
   ensureCards(run);
 }
 
 function onChanged(changed) {
+  let mine = false;
   for (const { run, consumer, buffer } of changed) {
-    if (run === state.selected && state.cards.has(`${consumer}/${buffer}`)) requestBuffer(run, `${consumer}/${buffer}`);
+    if (run !== state.selected) continue;
+    mine = true;
+    const key = ["frame_defects", "frame_bin"].includes(buffer) ? `${consumer}/frame` : `${consumer}/${buffer}`;
+    if (state.cards.has(key)) requestBuffer(run, key);
   }
+  if (mine && state.point) loadPoint();
 }
 
 function runLabel(run) {
@@ -405,16 +639,21 @@ function renderRun(run) {
   if (run.status !== "open") text.textContent += ` · ${run.status}`;
 }
 
+function chooseRun(uid) {
+  state.follow = false;
+  document.getElementById("follow").checked = false;
+  selectRun(uid);
+  onRuns(state.runs);
+}
+
 function renderRuns() {
+  const picker = document.getElementById("run-picker");
+  picker.replaceChildren(...state.runs.map((run) => el("option", { value: run.uid, text: `${runLabel(run)} · ${run.uid.slice(0, 8)}` })));
+  if (state.selected) picker.value = state.selected;
   const list = document.getElementById("runs");
   list.replaceChildren(...state.runs.map((run) => {
     const button = el("button", { type: "button", text: runLabel(run), "aria-current": String(run.uid === state.selected) });
-    button.addEventListener("click", () => {
-      state.follow = false;
-      document.getElementById("follow").checked = false;
-      selectRun(run.uid);
-      onRuns(state.runs);
-    });
+    button.addEventListener("click", () => chooseRun(run.uid));
     const when = new Date(run.opened * 1000).toLocaleTimeString();
     return el("li", { class: `status-${run.status}` }, button, ` · ${pointsDone(run)} points · opened ${when}`);
   }));
@@ -467,6 +706,7 @@ function connect() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("run-picker").addEventListener("change", (e) => chooseRun(e.target.value));
   document.getElementById("follow").addEventListener("change", (e) => {
     state.follow = e.target.checked;
     onRuns(state.runs);

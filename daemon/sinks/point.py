@@ -1,0 +1,103 @@
+"""One scan point of one consumer's results, for the live page's "click a pixel" panel.
+
+``GET /api/runs/{uid}/{consumer}/point?nav=12,7`` answers :func:`point_results`: the value of every
+``nav`` buffer at that point and, for a consumer that models each spectrum as weights on component
+spectra (``score_<i>`` on PCA ``components`` plus the ``mean``; ``abundance_<i>`` on NMF
+``components``), the model spectrum at that point and the components it is built from:
+
+    spectrum = mean + sum_i w_i * components[i]        (mean = 0 without a ``mean`` buffer)
+
+The daemon does not keep measured spectra (memory); the model spectrum is what the consumer's
+fit says the point is.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from ..results import RunStore
+from .jsonsafe import finite_list, json_safe
+
+#: nav buffers whose values weight the ``components`` rows, by name prefix.
+WEIGHT_PREFIXES = ("score", "abundance")
+#: nav buffers with more values per point than this are left out of the answer.
+MAX_VALUES_PER_POINT = 64
+
+
+def parse_nav(text: str, nav_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Parse ``"r,c"`` (one integer per scan dimension) and check it lies inside ``nav_shape``.
+
+    Raises:
+        ValueError: not integers, wrong count, or outside the scan.
+    """
+    parts = text.split(",")
+    if len(parts) != len(nav_shape) or not all(re.fullmatch(r"\d{1,9}", p.strip()) for p in parts):
+        raise ValueError(f"nav must be {len(nav_shape)} non-negative integer(s) separated by commas")
+    index = tuple(int(p) for p in parts)
+    if any(i >= n for i, n in zip(index, nav_shape)):
+        raise ValueError(f"nav {index} is outside the scan shape {nav_shape}")
+    return index
+
+
+def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> dict[str, Any]:
+    """The results of ``consumer`` at one scan point of run ``uid`` (may be ``latest``).
+
+    Returns:
+        ``{"run", "consumer", "nav", "nav_shape", "values": {buffer: value or list, units},
+        "model": None or {"axis", "spectrum" (n,), "components" (k, n), "weights" (k,), "mean"}}``,
+        JSON-safe (NaN -> None).
+
+    Raises:
+        KeyError: unknown run or consumer.
+        ValueError: a bad ``nav`` (see :func:`parse_nav`).
+    """
+    run = store.get(uid)
+    if run is None:
+        raise KeyError(f"no run {uid!r}")
+    slot = next((s for s in run.slots if s.name == consumer), None)
+    if slot is None:
+        raise KeyError(f"no consumer {consumer!r} in run {run.uid}")
+    shape = run.published_nav_shape
+    index = parse_nav(nav_text, shape)
+    flat = int(np.ravel_multi_index(index, shape))
+    values: dict[str, Any] = {}
+    weights: dict[int, float] = {}
+    for name, spec in slot.specs.items():
+        if spec.kind != "nav" or name not in slot.arrays:
+            continue
+        arr = slot.arrays[name]
+        if flat >= len(arr) or int(np.prod(spec.extra_shape)) > MAX_VALUES_PER_POINT:
+            continue
+        value = np.asarray(arr[flat], dtype=np.float64)
+        values[name] = {"value": value.tolist(), "units": spec.units}
+        m = re.fullmatch(r"([a-z]+)_(\d+)", name)
+        if m and m.group(1) in WEIGHT_PREFIXES and value.ndim == 0:
+            weights[int(m.group(2))] = float(value)
+    return {"run": run.uid, "consumer": consumer, "nav": list(index), "nav_shape": list(shape),
+            "values": json_safe(values), "model": _model(store, run.uid, slot, weights)}
+
+
+def _model(store: RunStore, uid: str, slot: Any, weights: dict[int, float]) -> dict[str, Any] | None:
+    name = next((n for n in ("components", "pca_components") if n in slot.arrays), None)
+    if name is None or not weights:
+        return None
+    snap = store.snapshot(uid, slot.name, name)
+    comps = np.asarray(snap.data, dtype=np.float64)
+    k = len(weights)
+    if comps.ndim != 2 or sorted(weights) != list(range(1, k + 1)) or comps.shape[0] < k:
+        return None
+    w = np.array([weights[i] for i in range(1, k + 1)])
+    mean = None
+    if "mean" in slot.arrays and slot.specs["mean"].kind == "sig":
+        mean = np.asarray(store.snapshot(uid, slot.name, "mean").data, dtype=np.float64)
+        if mean.shape != comps.shape[1:]:
+            mean = None
+    spectrum = w @ comps[:k] + (mean if mean is not None else 0.0)
+    axis = None
+    if snap.axis is not None:
+        axis = {"name": snap.spec.axis, "units": str(snap.axis[1]), "values": finite_list(snap.axis[0])}
+    return {"axis": axis, "spectrum": finite_list(spectrum), "components": finite_list(comps[:k]),
+            "weights": finite_list(w), "mean": None if mean is None else finite_list(mean),
+            "units": slot.specs[name].units, "source": name}
