@@ -38,6 +38,7 @@ cosine cannot (science notes, section 5.1).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ from .spectral.incremental import PointStore
 from .spectral.nmf import OnlineNMF, abundances, fit_nmf, tail_scale, unit_derivatives
 from .spectral.preprocess import find_e0, normalize_edge
 from .spectral.references import ReferenceSpectrum, read_reference_cached, vendored_library
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceSpec(BaseModel):
@@ -101,6 +104,13 @@ class UnmixingParams(SpectralParams):
     (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
+    n_init: int = Field(4, ge=1, le=20)
+    """Starts each background refit tries, keeping the lowest loss: successive-projection vertex
+    picks, NNDSVD-a, then seeded random starts (1: vertex start only). The event path is unaffected."""
+    max_sweeps: int = Field(500, ge=1, le=100_000)
+    """HALS sweeps per start, at most."""
+    tol: float = Field(1e-6, gt=0.0, lt=1.0)
+    """A start's fit stops when a sweep lowers the loss by at most this fraction."""
 
     @model_validator(mode="after")
     def _consistent(self) -> UnmixingParams:
@@ -201,6 +211,10 @@ class UnmixingConsumer(SpectralConsumer):
                        description=f"best-matching library spectrum by first-derivative cosine (-1: none); library: {library}"),
             BufferSpec("match_cosine", "single", (self.k,), description="first-derivative cosine of the best match"),
             BufferSpec("unmixing_fits", "single", (1,), dtype="int64", description="batch refits installed in this run"),
+            BufferSpec("refit_sweeps", "single", (1,), dtype="int64", metric="unmixing_refit_sweeps",
+                       description="HALS sweeps of the kept start in the latest refit"),
+            BufferSpec("refit_relative_change", "single", (1,), metric="unmixing_refit_relative_change_ratio",
+                       description="relative loss decrease in the last sweep of the latest refit (<= tol: converged)"),
         ]
         if self.params.manifold_weighted:
             specs.append(BufferSpec("point_weight", "nav", description="manifold weight (inverse local density, mean 1)"))
@@ -295,14 +309,17 @@ class UnmixingConsumer(SpectralConsumer):
         x, n = snap
         p = self.params
         weights = density_weights(x, p.n_neighbors, self.k) if p.manifold_weighted else None
-        w, h = fit_nmf(x, p.n_components, self.fixed, weights=weights)
+        w, h, info = fit_nmf(x, p.n_components, self.fixed, weights=weights, n_init=p.n_init,
+                             n_iter=p.max_sweeps, tol=p.tol)
+        log.debug("unmixing refit of run %s on %d spectra: kept start %s after %d sweep(s), relative change %.3g, "
+                  "loss %.6g", self.run.uid, n, info.init, info.iterations, info.rel_change, info.loss)
         free = self.online.free
         if p.pure_pixel_threshold is not None:
             w, h = pure_pixel_refinement(x, w, h, free, p.pure_pixel_threshold, p.min_pure_pixels,
                                          p.pure_pixel_max_loss_increase)
         s = np.where(free, self._scale(h), 1.0)
         h, w = h / s[:, None], w * s
-        return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights}
+        return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights, "info": info}
 
     def _install(self, fit: dict[str, Any] | None) -> None:
         """Adopt a finished refit: its components, the abundances of the points it covered, then
@@ -316,6 +333,8 @@ class UnmixingConsumer(SpectralConsumer):
             self.results.point_weight[self.store.pos[:n]] = fit["weights"]
         self._publish_components()
         self.results.unmixing_fits[0] += 1
+        self.results.refit_sweeps[0] = fit["info"].iterations
+        self.results.refit_relative_change[0] = fit["info"].rel_change
         if self.store.n > n:
             self._online(slice(n, self.store.n))
 

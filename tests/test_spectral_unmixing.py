@@ -116,7 +116,7 @@ def test_streaming_result_agrees_with_batch_nmf():
     r = replay(unmixing_yaml(n_components=3, final_refit="false"), data)
     w, h = result(r, 3)
     x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
-    _, hb = fit_nmf(x, 3)
+    _, hb, _ = fit_nmf(x, 3)
     h0 = np.maximum(x[spa(x, 3)], 0)
     x_pos = np.maximum(x, 0)
     sk = NMF(3, init="custom", solver="cd", max_iter=1000, tol=1e-4)
