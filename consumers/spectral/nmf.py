@@ -210,10 +210,14 @@ def random_start(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.abs(np.random.default_rng(seed).standard_normal((k, x.shape[1]))) * scale
 
 
-def start_names(n_init: int) -> list[str]:
-    """The starts :func:`fit_nmf` tries for ``n_init``: ``spa``, ``nndsvda``, then ``random-0``,
-    ``random-1``, ... (vertex picks first: on XANES they name the physically pure spectra)."""
-    return (["spa", "nndsvda"] + [f"random-{i}" for i in range(max(n_init - 2, 0))])[:max(n_init, 1)]
+def start_names(n_init: int, first: str = "spa") -> list[str]:
+    """The starts :func:`fit_nmf` tries for ``n_init``: ``first`` (``spa`` or ``nndsvda``), the
+    other of the two, then ``random-0``, ``random-1``, ... Vertex picks first suit XANES, where they
+    name the physically pure spectra (science notes, section 5.2); NNDSVD-a first suits diffraction
+    ramps, whose extreme patterns (thermal expansion shifts the peaks within a phase) are not the
+    phases' mean patterns."""
+    pair = ["spa", "nndsvda"] if first == "spa" else ["nndsvda", "spa"]
+    return (pair + [f"random-{i}" for i in range(max(n_init - 2, 0))])[:max(n_init, 1)]
 
 
 def _start(x: np.ndarray, k: int, fixed: np.ndarray, name: str) -> np.ndarray:
@@ -228,7 +232,7 @@ def _start(x: np.ndarray, k: int, fixed: np.ndarray, name: str) -> np.ndarray:
 
 def fit_nmf(x: np.ndarray, k: int, fixed: np.ndarray | None = None, *, weights: np.ndarray | None = None,
             n_iter: int = 500, tol: float = 1e-6, init_h: np.ndarray | None = None, n_init: int = 1,
-            tie_tolerance: float = 1e-3) -> tuple[np.ndarray, np.ndarray, FitInfo]:
+            first: str = "spa", tie_tolerance: float = 1e-3) -> tuple[np.ndarray, np.ndarray, FitInfo]:
     """NMF of ``x`` with ``k`` learned components after ``fixed`` known ones, best of several starts.
 
     Starts (:func:`start_names`): the spectra :func:`spa` picks (vertex start), NNDSVD-a
@@ -236,7 +240,7 @@ def fit_nmf(x: np.ndarray, k: int, fixed: np.ndarray | None = None, *, weights: 
     when given: a warm start); each is clipped at 0, gets abundances by NNLS and is refined by
     :func:`hals` with the known rows held fixed. The fit of lowest loss is kept; a later start must
     beat the best so far by more than ``tie_tolerance`` (relative) to replace it, so that equally
-    good factorisations (NMF's rotational ambiguity) resolve to the earliest start, the vertex one.
+    good factorisations (NMF's rotational ambiguity) resolve to the earliest start.
 
     Args:
         x: float ``(n, c)``; k: learned components (may be 0: pure reference fit).
@@ -244,7 +248,8 @@ def fit_nmf(x: np.ndarray, k: int, fixed: np.ndarray | None = None, *, weights: 
         weights: ``(n,)`` point weights for the component update (manifold weighting).
         n_iter, tol: per-start HALS limits (see :func:`hals`).
         init_h: ``(k, c)`` start for the learned components (warm start) instead of the list.
-        n_init: number of starts to try (1: vertex start only).
+        n_init: number of starts to try (1: ``first`` only).
+        first: ``spa`` or ``nndsvda``, the start tried first (and kept on ties).
         tie_tolerance: relative loss margin a later start must win by.
 
     Returns:
@@ -260,7 +265,7 @@ def fit_nmf(x: np.ndarray, k: int, fixed: np.ndarray | None = None, *, weights: 
     if len(x) < k:
         raise ValueError(f"NMF needs at least {k} spectra, got {len(x)}")
     starts = [("warm", np.maximum(init_h, 0.0))] if init_h is not None else \
-        [(name, None) for name in start_names(min(n_init, len(x)) if n_init > 1 else 1)]
+        [(name, None) for name in start_names(n_init, first)]
     free = np.r_[np.zeros(len(fixed), dtype=bool), np.ones(k, dtype=bool)]
     best: tuple[np.ndarray, np.ndarray, FitInfo] | None = None
     for name, h0 in starts:
