@@ -234,6 +234,9 @@ class RouterConfig(Strict):
     run_timeout_s: float = Field(3600.0, gt=0, description="a run with no document or frame for this long is closed as incomplete")
     shed_slow_consumers: bool = Field(True, description="when the document queue passes shed_queue_fraction, quarantine the consumer that used the most time, so intake never stalls")
     shed_queue_fraction: float = Field(0.8, gt=0, le=1)
+    midway_hold_s: float = Field(2.0, ge=0, description="events of an unknown descriptor wait this long for it, then one is built from them (joining a run mid-way)")
+    midway_max_descriptors: int = Field(8, gt=0, description="unknown descriptors whose events are held at once; events of more are rejected")
+    midway_max_events: int = Field(10_000, gt=0, description="events held per unknown descriptor; at the limit a descriptor is built from them at once")
 
 
 class StateConfig(Strict):
