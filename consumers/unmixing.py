@@ -196,6 +196,8 @@ class UnmixingConsumer(SpectralConsumer):
         self.scale_e0: float | None = None
         self.last_fit_n = 0
         self.sum_x2 = self.sum_r2 = 0.0  # Σ|x|², Σ|x - wH|² over the points so far
+        self.refit_log: list[tuple[int, Any]] = []
+        """``(points fitted, FitInfo)`` of every installed refit (benchmarks, debugging)."""
 
     def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum, float, str]], strict: bool) -> tuple[list[str], np.ndarray]:
         """Edge-normalise (absorption spectra on an energy axis), shift and resample references
@@ -373,6 +375,7 @@ class UnmixingConsumer(SpectralConsumer):
         self._publish_components()
         self.results.unmixing_fits[0] += 1
         self.results.refit_sweeps[0] = fit["info"].iterations
+        self.refit_log.append((n, fit["info"]))  # one entry per installed refit (a few per run: growth is geometric)
         self.results.refit_relative_change[0] = fit["info"].rel_change
         if self.store.n > n:
             self._online(slice(n, self.store.n))
