@@ -117,12 +117,12 @@ class UnmixingParams(SpectralParams):
     (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
-    n_init: int = Field(4, ge=1, le=20)
+    n_init: int = Field(3, ge=1, le=20)
     """Starts each background refit tries, keeping the lowest loss: successive-projection vertex
     picks, NNDSVD-a, then seeded random starts (1: vertex start only). The event path is unaffected."""
     max_sweeps: int = Field(2000, ge=1, le=100_000)
     """HALS sweeps per start, at most."""
-    tol: float = Field(1e-7, gt=0.0, lt=1.0)
+    tol: float = Field(1e-6, gt=0.0, lt=1.0)
     """A start's fit stops when a sweep lowers the loss by at most this fraction."""
     first_start: Literal["auto", "spa", "nndsvda"] = "auto"
     """Start tried first, and kept when a later one is not better by ``tie_tolerance``: ``auto`` is

@@ -88,7 +88,7 @@ def test_refit_sweeps_and_last_change_are_published_as_gauges():
     r = replay("consumers:\n  - {name: unmix, class: unmixing, params: {n_components: 3, n_init: 2}}\n", data)
     sweeps = int(r.get("unmix", "refit_sweeps")[0])
     change = float(r.get("unmix", "refit_relative_change")[0])
-    assert sweeps > 1 and 0 <= change <= 1e-7
+    assert sweeps > 1 and 0 <= change <= 1e-6
     reg = r.metrics.registry
     assert reg.get_sample_value("beamlens_unmixing_refit_sweeps", {"consumer": "unmix", "index": "0"}) == sweeps
     assert reg.get_sample_value("beamlens_unmixing_refit_relative_change_ratio",

@@ -143,7 +143,7 @@ def test_manifold_weighting_keeps_minority_phases_on_a_dominated_map():
     weighting gives each region of the manifold a similar say; the minority components (Fe metal,
     goethite) come out right with it. Measured when HALS stopped after one sweep, plain NMF let the
     dominant phase pull them (derivative cosine 0.05 lower); with refits run to convergence and the
-    best of four starts, plain NMF recovers them as well (0.97 vs 0.96 weighted), so the test now
+    best of three starts, plain NMF recovers them as well (0.97 vs 0.96 weighted), so the test now
     asserts that weighting costs little, not that it is needed."""
     data = dominant_phase_map(dominant=0.9, seed=0)
     plain = score(data, *result(replay(unmixing_yaml(n_components=3), data), 3))
