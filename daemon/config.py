@@ -79,6 +79,10 @@ class BlueskySourceConfig(Strict):
     receive_hwm: int = Field(100_000, ge=0, description="0MQ receive high-water mark in messages")
     validate_documents: bool = Field(True, description="check every document against event_model's schemas")
     curve: CurveClientConfig | None = Field(None, description="CURVE encryption and authentication towards the proxy")
+    lookup: str | None = Field(
+        None, pattern=r"^tileds?://[^\s]+$",
+        description="Tiled server holding this source's runs (tiled://host:port/path, tileds:// for https; API key from "
+                    "TILED_API_KEY): the RunStart and descriptors of runs joined mid-way are looked up there by uid")
 
     _addr = field_validator("address")(_check_zmq_address)
 

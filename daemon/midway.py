@@ -15,12 +15,14 @@ What happens (the README says the same):
   analysed. The run is counted in ``beamlens_runs_joined_midway_total``; its uid is
   ``midway-<descriptor uid>`` (events do not name their RunStart), it has no RunStart, so its map
   is one-dimensional and grows with seq_num (labelled "joined mid-run" on the page).
-- A RunStop for an unknown run closes such a run when its ``num_events`` names the run's stream
-  with at least the events seen (the newest matching run from the same source); otherwise it is
+- A RunStop for an unknown run first settles the events held from its source, then closes such a
+  run when its ``num_events`` names the run's stream with at least the events seen (the newest matching run from the same source); otherwise it is
   rejected as ``stop_for_unknown_run``, and the run is closed by ``run_timeout_s``.
 
-Not done here: looking the RunStart and descriptors up in a Tiled server by uid (grid shape and
-snaking would then be right).
+With a Tiled look-up configured for the source (``sources.bluesky[i].lookup``, see
+:mod:`beamlens.daemon.lookup`), the RunStart of a run whose descriptor came without it, and the
+RunStart and descriptor of events held for an unknown descriptor, are looked up by uid first: the
+run then keeps its uid, grid shape and snaking, and its own RunStop closes it.
 """
 from __future__ import annotations
 
@@ -93,7 +95,13 @@ class MidwayJoiner:
     """
 
     def __init__(self, hold_s: float, max_descriptors: int, max_events: int,
-                 descriptor: Callable[[dict[str, Any], str], None], event_page: Callable[[dict[str, Any], str], None]):
+                 descriptor: Callable[[dict[str, Any], str], None], event_page: Callable[[dict[str, Any], str], None],
+                 start: Callable[[dict[str, Any], str], Any] | None = None, lookups: dict[str, Any] | None = None,
+                 open_runs: Callable[[], dict[str, Any]] | None = None):
+        self.lookups = lookups or {}
+        """source name -> :class:`~beamlens.daemon.lookup.TiledLookup`."""
+        self._start = start
+        self._open_runs = open_runs
         self.hold_s = hold_s
         self.max_descriptors = max_descriptors
         self.max_events = max_events
@@ -140,8 +148,30 @@ class MidwayJoiner:
         for uid in [u for u, h in self._held.items() if now - h.since >= self.hold_s]:
             self._build(uid)
 
+    def start_for(self, run_uid: str, source: str, time_s: float) -> tuple[dict[str, Any], bool]:
+        """The RunStart to open a run joined at its descriptor with: looked up in the source's
+        Tiled server, else a minimal one (uid and time only). Returns ``(doc, looked_up)``."""
+        lookup = self.lookups.get(source)
+        doc = lookup.start(run_uid) if lookup is not None and not run_uid.startswith(MIDWAY_PREFIX) else None
+        if doc is not None:
+            log.info("RunStart of run %s found in %s: plan %s, shape %s", run_uid, lookup.uri, doc.get("plan_name"),
+                     doc.get("shape"))
+            return doc, True
+        return {"uid": run_uid, "time": time_s}, False
+
     def _build(self, uid: str) -> None:
         held = self._held.pop(uid)
+        lookup = self.lookups.get(held.source)
+        found = lookup.descriptor(uid) if lookup is not None and self._start is not None else None
+        if found is not None:
+            start, doc = found
+            log.info("descriptor %s and RunStart %s found in %s", uid, start["uid"], lookup.uri)
+            if self._open_runs is None or start["uid"] not in self._open_runs():
+                self._start(start, held.source)
+            self._descriptor(doc, held.source)
+            for page in held.pages:
+                self._event_page(page, held.source)
+            return
         doc = descriptor_from_pages(uid, held.pages)
         log.warning("descriptor %s never arrived: built one from %d event(s) (keys %s); joining its run as %s",
                     uid, held.n, sorted(doc["data_keys"]), doc["run_start"])
@@ -158,6 +188,10 @@ class MidwayJoiner:
         Args:
             runs: the router's open runs by uid (oldest first).
         """
+        for uid in [u for u, h in self._held.items() if h.source == source]:
+            self._build(uid)  # a stop right after held events: their run first
+        if doc.get("run_start") in runs:  # found by a look-up just now
+            return runs[doc["run_start"]]
         counts = doc.get("num_events") or {}
         self._built = {u: s for u, s in self._built.items() if u in runs}
         for uid in reversed([u for u in runs if self._built.get(u) == source]):
@@ -166,3 +200,10 @@ class MidwayJoiner:
                 log.info("RunStop for unknown run %s ends %s, built from events", doc.get("run_start"), uid)
                 return run
         return None
+
+
+def lookups_from_config(config: Any) -> dict[str, Any]:
+    """source name -> :class:`~beamlens.daemon.lookup.TiledLookup` for every bluesky source with a
+    ``lookup``. Raises RuntimeError when tiled is not installed."""
+    from .lookup import TiledLookup
+    return {s.name: TiledLookup(s.lookup) for s in config.sources.bluesky if s.lookup}

@@ -45,7 +45,7 @@ from .documents import Document
 from .frame_router import FrameRouter
 from .frames import FrameBarrier, FrameBatch, SeriesEvent
 from .metrics import SCIENCE_GAUGES, Metrics
-from .midway import MidwayJoiner
+from .midway import MidwayJoiner, lookups_from_config
 from .placement import flat_positions, nav_shape_from_start, snaking_from_start
 from .results import ConsumerSlot, RunState, RunStore
 from .supervision import TICK_S, RunSupervision
@@ -93,7 +93,9 @@ class Router(RunSupervision):
         self.initial_capacity = INITIAL_CAPACITY
         self.frames = FrameRouter(self)
         self.midway = MidwayJoiner(config.router.midway_hold_s, config.router.midway_max_descriptors,
-                                   config.router.midway_max_events, self._descriptor, self._event_page)
+                                   config.router.midway_max_events, self._descriptor, self._event_page,
+                                   start=self._start_midway, lookups=lookups_from_config(config),
+                                   open_runs=lambda: self._runs)
         self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
                              if config.state.directory is not None else None)
         self._next_tick = time.monotonic() + TICK_S
@@ -229,12 +231,16 @@ class Router(RunSupervision):
         self._notify("start", run, doc)
         return run
 
+    def _start_midway(self, doc: dict[str, Any], source: str) -> RunState | None:
+        self.metrics.runs_joined_midway.inc()
+        return self._start(doc, source, joined_midway=True)
+
     def _descriptor(self, doc: dict[str, Any], source: str) -> None:
         run = self._runs.get(doc["run_start"])
         if run is None:
             self.metrics.runs_joined_midway.inc()
             log.warning("descriptor %s for run %s whose RunStart was not seen: joining mid-run", doc["uid"], doc["run_start"])
-            run = self._start({"uid": doc["run_start"], "time": doc["time"]}, source, joined_midway=True)
+            run = self._start(self.midway.start_for(doc["run_start"], source, doc["time"])[0], source, joined_midway=True)
             if run is None:
                 return
         self._descriptor_run[doc["uid"]] = run.uid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from event_model import compose_run
 
 from beamlens.daemon.config import load_config
@@ -111,3 +112,65 @@ def test_built_descriptor_has_event_model_data_keys():
     assert keys["img"] == {"source": "beamlens:built-from-events", "dtype": "array", "shape": [2, 3], "dtype_numpy": "<u2"}
     assert [keys[k]["dtype"] for k in ("x", "n", "ok", "s")] == ["number", "integer", "boolean", "string"]
     assert doc["name"] == "primary" and doc["run_start"] == "midway-d" and doc["time"] == 5.0
+
+
+@pytest.fixture
+def tiled_runs(tmp_path):
+    """A real Tiled server in this process (SQLite catalog, on a free 127.0.0.1 port) and bluesky's
+    TiledWriter writing into it, as a beamline's run store."""
+    from bluesky.callbacks.tiled_writer import TiledWriter
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    with SimpleTiledServer(directory=tmp_path / "tiled") as server:
+        client = from_uri(server.uri)
+        yield server, TiledWriter(client)
+        client.context.close()
+
+
+def snaking_run(n: int = 12, channels: int = 16):
+    run = compose_run(metadata={"shape": [3, 4], "snaking": [False, True], "plan_name": "grid_scan"})
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "spectrum": {"source": "sim", "dtype": "array", "shape": [channels], "dtype_numpy": "<f8"}})
+    x = np.random.default_rng(1).random((n, channels))
+    events = [desc.compose_event(data={"spectrum": x[i]}, timestamps={"spectrum": 0.0}, seq_num=i + 1) for i in range(n)]
+    return run, desc, events, x
+
+
+def lookup_router(server) -> tuple[Router, Metrics, RunStore]:
+    uri = server.uri.replace("http://", "tiled://", 1)
+    config = load_config(text=CONSUMERS + "sources:\n  bluesky:\n    - {address: 'tcp://127.0.0.1:5578', name: test, "
+                         f"lookup: '{uri}'}}\nrouter: {{strict: true, midway_hold_s: 0.2}}\n", environ={})
+    metrics, store = Metrics(), RunStore()
+    router = Router(config, metrics, store)
+    router.start()
+    return router, metrics, store
+
+
+@pytest.mark.parametrize("missed", ["start", "start_and_descriptor"])
+def test_a_tiled_lookup_restores_grid_shape_and_snaking(tiled_runs, missed):
+    server, writer = tiled_runs
+    run, desc, events, x = snaking_run()
+    writer("start", run.start_doc)
+    writer("descriptor", desc.descriptor_doc)
+    for e in events[:4]:  # the run store has everything so far; the daemon restarts now
+        writer("event", e)
+    router, metrics, store = lookup_router(server)
+    try:
+        if missed == "start":
+            submit(router, "descriptor", desc.descriptor_doc)
+        for e in events[4:]:
+            submit(router, "event", e)
+        submit(router, "stop", run.compose_stop())
+        uid = run.start_doc["uid"]
+        wait_for(lambda: store.get(uid) is not None and store.get(uid).status == "success", timeout=60)
+        r = store.get(uid)
+        assert r.joined_midway and r.nav_shape == (3, 4) and r.snaking == (False, True)
+        total = store.snapshot(uid, "stats", "total").data
+        expected = x.sum(axis=1).reshape(3, 4)
+        expected[1] = expected[1, ::-1]  # the snaked row was measured right to left
+        assert np.isnan(total.ravel()[:4]).all() or np.allclose(total.ravel()[:4], 0)  # never seen
+        np.testing.assert_allclose(total[1:], expected[1:])
+        assert metrics.registry.get_sample_value("beamlens_runs_joined_midway_total") == 1
+    finally:
+        router.stop()
