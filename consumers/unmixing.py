@@ -30,17 +30,26 @@ then counts about as much as a rare one in the component update; abundances are 
 the weights (each point's NNLS is independent). Weights apply to the background refits; online
 steps between refits are unweighted.
 
-Components are scaled to unit edge step (the run's E0 and pre/post-edge ranges; the mean of the
-highest-energy fifth of the channels without an energy axis), so abundances are in edge-step units:
-fractions of the absorber for edge-normalised spectra. Each component is matched to a library
-spectrum by cosine of the first derivative d(mu)/dE, which separates Fe(III) phases that plain
-cosine cannot (science notes, section 5.1).
+On an energy axis, components are scaled to unit edge step (the run's E0 and pre/post-edge
+ranges), so abundances are in edge-step units: fractions of the absorber for edge-normalised
+spectra. On other axes (2-theta, q, d, wavelength, pixel) they are scaled like the patterns'
+normalisation (unit max, area or L2), so abundances are fractions of a normalised pattern. Each
+component is matched to a library spectrum of the run's axis kind (the Fe K-edge library is energy)
+by cosine of the first derivative along the axis, which separates Fe(III) phases that plain cosine
+cannot (science notes, section 5.1).
+
+Background refits try ``n_init`` starts (:func:`~beamlens.consumers.spectral.nmf.fit_nmf`: vertex
+picks, NNDSVD-a, seeded random), each HALS run to convergence, and keep the lowest loss (ties
+within ``tie_tolerance`` go to the first start: vertex picks on energy axes, NNDSVD-a otherwise).
+The sweeps and last relative loss change of the kept fit are published (``refit_sweeps``,
+``refit_relative_change`` and their gauges) and logged at debug level.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,8 +60,12 @@ from .spectral.background import Refitter
 from .spectral.consumer import SpectralConsumer, SpectralParams
 from .spectral.incremental import PointStore
 from .spectral.nmf import OnlineNMF, abundances, fit_nmf, tail_scale, unit_derivatives
-from .spectral.preprocess import find_e0, normalize_edge
+from .spectral.preprocess import AxisKind, find_e0, normalize_edge
 from .spectral.references import ReferenceSpectrum, read_reference_cached, vendored_library
+
+log = logging.getLogger(__name__)
+
+EPS_SCALE = 1e-12
 
 
 class ReferenceSpec(BaseModel):
@@ -67,13 +80,16 @@ class ReferenceSpec(BaseModel):
     name: str | None = None
     """Label in outputs; default: the file name (and column)."""
     shift_ev: float = 0.0
-    """Energy shift added to the file's axis (eV), for calibration offsets between beamlines."""
+    """Shift added to the file's axis (eV for energy; in the axis' units otherwise), for
+    calibration offsets between beamlines."""
+    axis_kind: AxisKind = "energy"
+    """Kind of the file's axis (its first column); a reference applies only to runs on that kind."""
 
-    def load(self) -> tuple[str, ReferenceSpectrum, float]:
-        """``(label, spectrum, shift in eV)``."""
+    def load(self) -> tuple[str, ReferenceSpectrum, float, str]:
+        """``(label, spectrum, shift, axis kind)``."""
         ref = read_reference_cached(self.path, self.column)
         label = self.name or Path(self.path).stem + (f":{self.column}" if self.column else "")
-        return label, ref, self.shift_ev
+        return label, ref, self.shift_ev, self.axis_kind
 
 
 class UnmixingParams(SpectralParams):
@@ -101,6 +117,19 @@ class UnmixingParams(SpectralParams):
     (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
+    n_init: int = Field(3, ge=1, le=20)
+    """Starts each background refit tries, keeping the lowest loss: successive-projection vertex
+    picks, NNDSVD-a, then seeded random starts (1: vertex start only). The event path is unaffected."""
+    max_sweeps: int = Field(2000, ge=1, le=100_000)
+    """HALS sweeps per start, at most."""
+    tol: float = Field(1e-6, gt=0.0, lt=1.0)
+    """A start's fit stops when a sweep lowers the loss by at most this fraction."""
+    first_start: Literal["auto", "spa", "nndsvda"] = "auto"
+    """Start tried first, and kept when a later one is not better by ``tie_tolerance``: ``auto`` is
+    ``spa`` on energy axes (XANES: vertex picks), ``nndsvda`` on the others (diffraction ramps)."""
+    tie_tolerance: float = Field(1e-3, ge=0.0, lt=0.5)
+    """Relative loss margin by which a later start must beat the kept one (fits from different
+    starts that converge within it are equally good: NMF's rotational ambiguity)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> UnmixingParams:
@@ -140,15 +169,17 @@ class UnmixingConsumer(SpectralConsumer):
     def setup(self, doc: Mapping[str, Any]) -> None:
         super().setup(doc)
         p = self.params
-        if (p.references or p.match_library) and self.energy is None:
-            raise NotApplicable("references need an energy axis; none found in the descriptor")
+        wrong = sorted({s.axis_kind for s in p.references} - {self.axis_name})
+        if wrong:
+            raise NotApplicable(f"references are on a {', '.join(wrong)} axis; this run's axis is {self.axis_name} "
+                                f"({self.run.axes[self.axis_name][1]})")
         try:
             self.ref_names, self.ref_raw = self._on_axis([s.load() for s in p.references], strict=True)
-            if p.match_library is not None:
-                lib = [s.load() for s in p.match_library]
-            elif self.energy is not None:
+            if p.match_library is not None:  # matching applies to the axis kind the library declares
+                lib = [s.load() for s in p.match_library if s.axis_kind == self.axis_name]
+            elif self.axis_name == "energy":  # the vendored library: Fe K-edge XANES
                 refs = vendored_library()
-                lib = [(_label(r, sum(q.source == r.source for q in refs) > 1), r, 0.0) for r in refs]
+                lib = [(_label(r, sum(q.source == r.source for q in refs) > 1), r, 0.0, "energy") for r in refs]
             else:
                 lib = []
             self.lib_names, self.lib_raw = self._on_axis(lib, strict=p.match_library is not None)
@@ -165,42 +196,51 @@ class UnmixingConsumer(SpectralConsumer):
         self.scale_e0: float | None = None
         self.last_fit_n = 0
         self.sum_x2 = self.sum_r2 = 0.0  # Σ|x|², Σ|x - wH|² over the points so far
+        self.refit_log: list[tuple[int, Any]] = []
+        """``(points fitted, FitInfo)`` of every installed refit (benchmarks, debugging)."""
 
-    def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum, float]], strict: bool) -> tuple[list[str], np.ndarray]:
-        """Edge-normalise, shift and resample references onto the raw energy axis (values outside
-        a reference's range are held at its end values; only the analysed window must be covered).
-        A reference that does not cover the window raises (``strict``) or is dropped."""
+    def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum, float, str]], strict: bool) -> tuple[list[str], np.ndarray]:
+        """Edge-normalise (absorption spectra on an energy axis), shift and resample references
+        onto the raw axis (values outside a reference's range are held at its end values; only the
+        analysed window must be covered). A reference that does not cover the window raises
+        (``strict``) or is dropped."""
         names, rows = [], []
-        lo, hi = (self.energy[0], self.energy[-1]) if self.energy is not None else (0, 0)
-        for name, ref, shift in refs:
+        lo, hi = self.axis[0], self.axis[-1]
+        units = self.run.axes[self.axis_name][1]
+        for name, ref, shift, _ in refs:
             e = ref.energy + shift
             if e[0] > lo + 1e-6 or e[-1] < hi - 1e-6:
                 if strict:
-                    raise ValueError(f"{name} covers {e[0]:.1f}-{e[-1]:.1f} eV, not the analysed {lo:.1f}-{hi:.1f} eV "
-                                     "(set preprocess.energy_window)")
+                    raise ValueError(f"{name} covers {e[0]:.1f}-{e[-1]:.1f} {units}, not the analysed {lo:.1f}-{hi:.1f} "
+                                     f"{units} (set preprocess.energy_window)")
                 continue
-            mu = ref.mu if ref.normalized else normalize_edge(e, ref.mu)[0]
+            mu = ref.mu if ref.normalized or self.axis_name != "energy" else normalize_edge(e, ref.mu)[0]
             names.append(name)
-            rows.append(np.interp(self.prep.raw_energy, e, mu))
-        return names, np.array(rows).reshape(len(rows), len(self.prep.raw_energy) if rows else 0)
+            rows.append(np.interp(self.prep.raw_axis, e, mu))
+        return names, np.array(rows).reshape(len(rows), len(self.prep.raw_axis) if rows else 0)
 
     def result_buffers(self) -> list[BufferSpec]:
         c = self.prep.n_out
         names = [*(f"reference {n}" for n in self.ref_names),
                  *(f"learned component {j + 1}" for j in range(self.params.n_components))]
         library = ", ".join(f"{i}={n}" for i, n in enumerate(self.lib_names)) or "none"
+        units = self._abundance_units()
         specs = [
-            *(BufferSpec(f"abundance_{j + 1}", "nav", units="edge step", description=f"abundance of {names[j]}")
+            *(BufferSpec(f"abundance_{j + 1}", "nav", units=units, description=f"abundance of {names[j]}")
               for j in range(self.k)),
             BufferSpec("residual", "nav", description="relative residual |x - wH| / |x|"),
             BufferSpec("components", "sig", (self.k, c), axis=self.axis_name,
-                       description="component spectra (unit edge step): " + "; ".join(names)),
+                       description=f"component spectra ({self._component_scale_label()}): " + "; ".join(names)),
             BufferSpec("reconstruction_error", "single", (1,), metric="reconstruction_error_ratio",
                        description="|X - WH|_F / |X|_F over the points so far"),
             BufferSpec("match_index", "single", (self.k,), dtype="int64",
                        description=f"best-matching library spectrum by first-derivative cosine (-1: none); library: {library}"),
             BufferSpec("match_cosine", "single", (self.k,), description="first-derivative cosine of the best match"),
             BufferSpec("unmixing_fits", "single", (1,), dtype="int64", description="batch refits installed in this run"),
+            BufferSpec("refit_sweeps", "single", (1,), dtype="int64", metric="unmixing_refit_sweeps",
+                       description="HALS sweeps of the kept start in the latest refit"),
+            BufferSpec("refit_relative_change", "single", (1,), metric="unmixing_refit_relative_change_ratio",
+                       description="relative loss decrease in the last sweep of the latest refit (<= tol: converged)"),
         ]
         if self.params.manifold_weighted:
             specs.append(BufferSpec("point_weight", "nav", description="manifold weight (inverse local density, mean 1)"))
@@ -238,7 +278,7 @@ class UnmixingConsumer(SpectralConsumer):
             self.scale_e0 = self.prep.e0 if self.prep.e0 is not None else find_e0(self.energy, y.mean(axis=0))
         self.fixed = self.prep(self.ref_raw)[0] if self.m else np.zeros((0, self.prep.n_out))
         if len(self.lib_names):  # unit first derivatives, once per run
-            self.library_d = unit_derivatives(self.prep(self.lib_raw)[0], self.energy)
+            self.library_d = unit_derivatives(self.prep(self.lib_raw)[0], self.axis)
         if self.params.n_components == 0:  # reference mode: nothing to learn
             self.online.reset(np.zeros((0, self.m)), np.zeros((0, self.prep.n_out)), self.fixed)
             self._publish_components()
@@ -265,7 +305,7 @@ class UnmixingConsumer(SpectralConsumer):
         h = self.online.h
         self.results.components[...] = h
         if self.library_d is not None and len(self.library_d):
-            cos = unit_derivatives(h, self.energy) @ self.library_d.T
+            cos = unit_derivatives(h, self.axis) @ self.library_d.T
             self.results.match_index[...] = np.argmax(cos, axis=1)
             self.results.match_cosine[...] = cos.max(axis=1)
         else:
@@ -282,8 +322,22 @@ class UnmixingConsumer(SpectralConsumer):
         self.last_fit_n = n
         return self.store.x[:n], n  # rows [:n] are never rewritten
 
+    def _abundance_units(self) -> str:
+        return "edge step" if self.axis_name == "energy" else f"unit-{self._norm_kind()} pattern"
+
+    def _norm_kind(self) -> str:
+        return self.prep.mode if self.prep.mode in ("area", "l2") else "max"
+
+    def _component_scale_label(self) -> str:
+        return "unit edge step" if self.axis_name == "energy" else f"unit {self._norm_kind()}"
+
     def _scale(self, h: np.ndarray) -> np.ndarray:
-        """Per-component scale ``(K,)`` to unit edge step (see the module docstring)."""
+        """Per-component scale ``(K,)``: to unit edge step on energy axes (see the module docstring),
+        else to unit max / area / L2 like the normalised patterns (max when not normalised), so
+        abundances are the patterns' fractions."""
+        if self.axis_name != "energy":
+            s = self.prep.signal_scale(h) if self.prep.mode in ("area", "l2") else h.max(axis=1)
+            return np.where(s > EPS_SCALE, s, 1.0)
         fallback = tail_scale(h)
         if self.scale_e0 is None:
             return fallback
@@ -295,14 +349,18 @@ class UnmixingConsumer(SpectralConsumer):
         x, n = snap
         p = self.params
         weights = density_weights(x, p.n_neighbors, self.k) if p.manifold_weighted else None
-        w, h = fit_nmf(x, p.n_components, self.fixed, weights=weights)
+        first = p.first_start if p.first_start != "auto" else ("spa" if self.axis_name == "energy" else "nndsvda")
+        w, h, info = fit_nmf(x, p.n_components, self.fixed, weights=weights, n_init=p.n_init,
+                             n_iter=p.max_sweeps, tol=p.tol, first=first, tie_tolerance=p.tie_tolerance)
+        log.debug("unmixing refit of run %s on %d spectra: kept start %s after %d sweep(s), relative change %.3g, "
+                  "loss %.6g", self.run.uid, n, info.init, info.iterations, info.rel_change, info.loss)
         free = self.online.free
         if p.pure_pixel_threshold is not None:
             w, h = pure_pixel_refinement(x, w, h, free, p.pure_pixel_threshold, p.min_pure_pixels,
                                          p.pure_pixel_max_loss_increase)
         s = np.where(free, self._scale(h), 1.0)
         h, w = h / s[:, None], w * s
-        return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights}
+        return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights, "info": info}
 
     def _install(self, fit: dict[str, Any] | None) -> None:
         """Adopt a finished refit: its components, the abundances of the points it covered, then
@@ -316,6 +374,9 @@ class UnmixingConsumer(SpectralConsumer):
             self.results.point_weight[self.store.pos[:n]] = fit["weights"]
         self._publish_components()
         self.results.unmixing_fits[0] += 1
+        self.results.refit_sweeps[0] = fit["info"].iterations
+        self.refit_log.append((n, fit["info"]))  # one entry per installed refit (a few per run: growth is geometric)
+        self.results.refit_relative_change[0] = fit["info"].rel_change
         if self.store.n > n:
             self._online(slice(n, self.store.n))
 

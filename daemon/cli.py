@@ -28,9 +28,9 @@ def default_demo_config() -> Path:
     return here if here.exists() else Path(str(files("beamlens.daemon") / "demo.yaml"))
 
 
-def _load(path: str | Path) -> Config:
+def _load(path: str | Path, warn: bool = True) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, warn=warn)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
@@ -68,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "check-config":
-        config = _load(args.file)
+        config = _load(args.file, warn=False)
         print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), "
               f"{len(config.sources.frames)} frame source(s), {len(config.consumers)} consumer(s))")
+        if config.ignored_environment:
+            print("warning: environment variables with the BEAMLENS_ prefix that name no config field, not applied: "
+                  + ", ".join(config.ignored_environment), file=sys.stderr)
         return 0
     if args.command == "schema":
         print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))

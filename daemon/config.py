@@ -3,25 +3,33 @@
 Loading order: the YAML file, then environment overrides ``BEAMLENS_<PATH>`` where ``__`` separates
 levels and list items are addressed by index (``BEAMLENS_HTTP__PORT=9000``,
 ``BEAMLENS_SOURCES__BLUESKY__0__ADDRESS=tcp://127.0.0.1:5578``); override values are parsed as YAML
-scalars. Consumer parameters are validated against the consumer's own ``Params`` model. Every error
+scalars. Only variables whose path names a config field are applied; other ``BEAMLENS_*`` variables
+(Kubernetes service links for a Service named ``beamlens``: ``BEAMLENS_SERVICE_HOST``,
+``BEAMLENS_PORT=tcp://...``) are listed once in a warning and by ``check-config``, never fatal. Consumer parameters are validated against the consumer's own ``Params`` model. Every error
 is reported with the YAML path of the bad field (``consumers[1].params.n_components``), before
 anything starts (tiled's config and its issue #1087 are the model).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, DirectoryPath, Field, FilePath, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 from pydantic import SecretStr
 
 from beamlens.consumers.base import Consumer
 
 ENV_PREFIX = "BEAMLENS_"
+
+log = logging.getLogger(__name__)
 
 #: Consumers shipped with beamlens, by registry name (``class: stats`` in a config).
 BUILTIN_CONSUMERS: dict[str, str] = {
@@ -72,6 +80,10 @@ class BlueskySourceConfig(Strict):
     receive_hwm: int = Field(100_000, ge=0, description="0MQ receive high-water mark in messages")
     validate_documents: bool = Field(True, description="check every document against event_model's schemas")
     curve: CurveClientConfig | None = Field(None, description="CURVE encryption and authentication towards the proxy")
+    lookup: str | None = Field(
+        None, pattern=r"^tileds?://[^\s]+$",
+        description="Tiled server holding this source's runs (tiled://host:port/path, tileds:// for https; API key from "
+                    "TILED_API_KEY): the RunStart and descriptors of runs joined mid-way are looked up there by uid")
 
     _addr = field_validator("address")(_check_zmq_address)
 
@@ -236,6 +248,9 @@ class RouterConfig(Strict):
     run_timeout_s: float = Field(3600.0, gt=0, description="a run with no document or frame for this long is closed as incomplete")
     shed_slow_consumers: bool = Field(True, description="when the document queue passes shed_queue_fraction, quarantine the consumer that used the most time, so intake never stalls")
     shed_queue_fraction: float = Field(0.8, gt=0, le=1)
+    midway_hold_s: float = Field(2.0, ge=0, description="events of an unknown descriptor wait this long for it, then one is built from them (joining a run mid-way)")
+    midway_max_descriptors: int = Field(8, gt=0, description="unknown descriptors whose events are held at once; events of more are rejected")
+    midway_max_events: int = Field(10_000, gt=0, description="events held per unknown descriptor; at the limit a descriptor is built from them at once")
 
 
 class StateConfig(Strict):
@@ -309,6 +324,12 @@ class Config(Strict):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    _ignored_environment: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def ignored_environment(self) -> tuple[str, ...]:
+        """``BEAMLENS_*`` variables :func:`load_config` found but did not apply (no such field)."""
+        return self._ignored_environment
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -346,12 +367,63 @@ def yaml_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    errors = []
-    for key, raw in sorted(environ.items()):
+def _field_type(model: type[BaseModel], name: str) -> tuple[bool, Any]:
+    """``(exists, annotation)`` of field ``name`` (or its alias) of ``model``."""
+    for field_name, info in model.model_fields.items():
+        if name in (field_name, info.alias):
+            return True, info.annotation
+    return False, None
+
+
+def _env_path_exists(annotation: Any, path: list[str]) -> bool:
+    """Whether ``path`` (lower-case parts, list items by index) names a field of the config tree
+    typed ``annotation``: models by field name or alias, lists by any integer index, free-form
+    mappings (consumer ``params``) by any key."""
+    if not path:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _env_path_exists(args[0], path)
+    if origin in (typing.Union, types.UnionType):
+        return any(_env_path_exists(a, path) for a in args if a is not type(None))
+    if origin is list:
+        return path[0].isdigit() and _env_path_exists(args[0], path[1:])
+    if origin is dict or annotation is dict:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        exists, sub = _field_type(annotation, path[0])
+        return exists and _env_path_exists(sub, path[1:])
+    return False
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Split the ``BEAMLENS_*`` variables of ``environ`` into config overrides and others.
+
+    A variable is an override only when its path (``__`` between levels, list items by index)
+    names a field of :class:`Config`; the others with the prefix (Kubernetes injects
+    ``BEAMLENS_SERVICE_HOST``, ``BEAMLENS_PORT=tcp://...``, ``BEAMLENS_PORT_8000_TCP_ADDR`` ... for
+    a Service named ``beamlens``) are returned separately, to be reported, never applied.
+
+    Returns:
+        ``({variable: path parts}, [ignored variable names])``, both sorted by name.
+    """
+    overrides, ignored = {}, []
+    for key in sorted(environ):
         if not key.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        if all(path) and _env_path_exists(Config, path):
+            overrides[key] = path
+        else:
+            ignored.append(key)
+    return overrides, ignored
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str],
+               overrides: dict[str, list[str]]) -> list[tuple[str, str]]:
+    errors = []
+    for key, path in overrides.items():
+        raw = environ[key]
         node: Any = data
         try:
             for i, part in enumerate(path):
@@ -366,20 +438,26 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[tuple[s
                     if last:
                         node[part] = yaml.safe_load(raw)
                     else:
-                        node = node.setdefault(part, {})
+                        node = node.setdefault(part, [] if path[i + 1].isdigit() else {})
         except (ValueError, IndexError, TypeError, yaml.YAMLError):
-            errors.append((key, "environment override does not address an existing config field"))
+            errors.append((key, "environment override does not address an existing config field "
+                                "(list items must exist in the YAML)"))
     return errors
 
 
 def load_config(path: str | Path | None = None, *, text: str | None = None,
-                environ: Mapping[str, str] | None = None) -> Config:
+                environ: Mapping[str, str] | None = None, warn: bool = True) -> Config:
     """Load, override from the environment, and validate a configuration.
+
+    ``BEAMLENS_*`` variables that do not name a config field (see :func:`env_overrides`) are not
+    applied: they are listed once in a warning (unless ``warn`` is false) and kept in
+    ``config.ignored_environment``.
 
     Args:
         path: YAML file; ``None`` with ``text=None`` means an empty document (all defaults).
         text: YAML text instead of a file (tests).
         environ: environment to read overrides from (default ``os.environ``).
+        warn: log the ignored variables.
 
     Raises:
         ConfigError: unreadable file, invalid YAML, or any invalid field, with YAML paths.
@@ -395,7 +473,12 @@ def load_config(path: str | Path | None = None, *, text: str | None = None,
         raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the top level must be a mapping")])
-    env_errors = _apply_env(data, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    overrides, ignored = env_overrides(environ)
+    if ignored and warn:
+        log.warning("ignoring %d %s* environment variable(s) that name no config field (e.g. injected by "
+                    "Kubernetes for a Service): %s", len(ignored), ENV_PREFIX, ", ".join(ignored))
+    env_errors = _apply_env(data, environ, overrides)
     if env_errors:
         raise ConfigError(source, env_errors)
     try:
@@ -415,4 +498,5 @@ def load_config(path: str | Path | None = None, *, text: str | None = None,
             errors += [(yaml_path(("consumers", i, "params", *e["loc"])), e["msg"]) for e in exc.errors()]
     if errors:
         raise ConfigError(source, errors)
+    config._ignored_environment = tuple(ignored)
     return config

@@ -17,6 +17,8 @@ SCIENCE_GAUGES: dict[str, str] = {
     "explained_variance_ratio": "Fraction of the spectra's variance explained by each principal component of the current run.",
     "reconstruction_error_ratio": "Relative reconstruction error ||X - WH|| / ||X|| of the current run's unmixing.",
     "embedding_residual_ratio": "Relative out-of-sample reconstruction residual of the newest spectra in the current embedding.",
+    "unmixing_refit_sweeps": "HALS sweeps made by the latest background unmixing refit (its kept start).",
+    "unmixing_refit_relative_change_ratio": "Relative loss decrease in the last HALS sweep of the latest unmixing refit (at most tol: converged).",
     "defects": "Defects detected in the newest frame, by class.",
     "defect_density_per_square_pixel": "Defects per px^2 in the newest frame.",
 }

@@ -45,6 +45,7 @@ from .documents import Document
 from .frame_router import FrameRouter
 from .frames import FrameBarrier, FrameBatch, SeriesEvent
 from .metrics import SCIENCE_GAUGES, Metrics
+from .midway import MidwayJoiner, lookups_from_config
 from .placement import flat_positions, nav_shape_from_start, snaking_from_start
 from .results import ConsumerSlot, RunState, RunStore
 from .supervision import TICK_S, RunSupervision
@@ -91,6 +92,10 @@ class Router(RunSupervision):
         self.listeners: list[Callable[[str, RunState, dict[str, Any]], None]] = []
         self.initial_capacity = INITIAL_CAPACITY
         self.frames = FrameRouter(self)
+        self.midway = MidwayJoiner(config.router.midway_hold_s, config.router.midway_max_descriptors,
+                                   config.router.midway_max_events, self._descriptor, self._event_page,
+                                   start=self._start_midway, lookups=lookups_from_config(config),
+                                   open_runs=lambda: self._runs)
         self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
                              if config.state.directory is not None else None)
         self._next_tick = time.monotonic() + TICK_S
@@ -144,13 +149,15 @@ class Router(RunSupervision):
             self.heartbeat = time.monotonic()
             if self.frames.waiting:
                 self.frames.expire()
+            if self.midway.waiting:
+                self.midway.expire()
             if time.monotonic() >= self._next_tick:
                 self._tick()
             if self._pending is not None:
                 item, self._pending = self._pending, None
             else:
                 try:
-                    item = self.queue.get(timeout=0.05 if self.frames.waiting else TICK_S)
+                    item = self.queue.get(timeout=0.05 if self.frames.waiting or self.midway.waiting else TICK_S)
                 except queue.Empty:
                     continue
             if item is _STOP:
@@ -224,12 +231,16 @@ class Router(RunSupervision):
         self._notify("start", run, doc)
         return run
 
+    def _start_midway(self, doc: dict[str, Any], source: str) -> RunState | None:
+        self.metrics.runs_joined_midway.inc()
+        return self._start(doc, source, joined_midway=True)
+
     def _descriptor(self, doc: dict[str, Any], source: str) -> None:
         run = self._runs.get(doc["run_start"])
         if run is None:
             self.metrics.runs_joined_midway.inc()
             log.warning("descriptor %s for run %s whose RunStart was not seen: joining mid-run", doc["uid"], doc["run_start"])
-            run = self._start({"uid": doc["run_start"], "time": doc["time"]}, source, joined_midway=True)
+            run = self._start(self.midway.start_for(doc["run_start"], source, doc["time"])[0], source, joined_midway=True)
             if run is None:
                 return
         self._descriptor_run[doc["uid"]] = run.uid
@@ -243,6 +254,7 @@ class Router(RunSupervision):
         if not run.buffers_allocated:
             self._allocate(run)
         self._notify("descriptor", run, doc)
+        self.midway.descriptor_arrived(doc["uid"])
 
     def _allocate(self, run: RunState) -> None:
         capacity = run.expected_points or INITIAL_CAPACITY
@@ -262,6 +274,9 @@ class Router(RunSupervision):
     def _event_page(self, page: dict[str, Any], source: str) -> None:
         run_uid = self._descriptor_run.get(page["descriptor"])
         n = len(page["seq_num"])
+        if run_uid is None and self.midway.hold(page, source):
+            return
+        run_uid = self._descriptor_run.get(page["descriptor"])  # hold() may have built it
         if run_uid is None or run_uid not in self._runs:
             self.metrics.bad_messages.labels(source, "event_before_descriptor").inc(n)
             log.warning("%d event(s) for unknown descriptor %s skipped", n, page["descriptor"])
@@ -287,7 +302,7 @@ class Router(RunSupervision):
         self._notify("event_page", run, page)
 
     def _stop(self, doc: dict[str, Any], source: str) -> None:
-        run = self._runs.get(doc["run_start"])
+        run = self._runs.get(doc["run_start"]) or self.midway.adopt_stop(doc, source, self._runs)
         if run is None:
             self._reject(source, "stop_for_unknown_run", f"RunStop for run {doc['run_start']} that is not open")
             return

@@ -32,7 +32,8 @@ class Replay:
 
 
 def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None = None, stop: bool = True,
-           timeout: float = 120.0, settle_after: int | None = None, page_size: int = 256) -> Replay:
+           timeout: float = 120.0, settle_after: int | None = None, page_size: int = 256,
+           axis_key: str | None = "xas_energy", axis_units: str | None = None) -> Replay:
     """Feed ``data`` point by point (raster order, or ``order`` of flat indices) to a Router.
 
     The router runs in strict mode, so a consumer exception fails the test.
@@ -42,6 +43,8 @@ def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None =
             background refits have finished, so what follows meets a fitted model (deterministic
             whatever the machine's speed).
         page_size: the router's ``max_page_size``.
+        axis_key: configuration key that carries ``data.energy`` as the signal axis (None: the
+            descriptor declares no axis); axis_units: its ``units`` in the configuration data keys.
     """
     config = load_config(text=consumers_yaml + f"\nrouter: {{strict: true, max_page_size: {page_size}}}\n", environ={})
     metrics, store = Metrics(), RunStore()
@@ -50,12 +53,14 @@ def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None =
     ny, nx = data.shape
     n_ch = len(data.energy)
     run = compose_run(metadata={"shape": [ny, nx], "snaking": [False, False], "plan_name": "grid_scan"})
+    axis_meta = {"source": "sim", "dtype": "array", "shape": [n_ch], **({"units": axis_units} if axis_units else {})}
+    configuration = {} if axis_key is None else {
+        "xas": {"data": {axis_key: data.energy.tolist()}, "timestamps": {axis_key: time.time()},
+                "data_keys": {axis_key: axis_meta}}}
     desc = run.compose_descriptor(
         name="primary",
         data_keys={"xas_spectrum": {"source": "sim", "dtype": "array", "shape": [n_ch]}},
-        configuration={"xas": {"data": {"xas_energy": data.energy.tolist()},
-                               "timestamps": {"xas_energy": time.time()},
-                               "data_keys": {"xas_energy": {"source": "sim", "dtype": "array", "shape": [n_ch]}}}},
+        configuration=configuration,
         object_keys={"xas": ["xas_spectrum"]})
     now = time.time()
 

@@ -32,7 +32,9 @@ def pack(doc: dict) -> bytes:
 
 
 def test_hostile_messages_are_counted_and_harmless(proxy, beamline, make_daemon, tmp_path):
-    daemon = make_daemon(source_yaml(proxy.out_address, max_message_bytes=100000) + CONSUMERS)
+    # one unknown descriptor's events may be held (joining a run mid-way); a second one's are rejected
+    daemon = make_daemon(source_yaml(proxy.out_address, max_message_bytes=100000) + CONSUMERS
+                         + "router: {midway_max_descriptors: 1}\n")
     raw = RawPublisher(proxy.in_address)
     try:
         raw.ready(daemon)
@@ -40,6 +42,8 @@ def test_hostile_messages_are_counted_and_harmless(proxy, beamline, make_daemon,
         bundle = compose_run()
         desc = bundle.compose_descriptor(name="primary", data_keys={"x": {"source": "s", "dtype": "number", "shape": []}})
         event = desc.compose_event(data={"x": 1.0}, timestamps={"x": time.time()})
+        other = bundle.compose_descriptor(name="other", data_keys={"y": {"source": "s", "dtype": "number", "shape": []}})
+        event2 = other.compose_event(data={"y": 1.0}, timestamps={"y": time.time()})
         orphan_stop = compose_run().compose_stop()
         # msgpack-numpy's own decoder would unpickle this object array
         object_array = {b"nd": True, b"type": "|O", b"kind": b"O", b"shape": [1], b"data": pickle.dumps(_Exploit(str(marker)))}
@@ -54,7 +58,8 @@ def test_hostile_messages_are_counted_and_harmless(proxy, beamline, make_daemon,
             "unknown_document_type": [b" bogus " + pack({})],
             "oversized": [b" start " + b"\x00" * 150_000],
             "too_deep": [b" start " + msgpack.packb(_nested(200))],
-            "event_before_descriptor": [b" start " + pack(bundle.start_doc), b" event " + pack(event)],
+            "event_before_descriptor": [b" start " + pack(bundle.start_doc), b" event " + pack(event),
+                                        b" event " + pack(event2)],
             "stop_for_unknown_run": [b" stop " + pack(orphan_stop)],
         }
         for messages in hostile.values():

@@ -1,6 +1,7 @@
 """A bad config fails before anything starts, naming the YAML path of the bad field."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,47 @@ def test_run_rejects_bad_config_before_starting(tmp_path):
     assert result.returncode == 2
     assert "http.prot" in result.stderr
     assert "serving" not in result.stderr
+
+
+#: What the kubelet injects into every pod of the namespace for a Service named ``beamlens`` with a
+#: named port ``http`` (8000/TCP): the Docker-links style variables and the service ones.
+KUBERNETES_SERVICE_ENV = {
+    "BEAMLENS_SERVICE_HOST": "10.96.12.34",
+    "BEAMLENS_SERVICE_PORT": "8000",
+    "BEAMLENS_SERVICE_PORT_HTTP": "8000",
+    "BEAMLENS_PORT": "tcp://10.96.12.34:8000",
+    "BEAMLENS_PORT_8000_TCP": "tcp://10.96.12.34:8000",
+    "BEAMLENS_PORT_8000_TCP_PROTO": "tcp",
+    "BEAMLENS_PORT_8000_TCP_PORT": "8000",
+    "BEAMLENS_PORT_8000_TCP_ADDR": "10.96.12.34",
+}
+
+
+def test_kubernetes_service_variables_are_listed_not_applied_and_not_fatal(caplog):
+    env = {**KUBERNETES_SERVICE_ENV, "BEAMLENS_HTTP__PORT": "9100", "BEAMLENS_LOG_LEVEL": "DEBUG",
+           "BEAMLENS_CONSUMERS__0__PARAMS__N_COMPONENTS": "4", "BEAMLENS_HTTP__PROT": "1", "HOME": "/root"}
+    text = GOOD_SOURCE + "consumers:\n  - {name: p, class: pca}\n"
+    with caplog.at_level("WARNING", logger="beamlens.daemon.config"):
+        config = load_config(text=text, environ=env)
+    assert config.http.port == 9100 and config.log_level == "DEBUG"
+    assert config.consumers[0].params == {"n_components": 4}
+    assert config.ignored_environment == tuple(sorted([*KUBERNETES_SERVICE_ENV, "BEAMLENS_HTTP__PROT"]))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "BEAMLENS_PORT_8000_TCP_ADDR" in warnings[0].getMessage()
+    assert "ignored_environment" not in config_schema_properties()
+
+
+def config_schema_properties() -> set[str]:
+    from beamlens.daemon.config import Config
+    return set(Config.model_json_schema(by_alias=True)["properties"])
+
+
+def test_check_config_lists_ignored_variables_and_passes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD_SOURCE)
+    env = {**os.environ, **KUBERNETES_SERVICE_ENV}
+    result = subprocess.run([sys.executable, "-m", "beamlens.daemon.cli", "check-config", str(good)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "BEAMLENS_SERVICE_HOST" in result.stderr and "BEAMLENS_PORT_8000_TCP" in result.stderr
+    assert result.stderr.count("BEAMLENS_SERVICE_HOST") == 1

@@ -106,7 +106,8 @@ def test_energy_axis_from_config_when_the_descriptor_has_none(steel):
     descriptor = {"data_keys": {"spectrum": {"dtype": "array", "shape": [400], "source": "sim"}}, "configuration": {}}
     bare = UnmixingConsumer(UnmixingParams(n_components=2), RunInfo("u", (4,), {}))
     bare.descriptor(descriptor)
-    assert bare.energy is None and [s.axis for s in bare.result_buffers() if s.name == "components"] == [None]
+    assert bare.energy is None and [s.axis for s in bare.result_buffers() if s.name == "components"] == ["pixel"]
+    assert bare.run.axes["pixel"][1] == "px" and bare.prep.mode == "max"  # no axis: channel index, max-normalised
     given = UnmixingConsumer(UnmixingParams(n_components=2, preprocess={"energy_range": (7070, 7240)}), RunInfo("u", (4,), {}))
     given.descriptor(descriptor)
     np.testing.assert_allclose(given.energy, steel.energy)

@@ -111,12 +111,15 @@ def test_hybrid_mode_fixes_known_components_and_learns_the_rest():
 
 def test_streaming_result_agrees_with_batch_nmf():
     """Without the end-of-run refit, the online state after the last point must already agree with
-    a batch NMF of all points (ours, and scikit-learn's from the same vertex start)."""
+    a batch NMF of all points (ours, and scikit-learn's from the same vertex start). The replay
+    waits for the background refits after 300 points (a converged refit takes longer than the
+    replay of a whole map, so without that wait how many refits finish would depend on the
+    machine's speed); the last 141 points are then streamed online."""
     data = corroding_steel_map(seed=3)
-    r = replay(unmixing_yaml(n_components=3, final_refit="false"), data)
+    r = replay(unmixing_yaml(n_components=3, final_refit="false"), data, settle_after=300)
     w, h = result(r, 3)
     x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
-    _, hb = fit_nmf(x, 3)
+    _, hb, _ = fit_nmf(x, 3)
     h0 = np.maximum(x[spa(x, 3)], 0)
     x_pos = np.maximum(x, 0)
     sk = NMF(3, init="custom", solver="cd", max_iter=1000, tol=1e-4)
@@ -135,10 +138,13 @@ def test_streaming_result_agrees_with_batch_nmf():
     assert stream_err <= 1.05 * batch_err
 
 
-def test_manifold_weighting_restores_minority_phases_on_a_dominated_map():
-    """90 % of the map is pure magnetite; the rest are mixtures without pure pixels. Plain NMF lets
-    the dominant phase pull the minority components; density weighting gives each region of the
-    manifold a similar say, and the minority components (Fe metal, goethite) come out right."""
+def test_manifold_weighting_keeps_minority_phases_on_a_dominated_map():
+    """90 % of the map is pure magnetite; the rest are mixtures without pure pixels. Density
+    weighting gives each region of the manifold a similar say; the minority components (Fe metal,
+    goethite) come out right with it. Measured when HALS stopped after one sweep, plain NMF let the
+    dominant phase pull them (derivative cosine 0.05 lower); with refits run to convergence and the
+    best of three starts, plain NMF recovers them as well (0.97 vs 0.96 weighted), so the test now
+    asserts that weighting costs little, not that it is needed."""
     data = dominant_phase_map(dominant=0.9, seed=0)
     plain = score(data, *result(replay(unmixing_yaml(n_components=3), data), 3))
     r = replay(unmixing_yaml(n_components=3, manifold_weighted="true"), data)
@@ -146,7 +152,8 @@ def test_manifold_weighting_restores_minority_phases_on_a_dominated_map():
     minority = [i for i, j in enumerate(weighted["order"]) if j != 1]
     minority_plain = [i for i, j in enumerate(plain["order"]) if j != 1]
     assert weighted["dcos"][minority].min() >= 0.9
-    assert weighted["dcos"][minority].min() >= plain["dcos"][minority_plain].min() + 0.05
+    assert plain["dcos"][minority_plain].min() >= 0.9
+    assert weighted["dcos"][minority].min() >= plain["dcos"][minority_plain].min() - 0.03
     weights = r.get("unmix", "point_weight").ravel()
     n_dom = int(round(0.9 * weights.size))
     assert weights[:n_dom].mean() < 0.5 < 2 < weights[n_dom:].mean()
@@ -179,7 +186,9 @@ def test_two_component_unmixing_of_the_real_stxm_image_finds_fe3_and_fe2():
     cos = np.array([[cosine(offset_free(c), offset_free(ref.mu)) for ref in (ox, red)] for c in h])
     i_ox = int(np.argmax(cos[:, 0]))
     i_red = 1 - i_ox
-    assert cos[i_ox, 0] >= 0.95 and cos[i_red, 1] >= 0.95, cos
+    # scikit-learn's NMF run to convergence on the same pixels gives 0.945 / 0.961 against the
+    # published end-members (0.958 / 0.975 was only reached by the one-sweep fit this replaced)
+    assert cos[i_ox, 0] >= 0.93 and cos[i_red, 1] >= 0.95, cos
     assert abs(e[np.argmax(h[i_ox])] - 709.7) <= 0.4
     assert 707.8 <= e[np.argmax(h[i_red])] <= 708.3
     assert list(r.get("unmix", "match_index")) == [-1, -1]  # no Fe K-edge reference covers the L edge

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field
 
 from ..base import Consumer, ConsumerParams, NotApplicable, first_array_key, stack_rows
-from .preprocess import Preprocessor, PreprocessParams, energy_axis
+from .preprocess import AXIS_UNITS, Preprocessor, PreprocessParams, signal_axis
 
 
 class SpectralParams(ConsumerParams):
@@ -23,8 +23,10 @@ class SpectralConsumer(Consumer):
     """Base of consumers that analyse one spectrum per scan point.
 
     After :meth:`descriptor`: ``self.key`` (data key), ``self.n_raw`` (raw channels), ``self.prep``
-    (a :class:`Preprocessor`), ``self.energy`` (eV of the analysed channels, or None) and
-    ``self.axis_name`` (``"energy"`` when published, else None).
+    (a :class:`Preprocessor`), ``self.axis`` (values of the analysed channels), ``self.axis_name``
+    (its kind: ``energy``, ``two_theta``, ``q``, ``d``, ``wavelength`` or ``pixel``, published in
+    ``run.axes`` with its units) and ``self.energy`` (the axis in eV when it is an energy axis,
+    else None: the absorption-specific steps use it).
     """
 
     params: SpectralParams
@@ -49,31 +51,40 @@ class SpectralConsumer(Consumer):
             raise NotApplicable(f"data key {self.key!r} has shape {shape}, not a spectrum")
         self.n_raw = shape[0]
         pre = self.params.preprocess
-        raw_energy = energy_axis(doc, self.n_raw, pre.energy_key)
-        if raw_energy is None and pre.energy_range is not None:
-            raw_energy = np.linspace(*pre.energy_range, self.n_raw)
         try:
-            self.prep = Preprocessor(self.params.preprocess, raw_energy, self.n_raw)
+            axis = signal_axis(doc, self.key, self.n_raw, pre.energy_key, pre.axis_kind)
         except ValueError as exc:
             raise NotApplicable(str(exc)) from None
+        if axis is None and pre.energy_range is not None:
+            kind = pre.axis_kind or "energy"
+            values = np.linspace(*pre.energy_range, self.n_raw)
+        elif axis is None:
+            kind, values = "pixel", None
+        else:
+            kind, values = axis.kind, axis.values
+        try:
+            self.prep = Preprocessor(self.params.preprocess, values, self.n_raw, kind)
+        except ValueError as exc:
+            raise NotApplicable(str(exc)) from None
+        self.axis = self.prep.axis
         self.energy = self.prep.energy
-        self.axis_name = "energy" if self.energy is not None else None
-        if self.energy is not None:
-            self.run.axes["energy"] = (self.energy, "eV")
+        self.axis_name = self.prep.kind
+        self.run.axes[self.axis_name] = (self.axis, AXIS_UNITS[self.axis_name])
 
     def preprocessed(self, doc: Mapping[str, Any], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stack, preprocess and filter one EventPage.
 
         Returns:
             ``(y (m, n_out) float64, pos (m,) int64)`` for the usable points; unusable ones are
-            counted through ``self.run.skipped`` (``nonfinite``, ``no_edge``).
+            counted through ``self.run.skipped`` (``nonfinite``; ``no_edge`` for edge normalisation,
+            ``no_signal`` for max / area / l2 with a non-positive divisor).
 
         Raises:
             BadData: values that do not match the declared shape.
         """
         x = stack_rows(doc["data"][self.key], (self.n_raw,))
         y, ok, no_edge = self.prep(x)
-        self.run.skipped("no_edge", int(no_edge.sum()))
+        self.run.skipped(self.prep.drop_reason, int(no_edge.sum()))
         self.run.skipped("nonfinite", int((~ok & ~no_edge).sum()))
         keep = ok & (positions >= 0)
         return y[keep], positions[keep]

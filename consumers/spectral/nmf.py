@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 from scipy.optimize import nnls
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-12
 
@@ -108,66 +112,168 @@ def _update_w(w: np.ndarray, x_ht: np.ndarray, hht: np.ndarray) -> None:
             w[:, j] = np.maximum(w[:, j] + (x_ht[:, j] - w @ hht[:, j]) / hht[j, j], 0.0)
 
 
-def hals(x: np.ndarray, w: np.ndarray, h: np.ndarray, *, n_iter: int = 300, tol: float = 1e-7,
-         free: np.ndarray | None = None, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class FitInfo:
+    """How a batch NMF fit went (logged at debug level and published by the ``unmixing`` consumer).
+
+    Attributes:
+        iterations: HALS sweeps made (each updates every row of ``W`` and every free row of ``H``).
+        rel_change: relative decrease of the loss in the last sweep, ``(prev - loss) / prev``.
+        loss: final objective ``sqrt(Σ_i q_i ||x_i - w_i H||²)`` (Frobenius norm when unweighted).
+        converged: True when ``rel_change <= tol`` before ``n_iter`` sweeps.
+        init: name of the start the fit began from (``spa``, ``nndsvda``, ``random-3``, ``warm``).
+    """
+
+    iterations: int
+    rel_change: float
+    loss: float
+    converged: bool
+    init: str = ""
+
+
+def _loss(x2: float, a: np.ndarray, b: np.ndarray, h: np.ndarray) -> float:
+    """``sqrt(Σ q|x|² - 2 Σ (QW)ᵀX ∘ H + Σ (QW)ᵀW ∘ HHᵀ)`` from the sufficient statistics
+    ``a = (QW)ᵀW`` (k, k) and ``b = (QW)ᵀX`` (k, c): ``O(k² c)`` instead of ``O(n k c)``."""
+    return float(np.sqrt(max(x2 - 2.0 * np.einsum("ij,ij->", b, h) + np.einsum("ij,ij->", a, h @ h.T), 0.0)))
+
+
+def hals(x: np.ndarray, w: np.ndarray, h: np.ndarray, *, n_iter: int = 500, tol: float = 1e-6,
+         free: np.ndarray | None = None, weights: np.ndarray | None = None,
+         init: str = "") -> tuple[np.ndarray, np.ndarray, FitInfo]:
     """Batch HALS NMF from a given start.
 
     Minimises ``Σ_i q_i ||x_i - w_i H||²`` over ``W >= 0`` and the free rows of ``H >= 0`` (point
-    weights ``q`` enter only the ``H`` update; each ``w_i`` is independent of them).
+    weights ``q`` enter only the ``H`` update; each ``w_i`` is independent of them). The loss of
+    the start is the reference for the first sweep, so the fit runs until a sweep improves the loss
+    by less than ``tol`` of its value (or ``n_iter`` sweeps), never stopping after one sweep only
+    because there was no previous loss.
 
     Args:
         x: float ``(n, c)``; w: ``(n, k)`` start; h: ``(k, c)`` start (copied).
-        n_iter: maximum sweeps; tol: stop when the relative change of the loss is below it.
+        n_iter: maximum sweeps; tol: stop when the relative decrease of the loss in a sweep is at most it.
         free: bool ``(k,)``, rows of ``H`` to learn (default all).
         weights: float ``(n,)`` point weights ``q_i > 0`` (default 1).
+        init: label of the start, copied into the returned :class:`FitInfo`.
 
     Returns:
-        ``(W, H)`` float64.
+        ``(W, H, info)``: float64 ``(n, k)``, ``(k, c)`` and a :class:`FitInfo`.
     """
     w, h = w.astype(np.float64, copy=True), h.astype(np.float64, copy=True)
     free = np.ones(len(h), dtype=bool) if free is None else free
-    xw = x if weights is None else x * weights[:, None]
-    prev = np.inf
-    for _ in range(n_iter):
+    q = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
+    xq = x * q[:, None]
+    x2 = float(np.einsum("ij,ij->", xq, x))
+    wq = w * q[:, None]
+    prev = _loss(x2, wq.T @ w, wq.T @ x, h)
+    rel, it, converged = np.inf, 0, False
+    for it in range(1, n_iter + 1):
         _update_w(w, x @ h.T, h @ h.T)
-        ww = w if weights is None else w * weights[:, None]
-        _update_h(h, ww.T @ w, ww.T @ x if weights is None else w.T @ xw, free)
-        loss = float(np.linalg.norm(x - w @ h))
-        if prev - loss <= tol * prev:
-            break
+        wq = w * q[:, None]
+        a, b = wq.T @ w, w.T @ xq
+        _update_h(h, a, b, free)
+        loss = _loss(x2, a, b, h)
+        rel = (prev - loss) / prev if prev > 0 else 0.0
         prev = loss
+        if rel <= tol:
+            converged = True
+            break
     _update_w(w, x @ h.T, h @ h.T)
-    return w, h
+    wq = w * q[:, None]
+    info = FitInfo(it, float(rel), _loss(x2, wq.T @ w, w.T @ xq, h), converged, init)
+    log.debug("HALS from %s: %d sweep(s), last relative change %.3g, loss %.6g%s", init or "start", info.iterations,
+              info.rel_change, info.loss, "" if converged else " (sweep limit reached)")
+    return w, h, info
+
+
+def nndsvda(x: np.ndarray, k: int) -> np.ndarray:
+    """NNDSVD-a start for ``H`` ``(k, c)``: non-negative double SVD (Boutsidis & Gallopoulos,
+    Pattern Recognit. 41, 1350 (2008)), zeros filled with the mean of ``x`` (the "a" variant, as
+    scikit-learn's ``init="nndsvda"``). ``x`` float ``(n, c)`` non-negative, ``k <= min(n, c)``."""
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    h = np.zeros((k, x.shape[1]))
+    h[0] = np.sqrt(s[0]) * np.abs(vt[0])
+    for j in range(1, k):
+        uj, vj = u[:, j], vt[j]
+        up, un, vp, vn = np.maximum(uj, 0), np.maximum(-uj, 0), np.maximum(vj, 0), np.maximum(-vj, 0)
+        mp = np.linalg.norm(up) * np.linalg.norm(vp)
+        mn = np.linalg.norm(un) * np.linalg.norm(vn)
+        v, m = (vp / max(np.linalg.norm(vp), EPS), mp) if mp >= mn else (vn / max(np.linalg.norm(vn), EPS), mn)
+        h[j] = np.sqrt(s[j] * m) * v
+    h[h < EPS] = max(float(x.mean()), EPS)
+    return h
+
+
+def random_start(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Random start for ``H`` ``(k, c)``: ``|N(0, 1)| * sqrt(mean(x) / k)`` (scikit-learn's
+    ``init="random"`` scaling), from ``numpy.random.default_rng(seed)``."""
+    scale = np.sqrt(max(float(x.mean()), EPS) / max(k, 1))
+    return np.abs(np.random.default_rng(seed).standard_normal((k, x.shape[1]))) * scale
+
+
+def start_names(n_init: int, first: str = "spa") -> list[str]:
+    """The starts :func:`fit_nmf` tries for ``n_init``: ``first`` (``spa`` or ``nndsvda``), the
+    other of the two, then ``random-0``, ``random-1``, ... Vertex picks first suit XANES, where they
+    name the physically pure spectra (science notes, section 5.2); NNDSVD-a first suits diffraction
+    ramps, whose extreme patterns (thermal expansion shifts the peaks within a phase) are not the
+    phases' mean patterns."""
+    pair = ["spa", "nndsvda"] if first == "spa" else ["nndsvda", "spa"]
+    return (pair + [f"random-{i}" for i in range(max(n_init - 2, 0))])[:max(n_init, 1)]
+
+
+def _start(x: np.ndarray, k: int, fixed: np.ndarray, name: str) -> np.ndarray:
+    if name == "spa":
+        return np.maximum(x[spa(x, k, fixed if len(fixed) else None)], 0.0)
+    # the other starts describe what the known components leave over
+    rest = np.maximum(x - abundances(x, fixed) @ fixed, 0.0) if len(fixed) else np.maximum(x, 0.0)
+    if name == "nndsvda":
+        return nndsvda(rest, k)
+    return random_start(rest, k, int(name.split("-", 1)[1]))
 
 
 def fit_nmf(x: np.ndarray, k: int, fixed: np.ndarray | None = None, *, weights: np.ndarray | None = None,
-            n_iter: int = 300, init_h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Vertex-initialised NMF of ``x`` with ``k`` learned components after ``fixed`` known ones.
+            n_iter: int = 500, tol: float = 1e-6, init_h: np.ndarray | None = None, n_init: int = 1,
+            first: str = "spa", tie_tolerance: float = 1e-3) -> tuple[np.ndarray, np.ndarray, FitInfo]:
+    """NMF of ``x`` with ``k`` learned components after ``fixed`` known ones, best of several starts.
 
-    Start: the free components are the spectra :func:`spa` picks (unless ``init_h`` gives them),
-    clipped at 0; abundances by NNLS; then :func:`hals` with the known rows held fixed.
+    Starts (:func:`start_names`): the spectra :func:`spa` picks (vertex start), NNDSVD-a
+    (:func:`nndsvda`) and seeded random ones, ``n_init`` of them in that order (or only ``init_h``
+    when given: a warm start); each is clipped at 0, gets abundances by NNLS and is refined by
+    :func:`hals` with the known rows held fixed. The fit of lowest loss is kept; a later start must
+    beat the best so far by more than ``tie_tolerance`` (relative) to replace it, so that equally
+    good factorisations (NMF's rotational ambiguity) resolve to the earliest start.
 
     Args:
         x: float ``(n, c)``; k: learned components (may be 0: pure reference fit).
         fixed: ``(m, c)`` known components or None.
         weights: ``(n,)`` point weights for the component update (manifold weighting).
-        init_h: ``(k, c)`` start for the learned components (warm start) instead of SPA.
+        n_iter, tol: per-start HALS limits (see :func:`hals`).
+        init_h: ``(k, c)`` start for the learned components (warm start) instead of the list.
+        n_init: number of starts to try (1: ``first`` only).
+        first: ``spa`` or ``nndsvda``, the start tried first (and kept on ties).
+        tie_tolerance: relative loss margin a later start must win by.
 
     Returns:
-        ``(W (n, m + k), H (m + k, c))``, known components first.
+        ``(W (n, m + k), H (m + k, c), info)``, known components first; ``info`` of the kept fit.
 
     Raises:
         ValueError: fewer spectra than learned components.
     """
     fixed = np.zeros((0, x.shape[1])) if fixed is None else np.asarray(fixed, dtype=np.float64)
-    if init_h is None:
-        init_h = np.maximum(x[spa(x, k, fixed if len(fixed) else None)], 0.0) if k else np.zeros((0, x.shape[1]))
-    h = np.vstack([fixed, init_h])
-    w = abundances(x, h)
     if k == 0:
-        return w, h
+        w = abundances(x, fixed)
+        return w, fixed.copy(), FitInfo(0, 0.0, float(np.linalg.norm(x - w @ fixed)), True, "references")
+    if len(x) < k:
+        raise ValueError(f"NMF needs at least {k} spectra, got {len(x)}")
+    starts = [("warm", np.maximum(init_h, 0.0))] if init_h is not None else \
+        [(name, None) for name in start_names(n_init, first)]
     free = np.r_[np.zeros(len(fixed), dtype=bool), np.ones(k, dtype=bool)]
-    return hals(x, w, h, n_iter=n_iter, free=free, weights=weights)
+    best: tuple[np.ndarray, np.ndarray, FitInfo] | None = None
+    for name, h0 in starts:
+        h = np.vstack([fixed, _start(x, k, fixed, name) if h0 is None else h0])
+        fit = hals(x, abundances(x, h), h, n_iter=n_iter, tol=tol, free=free, weights=weights, init=name)
+        if best is None or fit[2].loss < (1.0 - tie_tolerance) * best[2].loss:
+            best = fit
+    return best
 
 
 def tail_scale(h: np.ndarray, tail_fraction: float = 0.2) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""Energy axes and edge-step normalisation of X-ray absorption spectra.
+"""Signal axes of spectra and patterns, edge-step normalisation of X-ray absorption spectra, and
+the generic normalisations (``max``, ``area``, ``l2``) for other signals.
+
+Axis kinds (:data:`AXIS_UNITS`): ``energy`` (eV; absorption and emission spectra), ``two_theta``
+(deg; powder diffraction), ``q`` (1/angstrom; scattering, PDF), ``d`` (angstrom), ``wavelength``
+(nm; optical, Raman in absolute wavelength) and ``pixel`` (px, the channel index, when nothing
+declares an axis). :func:`signal_axis` finds the axis of a data key in an EventDescriptor.
 
 Normalisation follows the usual XAFS convention (Athena/Larch ``pre_edge``; B. Ravel & M. Newville,
 J. Synchrotron Rad. 12, 537 (2005)): E0 at the maximum of the (lightly smoothed) first derivative,
@@ -12,6 +18,7 @@ non-finite channels, as configured per consumer by :class:`PreprocessParams`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +43,108 @@ def energy_axis(descriptor: Mapping[str, Any], n_channels: int, key: str | None 
                 if arr.shape == (n_channels,):
                     return arr
     return None
+
+
+AxisKind = Literal["energy", "two_theta", "q", "d", "wavelength", "pixel"]
+
+#: Units each axis kind is published in.
+AXIS_UNITS: dict[str, str] = {"energy": "eV", "two_theta": "deg", "q": "1/angstrom", "d": "angstrom",
+                              "wavelength": "nm", "pixel": "px"}
+
+#: Units converted to the kind's published units on reading (factor to multiply by).
+_TO_PUBLISHED: dict[str, dict[str, float]] = {
+    "energy": {"ev": 1.0, "kev": 1e3},
+    "two_theta": {"deg": 1.0, "degree": 1.0, "degrees": 1.0},
+    "q": {"1/angstrom": 1.0, "1/a": 1.0, "a^-1": 1.0, "angstrom^-1": 1.0, "1/nm": 0.1, "nm^-1": 0.1},
+    "d": {"angstrom": 1.0, "a": 1.0, "nm": 10.0},
+    "wavelength": {"nm": 1.0, "angstrom": 0.1, "a": 0.1, "um": 1e3},
+}
+
+
+def axis_kind_of(name: str) -> str | None:
+    """Axis kind a configuration key or ``dims`` name denotes by its ending (``xas_energy`` ->
+    ``energy``, ``det_tth`` / ``two_theta`` -> ``two_theta``, ``*_q`` -> ``q``, ``*_d`` /
+    ``d_spacing`` -> ``d``, ``*wavelength`` -> ``wavelength``), or None."""
+    n = name.lower()
+    if n.endswith("energy"):
+        return "energy"
+    if n.endswith(("tth", "two_theta", "2theta")):
+        return "two_theta"
+    if n == "q" or n.endswith("_q"):
+        return "q"
+    if n == "d" or n.endswith(("_d", "d_spacing")):
+        return "d"
+    if n.endswith("wavelength"):
+        return "wavelength"
+    return None
+
+
+@dataclass(frozen=True)
+class SignalAxis:
+    """The axis of a spectrum's channels.
+
+    Attributes:
+        kind: one of :data:`AXIS_UNITS`; values: float64 ``(n_channels,)`` in ``units``;
+        units: the kind's published units; source: where it came from (configuration key,
+            ``config``, or ``channel index``).
+    """
+
+    kind: str
+    values: np.ndarray
+    units: str
+    source: str
+
+
+def signal_axis(descriptor: Mapping[str, Any], data_key: str, n_channels: int, key: str | None = None,
+                kind: str | None = None) -> SignalAxis | None:
+    """Find the signal axis of ``data_key`` in an EventDescriptor.
+
+    Looks in ``descriptor["configuration"][device]["data"]`` (ophyd's ``kind="config"`` signals)
+    for, in order: ``key`` when given; the name in the data key's ``dims`` (event-model ``DataKey``)
+    or a key ending in ``_<dim>``; else the first key whose ending names an axis kind
+    (:func:`axis_kind_of`). Only values with ``n_channels`` entries count. Units come from the
+    device's ``data_keys[name]["units"]`` when present (``keV`` becomes eV, ``1/nm`` 1/angstrom, ...).
+
+    Args:
+        kind: force the axis kind (config ``axis_kind``) instead of guessing it from the name.
+
+    Returns:
+        the axis, or None when nothing matches (the caller falls back to ``pixel``).
+
+    Raises:
+        ValueError: a units string the kind cannot be converted from.
+    """
+    dims = [str(d) for d in ((descriptor.get("data_keys", {}).get(data_key) or {}).get("dims") or ())]
+    found = []
+    for device in (descriptor.get("configuration") or {}).values():
+        data = device.get("data") or {}
+        meta = device.get("data_keys") or {}
+        for name, value in data.items():
+            try:
+                arr = np.asarray(value, dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                continue
+            if arr.shape != (n_channels,):
+                continue
+            if key:
+                rank = 0 if name == key else None
+            elif any(name == d or name.endswith("_" + d) for d in dims):
+                rank = 1
+            else:
+                rank = 2 if axis_kind_of(name) else None
+            if rank is not None:
+                found.append((rank, name, arr, (meta.get(name) or {}).get("units")))
+    if not found:
+        return None
+    _, name, arr, units = min(found, key=lambda f: f[0])
+    kind = kind or axis_kind_of(name) or next((axis_kind_of(d) for d in dims if axis_kind_of(d)), None) or "pixel"
+    published = AXIS_UNITS[kind]
+    if units and kind in _TO_PUBLISHED:
+        factor = _TO_PUBLISHED[kind].get(str(units).strip().lower().replace("å", "angstrom").replace(" ", ""))
+        if factor is None:
+            raise ValueError(f"axis {name!r} has units {units!r}, not convertible to {published} for a {kind} axis")
+        arr = arr * factor
+    return SignalAxis(kind, arr, published, name)
 
 
 def find_e0(energy: np.ndarray, mu: np.ndarray, smooth_ev: float = 1.5) -> float:
@@ -106,12 +215,19 @@ class PreprocessParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     energy_key: str | None = None
-    """Configuration key holding the energy axis (eV); default: any ``*energy`` key of matching length."""
+    """Configuration key holding the signal axis; default: the key named by the data key's ``dims``,
+    else any ``*energy``, ``*_tth``/``*two_theta``, ``*_q``, ``*_d``, ``*wavelength`` key of matching
+    length (see :func:`signal_axis`). (The name is kept from when only energy axes existed.)"""
+    axis_kind: AxisKind | None = None
+    """Kind of the signal axis; default: from the key's name (``pixel`` when there is no axis)."""
     energy_range: tuple[float, float] | None = None
-    """First and last channel energy (eV) of an evenly spaced axis, used when the descriptor
-    carries no energy axis."""
-    normalize: Literal["none", "pre_edge", "edge"] = "none"
-    """``pre_edge``: subtract the pre-edge line; ``edge``: also divide by the edge step."""
+    """First and last channel value (in the kind's units: eV for energy) of an evenly spaced axis,
+    used when the descriptor carries no axis; its kind is ``axis_kind`` (default energy)."""
+    normalize: Literal["auto", "none", "pre_edge", "edge", "edge_step", "max", "area", "l2"] = "auto"
+    """Per spectrum: ``pre_edge`` subtracts the pre-edge line, ``edge``/``edge_step`` also divides by
+    the edge step (absorption spectra on an energy axis only); ``max``, ``area`` (integral over the
+    axis) and ``l2`` divide by that. ``auto``: ``none`` on energy axes (absorption spectra are often
+    normalised upstream; choose ``edge_step`` for raw mu), ``max`` on every other kind."""
     e0: float | None = None
     """Edge energy (eV) for the whole run; default: found on the mean of the first page of spectra."""
     pre_edge: tuple[float, float] = (-150.0, -30.0)
@@ -122,7 +238,7 @@ class PreprocessParams(BaseModel):
     post_edge: tuple[float, float] = (50.0, 300.0)
     """Post-edge fit range relative to E0, eV."""
     energy_window: tuple[float, float] | None = None
-    """Analyse only channels with energy in ``[lo, hi]`` eV."""
+    """Analyse only channels with axis values in ``[lo, hi]`` (eV for energy, deg for 2-theta, ...)."""
     derivative: bool = False
     """Analyse the first derivative d(mu)/dE (per eV) instead of mu."""
     max_nonfinite_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -187,27 +303,41 @@ class Preprocessor:
 
     Args:
         params: the preprocessing parameters.
-        energy: float64 ``(c,)`` eV of the raw channels, or None when the run has no energy axis
-            (then only non-finite handling is possible).
+        energy: float64 ``(c,)`` axis values of the raw channels (eV for ``kind="energy"``), or None
+            when the run has no axis (then the axis is the channel index, kind ``pixel``).
+        kind: the axis kind (:data:`AXIS_UNITS`).
 
     Raises:
-        ValueError: normalisation, window or derivative requested without an energy axis, or a
-            window that selects fewer than 3 channels.
+        ValueError: edge normalisation on an axis that is not energy, or a window that selects
+            fewer than 3 channels.
     """
 
-    def __init__(self, params: PreprocessParams, energy: np.ndarray | None, n_channels: int):
+    def __init__(self, params: PreprocessParams, energy: np.ndarray | None, n_channels: int, kind: str = "energy"):
         self.params = params
-        needs_energy = params.normalize != "none" or params.derivative or params.energy_window is not None
-        if energy is None and needs_energy:
-            raise ValueError("normalisation, energy window or derivative need an energy axis; none found in the descriptor")
-        self.raw_energy = None if energy is None else np.asarray(energy, dtype=np.float64)
+        self.kind = kind if energy is not None else "pixel"
+        mode = params.normalize
+        if mode == "auto":
+            mode = "none" if self.kind == "energy" else "max"
+        self.mode = "edge" if mode == "edge_step" else mode
+        """Normalisation applied: ``none``, ``pre_edge``, ``edge``, ``max``, ``area`` or ``l2``."""
+        self.drop_reason = "no_edge" if self.mode == "edge" else "no_signal"
+        """Skip reason for spectra the normalisation cannot divide (non-positive step, max, area, norm)."""
+        if self.mode in ("pre_edge", "edge") and self.kind != "energy":
+            raise ValueError(f"edge-step normalisation ({params.normalize}) is for absorption spectra on an energy "
+                             f"axis; this run's axis is {self.kind}: use none, max, area or l2")
+        self.raw_axis = np.arange(n_channels, dtype=np.float64) if energy is None else np.asarray(energy, dtype=np.float64)
+        self.raw_energy = self.raw_axis if self.kind == "energy" else None
+        if self.raw_energy is None and self.mode in ("pre_edge", "edge"):
+            raise ValueError("edge normalisation needs an energy axis; none found in the descriptor")
         self.window = np.ones(n_channels, dtype=bool)
         if params.energy_window is not None:
             lo, hi = params.energy_window
-            self.window = (self.raw_energy >= lo) & (self.raw_energy <= hi)
+            self.window = (self.raw_axis >= lo) & (self.raw_axis <= hi)
             if self.window.sum() < 3:
-                raise ValueError(f"energy window {lo}-{hi} eV selects {int(self.window.sum())} channels")
-        self.energy = None if energy is None else self.raw_energy[self.window]
+                raise ValueError(f"window {lo}-{hi} selects {int(self.window.sum())} channels")
+        self.axis = self.raw_axis[self.window]
+        """Values of the analysed channels ``(n_out,)`` in the axis kind's units."""
+        self.energy = None if self.raw_energy is None else self.axis
         self.e0 = params.e0
 
     @property
@@ -229,13 +359,28 @@ class Preprocessor:
         x = np.array(x, dtype=np.float64)
         ok = repair_nonfinite(x, self.params.max_nonfinite_fraction)
         no_edge = np.zeros(len(x), dtype=bool)
-        if self.params.normalize != "none" and ok.any():
+        if self.mode in ("pre_edge", "edge") and ok.any():
             x, no_edge = self._normalize(x, ok)
             ok &= ~no_edge
         y = x[:, self.window]
+        if self.mode in ("max", "area", "l2"):
+            scale = self.signal_scale(np.where(ok[:, None], y, 0.0))
+            no_edge = ok & ~(scale > 0)
+            ok &= ~no_edge
+            y = y / np.where(scale > 0, scale, 1.0)[:, None]
         if self.params.derivative:
-            y = np.gradient(y, self.energy, axis=1)
+            y = np.gradient(y, self.axis, axis=1)
         return y, ok, no_edge
+
+    def signal_scale(self, y: np.ndarray) -> np.ndarray:
+        """Per-row divisor ``(n,)`` of the ``max`` / ``area`` / ``l2`` normalisation of analysed
+        spectra ``y`` ``(n, n_out)`` (``area``: trapezoid integral over the axis, absolute spacing);
+        the maximum for the other modes. Also scales learned components the same way."""
+        if self.mode == "area":
+            return np.abs(np.trapezoid(y, self.axis, axis=1))
+        if self.mode == "l2":
+            return np.linalg.norm(y, axis=1)
+        return y.max(axis=1)
 
     def _normalize(self, x: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         e = self.raw_energy
@@ -246,7 +391,7 @@ class Preprocessor:
                                self.params.pre_edge_degree)
         out = safe - (pre[:, :1] * e + pre[:, 1:])
         no_edge = np.zeros(len(x), dtype=bool)
-        if self.params.normalize == "edge":
+        if self.mode == "edge":
             no_edge = ok & ~(step > 0)
             out /= np.where(step > 0, step, 1.0)[:, None]
         return out, no_edge
