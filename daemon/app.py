@@ -41,6 +41,8 @@ class Daemon:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None):
         self.config = config
         self.metrics = Metrics(registry)
+        self.metrics.declare([s.name for s in config.sources.bluesky], [s.name for s in config.sources.frames],
+                             [c.name for c in config.consumers])
         self.store = RunStore(config.router.keep_runs)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
