@@ -95,8 +95,8 @@ class Metrics:
             "beamlens_last_event_timestamp_seconds", "Unix time at which the router last took an event page for its consumers, or they "
             "finished a detector-frame batch.", registry=r)
         self.source_connected = Gauge(
-            "beamlens_source_connected", "1 while a source (bluesky or frame) has at least one peer that completed the 0MQ "
-            "handshake, else 0.", ["source"], registry=r)
+            "beamlens_source_connected", "1 while a source has a live connection to a peer (bluesky: after the 0MQ "
+            "handshake; frame sources: while at least one peer connection is open), else 0.", ["source"], registry=r)
         self.handshake_failures = Counter(
             "beamlens_source_handshake_failures_total",
             "ZeroMQ handshakes that failed (wrong CURVE key, protocol mismatch), by source and reason.",

@@ -40,6 +40,7 @@ from .frame_decoder import FrameDecoder
 from .frame_queue import FrameQueue, RawMessage
 
 log = logging.getLogger(__name__)
+PEER_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 POLL_MS = 100
 
@@ -150,8 +151,8 @@ class FrameSource:
             apply_curve_server(sock, self.context, self.name, c.curve.secret_key_file, c.curve.allowed_clients_dir)
         elif c.curve is not None:
             apply_curve_client(sock, c.curve.secret_key_file, c.curve.server_public_key_file)
-        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self._peers: set[int] = set()  # file descriptors of peers past the handshake
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | PEER_EVENTS)
+        self._peers: set[int] = set()  # file descriptors of open peer connections
         if c.mode == "bind":
             sock.bind(c.address)
             self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -208,11 +209,11 @@ class FrameSource:
             self.metrics.source_connected.labels(self.name).set(0)
 
     def _on_monitor(self, event: dict) -> None:
-        """Track peers (``beamlens_source_connected`` is 1 while at least one has completed the
-        handshake) and count failed handshakes."""
-        if event["event"] in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+        """Track peers (``beamlens_source_connected`` is 1 while at least one connection is open;
+        the monitor events' value is the connection's file descriptor) and count failed handshakes."""
+        if event["event"] & PEER_EVENTS:
             was = bool(self._peers)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if event["event"] & (zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED):
                 self._peers.add(event["value"])
             else:
                 self._peers.discard(event["value"])
