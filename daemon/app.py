@@ -52,6 +52,10 @@ class Daemon:
         self.documents = DocumentsSink(outputs.documents, self.metrics) if outputs.documents.enabled else None
         self.files = RunFileWriter(config, self.metrics, self.store) if outputs.files.enabled else None
         self.router.listeners += [s for s in (self.documents, self.files) if s is not None]
+        self.epics = None
+        if outputs.epics.enabled:
+            from .sinks.epics import EpicsSink  # optional extra beamlens[epics]
+            self.epics = EpicsSink(outputs.epics, self.store, self.metrics)
         self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
                               for c in config.sources.frames]
         self.router.frames.sources = self.frame_sources
@@ -75,6 +79,8 @@ class Daemon:
             self.files.start()
         self.router.start()
         self.http.start()
+        if self.epics is not None:
+            self.epics.start()
         for source in [*self.sources, *self.frame_sources]:
             source.start()
         log.info("beamlens started: %d document source(s), %d frame source(s), %d consumer(s), HTTP on %s",
@@ -95,6 +101,9 @@ class Daemon:
             self.documents.close()
         if self.files is not None:
             self.files.close()
+        if self.epics is not None:
+            self.epics.update()  # the runs' final values
+            self.epics.close()
         self.http.stop()
         self._stopped.set()
         log.info("beamlens stopped")
