@@ -18,12 +18,12 @@ ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# A C compiler for the dependencies PyPI has no wheel of (dectris-compression 0.4.0 is an sdist),
+# C and C++ compilers for the dependencies PyPI has no wheel of (dectris-compression 0.4.0 is an sdist),
 # and Python's headers where the base lacks them (a plain Debian base; the official image has them).
 # Build stage only; unpinned: Debian bookworm's security updates move these versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && { python -c "import sysconfig, pathlib, sys; sys.exit(not (pathlib.Path(sysconfig.get_paths()['include']) / 'Python.h').exists())" \
          || apt-get install -y --no-install-recommends python3-dev; } \
     && rm -rf /var/lib/apt/lists/*

@@ -80,7 +80,8 @@ class Metrics:
         self.runs_resumed = Counter(
             "beamlens_runs_resumed_total", "Open runs restored from a checkpoint after a restart.", registry=r)
         self.processing_seconds = Histogram(
-            "beamlens_consumer_processing_seconds", "Time a consumer spent on one document or page.",
+            "beamlens_consumer_processing_seconds", "Time a consumer spent on one call: a document, an event page (method "
+            "event_page) or a batch of detector frames (method frames).",
             ["consumer", "method"], buckets=PROCESSING_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "beamlens_queue_depth", "Items waiting in a daemon queue.", ["queue"], registry=r)
@@ -113,7 +114,8 @@ class Metrics:
             ["output"], registry=r)
         # -- detector frame path (one label value per configured frame source) -----------------
         self.frames_received = Counter(
-            "beamlens_frames_received_total", "Frame messages received from a detector stream, by source.", ["source"], registry=r)
+            "beamlens_frames_received_total", "Detector images received from a frame stream, by source (series "
+            "start/end messages not counted).", ["source"], registry=r)
         self.frame_bytes_received = Counter(
             "beamlens_frame_bytes_received_total", "Bytes of frame-stream messages received, by source.", ["source"], registry=r)
         self.frames_processed = Counter(
