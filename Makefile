@@ -16,7 +16,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# setuptools always tells an editable install with a package-dir mapping that it used a
+	@# meta-path finder ("Editable installation."): information, not a problem; the wheel build
+	@# itself is warning-free (tests/test_packaging.py).
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 ## Run the daemon on the embedded simulated beamline; serves until Ctrl-C.
