@@ -51,7 +51,7 @@ image:
 		[ -s $(BASE_TAR) ] || mmdebstrap --variant=minbase --include=python3,python3-venv,python-is-python3 bookworm $(BASE_TAR); \
 		ctr=$$(buildah from scratch) && buildah add $$ctr $(BASE_TAR) / && buildah commit --rm $$ctr $(BASE_IMAGE); \
 	fi
-	buildah bud --isolation=chroot --layers --build-arg BASE=$(BASE_IMAGE) \
+	buildah bud --isolation=chroot --layers --format docker --build-arg BASE=$(BASE_IMAGE) \
 		$(if $(HOST_CA),-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) -t $(IMAGE) .
 
 ## Run the test suite.

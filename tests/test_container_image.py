@@ -72,6 +72,8 @@ def test_image_labels_user_and_entrypoint(image):
     assert config["Entrypoint"] == ["beamlens", "run"]
     assert config["Cmd"] == ["--config", "/etc/beamlens/config.yaml"]
     assert "8765/tcp" in config["ExposedPorts"]
+    health = info["Docker"]["config"]["Healthcheck"]["Test"]  # kept: make image builds --format docker
+    assert "http://127.0.0.1:8765/health" in " ".join(health)
 
 
 def test_check_config_runs_inside_the_image(container):
