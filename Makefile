@@ -4,19 +4,22 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-under-load venv bench clean system-deps lock
+.PHONY: demo test test-under-load venv bench clean system-deps lock image
 
-# System packages the tests use: promtool (Debian `prometheus`) and headless Chromium for the live
-# page. `make system-deps` installs the missing ones when run as root (CI, fresh machines) and
+# System packages the tests use: promtool and the server (Debian `prometheus`), headless Chromium for the
+# live page, buildah and mmdebstrap to build and run the container image. `make system-deps` installs the missing ones when run as root (CI, fresh machines) and
 # otherwise prints the apt-get line to run.
-SYSTEM_TOOLS := promtool:prometheus chromium:chromium
+SYSTEM_TOOLS := promtool:prometheus chromium:chromium buildah:buildah mmdebstrap:mmdebstrap
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# setuptools always tells an editable install with a package-dir mapping that it used a
+	@# meta-path finder ("Editable installation."): information, not a problem; the wheel build
+	@# itself is warning-free (tests/test_packaging.py).
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 ## Run the daemon on the embedded simulated beamline; serves until Ctrl-C.
@@ -34,6 +37,22 @@ system-deps:
 		echo "installing:$$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing fonts-dejavu-core; \
 	else echo "missing system packages:$$missing; run: sudo apt-get install$$missing" >&2; exit 1; fi
+
+## Build the container image with Debian's buildah (no Docker engine or registry needed): the base is
+## a Debian bookworm root made with mmdebstrap, imported once as $(BASE_IMAGE).
+IMAGE      ?= localhost/beamlens:latest
+BASE_IMAGE ?= localhost/beamlens-base:bookworm
+BASE_TAR   ?= build/base-bookworm.tar
+# The host's CA bundle, mounted for pip during the build only (TLS-intercepting proxies); empty: none.
+HOST_CA    ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+image:
+	@mkdir -p build
+	@if ! buildah inspect --type image $(BASE_IMAGE) >/dev/null 2>&1; then \
+		[ -s $(BASE_TAR) ] || mmdebstrap --variant=minbase --include=python3,python3-venv,python-is-python3 bookworm $(BASE_TAR); \
+		ctr=$$(buildah from scratch) && buildah add $$ctr $(BASE_TAR) / && buildah commit --rm $$ctr $(BASE_IMAGE); \
+	fi
+	buildah bud --isolation=chroot --layers --format docker --build-arg BASE=$(BASE_IMAGE) \
+		$(if $(HOST_CA),-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) -t $(IMAGE) .
 
 ## Run the test suite.
 test: $(STAMP)

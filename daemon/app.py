@@ -41,6 +41,8 @@ class Daemon:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None):
         self.config = config
         self.metrics = Metrics(registry)
+        self.metrics.declare([s.name for s in config.sources.bluesky], [s.name for s in config.sources.frames],
+                             [c.name for c in config.consumers])
         self.store = RunStore(config.router.keep_runs)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
@@ -55,6 +57,10 @@ class Daemon:
             from .sinks.tiled import TiledSink  # tiled.client is the optional extra beamlens[tiled]
             self.tiled = TiledSink(outputs.tiled, self.metrics, self.store)
             self.router.listeners.append(self.tiled)
+        self.epics = None
+        if outputs.epics.enabled:
+            from .sinks.epics import EpicsSink  # optional extra beamlens[epics]
+            self.epics = EpicsSink(outputs.epics, self.store, self.metrics)
         self.frame_sources = [FrameSource(c, self.metrics, self.router.submit, config.router.frames_in_flight)
                               for c in config.sources.frames]
         self.router.frames.sources = self.frame_sources
@@ -80,6 +86,8 @@ class Daemon:
             self.tiled.start()
         self.router.start()
         self.http.start()
+        if self.epics is not None:
+            self.epics.start()
         for source in [*self.sources, *self.frame_sources]:
             source.start()
         log.info("beamlens started: %d document source(s), %d frame source(s), %d consumer(s), HTTP on %s",
@@ -102,6 +110,9 @@ class Daemon:
             self.files.close()
         if self.tiled is not None:
             self.tiled.close()
+        if self.epics is not None:
+            self.epics.update()  # the runs' final values
+            self.epics.close()
         self.http.stop()
         self._stopped.set()
         log.info("beamlens stopped")

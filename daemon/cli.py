@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
@@ -23,9 +23,20 @@ log = logging.getLogger("beamlens")
 
 
 def default_demo_config() -> Path:
-    """The demo config shipped in ``configs/demo.yaml`` (source tree) or beside the package."""
-    here = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-    return here if here.exists() else Path(str(files("beamlens.daemon") / "demo.yaml"))
+    """``configs/demo.yaml``, installed as package data of the ``beamlens.configs`` namespace package.
+
+    Looked up on the namespace's search path rather than with ``importlib.resources.files``, which
+    raises on the placeholder entry setuptools' editable finder adds to a namespace path (Python 3.11).
+
+    Raises:
+        FileNotFoundError: the installation lacks it (a broken wheel).
+    """
+    spec = importlib.util.find_spec("beamlens.configs")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "demo.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError("beamlens.configs/demo.yaml is not installed; reinstall beamlens")
 
 
 def _load(path: str | Path, warn: bool = True) -> Config:

@@ -307,11 +307,34 @@ class TiledOutputConfig(Strict):
         return v
 
 
+class EpicsOutputConfig(Strict):
+    """EPICS PVAccess server (optional extra ``beamlens[epics]``, p4p): the newest run's maps as
+    NTNDArray PVs, its scalar figures as NTScalar PVs, for Phoebus/CS-Studio and ImageJ."""
+
+    enabled: bool = Field(False, description="off by default")
+    prefix: str = Field("beamlens:", pattern=r"^[A-Za-z0-9_:.\-]*$",
+                        description="prepended to every PV name, e.g. 'BL11:beamlens:'")
+    interfaces: list[str] = Field(["127.0.0.1"], min_length=1,
+                                  description="IP addresses the server binds (EPICS_PVAS_INTF_ADDR_LIST); loopback only by default")
+    server_port: int = Field(5075, ge=0, le=65535, description="TCP port (0: any free port)")
+    search_port: int = Field(5076, ge=1, le=65535, description="UDP search/beacon port (EPICS_PVAS_BROADCAST_PORT)")
+    update_interval_s: float = Field(1.0, gt=0, le=60, description="PVs are updated at most this often")
+
+    @field_validator("interfaces")
+    @classmethod
+    def _ip_addresses(cls, v: list[str]) -> list[str]:
+        import ipaddress
+        for address in v:
+            ipaddress.ip_address(address)  # ValueError names the bad one
+        return v
+
+
 class OutputsConfig(Strict):
     web: WebConfig = Field(default_factory=WebConfig)
     documents: DocumentsOutputConfig = Field(default_factory=DocumentsOutputConfig)
     files: FilesOutputConfig = Field(default_factory=FilesOutputConfig)
     tiled: TiledOutputConfig = Field(default_factory=TiledOutputConfig)
+    epics: EpicsOutputConfig = Field(default_factory=EpicsOutputConfig)
 
 
 class Config(Strict):

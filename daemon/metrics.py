@@ -15,13 +15,30 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 #: name -> (documentation, label names besides ``consumer`` and ``index``).
 SCIENCE_GAUGES: dict[str, str] = {
     "explained_variance_ratio": "Fraction of the spectra's variance explained by each principal component of the current run.",
-    "reconstruction_error_ratio": "Relative reconstruction error ||X - WH|| / ||X|| of the current run's unmixing.",
-    "embedding_residual_ratio": "Relative out-of-sample reconstruction residual of the newest spectra in the current embedding.",
+    "reconstruction_error_ratio": "Relative reconstruction error ||X - WH||_F / ||X||_F of the unmixing over all "
+                                  "spectra of the run so far (preprocessed as configured), 0..1.",
+    "embedding_residual_ratio": "Off-manifold ratio of the newest spectra: median over the newest page of each spectrum's "
+                                "locally-linear (barycentric) residual divided by the median residual of the spectra the "
+                                "mLLE embedding was fitted on (about 1 when new spectra look like the fitted ones; the "
+                                "consumer refits above refit_residual_ratio, 3 by default).",
     "unmixing_refit_sweeps": "HALS sweeps made by the latest background unmixing refit (its kept start).",
     "unmixing_refit_relative_change_ratio": "Relative loss decrease in the last HALS sweep of the latest unmixing refit (at most tol: converged).",
     "defects": "Defects detected in the newest frame, by class.",
     "defect_density_per_square_pixel": "Defects per px^2 in the newest frame.",
 }
+
+#: Label values known before anything happens; :meth:`Metrics.declare` exports each counter at 0 for
+#: them, so that ``increase()``/``rate()`` see the first burst (a series born at its first increment
+#: has no earlier sample: a consumer that fails 10 times and is quarantined within one scrape would
+#: otherwise never show an increase). Reasons raised elsewhere appear on first use.
+DOCUMENT_TYPES = ("start", "descriptor", "event", "event_page", "stop")
+QUARANTINE_REASONS = ("failures", "too_slow")
+FRAME_DROP_REASONS = ("overflow", "stale_series", "run_closed", "gap", "shutdown")
+RUN_EXIT_STATUSES = ("success", "abort", "fail", "incomplete")
+CHECKPOINT_LABELS = (("save", "ok"), ("save", "failed"), ("restore", "ok"), ("restore", "failed"))
+BAD_MESSAGE_REASONS = ("oversized", "malformed", "schema_invalid")
+FRAME_DECODE_REASONS = ("oversized", "decoder_error")
+POINT_SKIP_REASONS = ("wrong_shape",)   # raised for any consumer by the base class's shape check
 
 AGE_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 PROCESSING_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -65,7 +82,8 @@ class Metrics:
         self.runs_resumed = Counter(
             "beamlens_runs_resumed_total", "Open runs restored from a checkpoint after a restart.", registry=r)
         self.processing_seconds = Histogram(
-            "beamlens_consumer_processing_seconds", "Time a consumer spent on one document or page.",
+            "beamlens_consumer_processing_seconds", "Time a consumer spent on one call: a document, an event page (method "
+            "event_page) or a batch of detector frames (method frames).",
             ["consumer", "method"], buckets=PROCESSING_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "beamlens_queue_depth", "Items waiting in a daemon queue.", ["queue"], registry=r)
@@ -77,9 +95,11 @@ class Metrics:
         self.runs_joined_midway = Counter(
             "beamlens_runs_joined_midway_total", "Runs first seen after their RunStart (daemon joined mid-run).", registry=r)
         self.last_event_time = Gauge(
-            "beamlens_last_event_timestamp_seconds", "Unix time at which the last event or detector frame was processed.", registry=r)
+            "beamlens_last_event_timestamp_seconds", "Unix time at which the router last took an event page for its consumers, or they "
+            "finished a detector-frame batch.", registry=r)
         self.source_connected = Gauge(
-            "beamlens_source_connected", "1 while a source has a live connection to its peer.", ["source"], registry=r)
+            "beamlens_source_connected", "1 while a source has a live connection to a peer (bluesky: after the 0MQ "
+            "handshake; frame sources: while at least one peer connection is open), else 0.", ["source"], registry=r)
         self.handshake_failures = Counter(
             "beamlens_source_handshake_failures_total",
             "ZeroMQ handshakes that failed (wrong CURVE key, protocol mismatch), by source and reason.",
@@ -96,7 +116,8 @@ class Metrics:
             ["output"], registry=r)
         # -- detector frame path (one label value per configured frame source) -----------------
         self.frames_received = Counter(
-            "beamlens_frames_received_total", "Frame messages received from a detector stream, by source.", ["source"], registry=r)
+            "beamlens_frames_received_total", "Detector images received from a frame stream, by source (series "
+            "start/end messages not counted).", ["source"], registry=r)
         self.frame_bytes_received = Counter(
             "beamlens_frame_bytes_received_total", "Bytes of frame-stream messages received, by source.", ["source"], registry=r)
         self.frames_processed = Counter(
@@ -137,3 +158,37 @@ class Metrics:
             self.http_connections_closed.labels(reason)
         for reason in ("host", "streams_full"):
             self.http_requests_refused.labels(reason)
+
+    def declare(self, bluesky_sources: list[str], frame_sources: list[str], consumers: list[str]) -> None:
+        """Export every counter at 0, and every ``beamlens_source_connected`` at 0, for the label
+        values known from the config (source and consumer names) and the fixed reason lists above.
+
+        Called once at daemon start, before any source connects. Idempotent.
+        """
+        for source in bluesky_sources:
+            self.source_connected.labels(source).set(0)
+            self.probes_received.labels(source)
+            for doc_type in DOCUMENT_TYPES:
+                self.documents_received.labels(source, doc_type)
+            for reason in BAD_MESSAGE_REASONS:
+                self.bad_messages.labels(source, reason)
+        for source in frame_sources:
+            self.source_connected.labels(source).set(0)
+            for counter in (self.frames_received, self.frame_bytes_received, self.frames_processed):
+                counter.labels(source)
+            for reason in FRAME_DROP_REASONS:
+                self.frames_dropped.labels(source, reason)
+            for reason in FRAME_DECODE_REASONS:
+                self.frame_decode_errors.labels(source, reason)
+            for attached in ("yes", "no"):
+                self.frame_series.labels(source, attached)
+        for consumer in consumers:
+            self.consumer_failures.labels(consumer)
+            for reason in POINT_SKIP_REASONS:
+                self.points_skipped.labels(consumer, reason)
+            for reason in QUARANTINE_REASONS:
+                self.consumers_quarantined.labels(consumer, reason)
+        for status in RUN_EXIT_STATUSES:
+            self.runs.labels(status)
+        for operation, outcome in CHECKPOINT_LABELS:
+            self.checkpoints.labels(operation, outcome)

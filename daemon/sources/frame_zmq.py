@@ -40,6 +40,7 @@ from .frame_decoder import FrameDecoder
 from .frame_queue import FrameQueue, RawMessage
 
 log = logging.getLogger(__name__)
+PEER_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 POLL_MS = 100
 
@@ -150,7 +151,8 @@ class FrameSource:
             apply_curve_server(sock, self.context, self.name, c.curve.secret_key_file, c.curve.allowed_clients_dir)
         elif c.curve is not None:
             apply_curve_client(sock, c.curve.secret_key_file, c.curve.server_public_key_file)
-        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | PEER_EVENTS)
+        self._peers: set[int] = set()  # file descriptors of open peer connections
         if c.mode == "bind":
             sock.bind(c.address)
             self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -172,7 +174,7 @@ class FrameSource:
         limit = self.config.max_message_bytes
         try:
             while not self._stop.is_set():
-                if self._monitor.poll(0):
+                while self._monitor.poll(0):
                     self._on_monitor(recv_monitor_message(self._monitor))
                 if not sock.poll(POLL_MS):
                     continue
@@ -204,8 +206,22 @@ class FrameSource:
             sock.disable_monitor()
             self._monitor.close(0)
             sock.close(0)
+            self.metrics.source_connected.labels(self.name).set(0)
 
     def _on_monitor(self, event: dict) -> None:
+        """Track peers (``beamlens_source_connected`` is 1 while at least one connection is open;
+        the monitor events' value is the connection's file descriptor) and count failed handshakes."""
+        if event["event"] & PEER_EVENTS:
+            was = bool(self._peers)
+            if event["event"] & (zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED):
+                self._peers.add(event["value"])
+            else:
+                self._peers.discard(event["value"])
+            self.metrics.source_connected.labels(self.name).set(int(bool(self._peers)))
+            if was != bool(self._peers):
+                log.log(logging.INFO if self._peers else logging.WARNING, "frame source %s %s %s", self.name,
+                        "connected to a peer at" if self._peers else "has no peer left at", self.address)
+            return
         reason = handshake_failure_reason(event["event"])
         self.metrics.handshake_failures.labels(self.name, reason).inc()
         log.error("frame source %s: a peer failed the handshake (%s); check the CURVE keys", self.name, reason)
