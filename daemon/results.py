@@ -104,6 +104,8 @@ class RunState:
     limited: str | None = None
     """Why the run's results are limited (``rolling_window``: over the memory budget or its point
     limit, only the newest points are kept; ``refused``: no buffers at all), else None."""
+    stop_source: str = "router"
+    """The source whose RunStop closed the run (its rejections are counted under that source)."""
     checkpointed_activity: float = -1.0
     """``last_activity`` when the run was last checkpointed (unchanged runs are not checkpointed again)."""
 

@@ -466,6 +466,7 @@ class Router(RunSupervision):
         if run is None:
             self._reject(source, "stop_for_unknown_run", f"RunStop for run {str(doc.get('run_start'))[:64]} that is not open")
             return
+        run.stop_source = source
         if self.frames.park_stop(run, doc):
             return
         self._finish(run, doc.get("exit_status", "success"), doc, source)
@@ -505,14 +506,14 @@ class Router(RunSupervision):
                         self._call(run, slot, "event_page", _page_subset(page, [i]), positions[i:i + 1])
 
     # -- helpers -----------------------------------------------------------------------------
-    def _finish(self, run: RunState, status: str, doc: dict[str, Any], source: str = "router") -> None:
+    def _finish(self, run: RunState, status: str, doc: dict[str, Any], source: str | None = None) -> None:
         """Close a run: consumers' ``stop``, bookkeeping, sinks. Each step is isolated and the run
         always leaves the open runs, so a failure here cannot make it fail again every tick."""
         try:
             self._guard("finish", self._call_all, run, "stop", doc)
             missing, rejected = run.missing_events(doc.get("num_events"), self.limits.max_gap)
             if rejected:
-                self._reject(source, "bad_num_events",
+                self._reject(source or run.stop_source, "bad_num_events",
                              f"RunStop of run {run.uid[:64]} announces num_events for {rejected[:4]} that are not "
                              f"integers within the events received + limits.max_gap; seq_nums used instead")
             if missing:
