@@ -116,7 +116,8 @@ class Daemon:
         self.systemd.stop()
         for source in [*self.sources, *self.frame_sources]:
             source.stop()
-        if not self.router.wait_idle(drain_timeout):
+        alive = self.router.thread is not None and self.router.thread.is_alive()
+        if alive and not self.router.wait_idle(drain_timeout):
             log.error("document queue not drained within %.0f s", drain_timeout)
         self.router.stop()
         if self.documents is not None:
