@@ -285,8 +285,8 @@ class LimitsConfig(Strict):
     series_starts_per_s: float = Field(10.0, ge=0, description="frame series starts accepted per frame source per second (0: unlimited); the frames of a refused series are dropped and counted")
     series_start_burst: int = Field(50, gt=0)
     max_data_keys: int = Field(1000, gt=0, description="descriptors with more data keys are rejected")
-    batch_max_mib: float = Field(64, gt=0, description="frames stacked into one batch for the consumers hold at most this much, MiB (one frame may exceed it alone)")
-    frame_queue_mib: float = Field(512, gt=0, description="received frame messages waiting for decoding hold at most this much per source, MiB")
+    batch_max_mib: float = Field(32, gt=0, description="frames stacked into one batch for the consumers hold at most this much, MiB (one frame may exceed it alone)")
+    frame_queue_mib: float = Field(128, gt=0, description="received frame messages waiting for decoding hold at most this much per source, MiB")
     dead_thread_exit_s: float = Field(10.0, gt=0, description="after a vital thread has died, /health/live is 503 at once and the process exits with status 70 after this long")
 
 
@@ -314,6 +314,24 @@ class Config(Strict):
             if unknown:
                 raise ValueError(f"consumer {c.name}: frame_sources {unknown} are not configured frame sources")
         return self
+
+    @model_validator(mode="after")
+    def _memory_budget(self) -> Config:
+        return _check_memory_budget(self)
+
+
+MIN_RESULT_BUDGET_MIB = 64
+
+
+def _check_memory_budget(config: Config) -> Config:
+    """The budget must leave room for result buffers after the frame sources' queues and batches."""
+    lim = config.limits
+    frames = len(config.sources.frames) * (lim.frame_queue_mib + (config.router.frames_in_flight + 1) * lim.batch_max_mib)
+    if lim.memory_budget_mib - frames < MIN_RESULT_BUDGET_MIB:
+        raise ValueError(f"limits.memory_budget_mib {lim.memory_budget_mib:g} leaves less than {MIN_RESULT_BUDGET_MIB} MiB "
+                         f"for result buffers after {frames:g} MiB of frame queues and batches (frame_queue_mib + "
+                         "(router.frames_in_flight + 1) x batch_max_mib per frame source)")
+    return config
 
 
 class ConfigError(Exception):
