@@ -31,17 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import DaemonProcess, http_get, scrape  # noqa: E402
+from helpers import DaemonProcess, http_get, rss_mib, scrape  # noqa: E402
 
 from beamlens.daemon.sim.detectors import DetectorEmulator  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def counters(url: str) -> dict[str, float]:

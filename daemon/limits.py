@@ -77,15 +77,22 @@ class TokenBucket:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self._tokens = self.burst
-        self._t = time.monotonic()
+        self._t = -float("inf")
 
-    def take(self) -> bool:
-        """Take one token; False when none is left (the caller refuses and counts)."""
+    def take(self, now: float | None = None) -> bool:
+        """Take one token; False when none is left (the caller refuses and counts).
+
+        Args:
+            now: the time of the event, s (default ``time.monotonic()``); pass a message's receive
+                time so that the rate is that of arrival, not of processing. One bucket must be fed
+                one clock.
+        """
         if self.rate <= 0:
             return True
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-        self._t = now
+        if now is None:
+            now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._t) * self.rate)
+        self._t = max(self._t, now)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
@@ -99,13 +106,13 @@ class Buckets:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._buckets: dict[str, TokenBucket] = {}
 
-    def take(self, key: str) -> bool:
+    def take(self, key: str, now: float | None = None) -> bool:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
                 self._buckets.pop(next(iter(self._buckets)))
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
-        return bucket.take()
+        return bucket.take(now)
 
 
 def nav_bytes_per_point(specs: Mapping[str, Any]) -> int:

@@ -151,3 +151,17 @@ limits: {{dead_thread_exit_s: 0.5}}
     assert code == [EXIT_THREAD_DIED]
     assert health[0]["live"] is False and health[0]["dead_threads"] == ["beamlens-router"]
     assert len(list((tmp_path / "state").glob("*.ckpt"))) == 1
+
+
+def test_frame_queue_is_bounded_in_bytes():
+    from beamlens.daemon.sources.frame_queue import FrameQueue, RawMessage
+    skipped: list[int] = []
+    q = FrameQueue(100, "latest", skipped.append, max_bytes=250)
+    for i in range(5):
+        assert q.put(RawMessage([b"x" * 100], True, float(i), nbytes=100))
+    assert len(q) == 2 and sum(skipped) == 3  # 100-byte images, 250 bytes at most: the oldest go
+    block = FrameQueue(100, "block", max_bytes=250)
+    assert block.put(RawMessage([b"x" * 200], True, 0.0, nbytes=200))
+    assert not block.put(RawMessage([b"x" * 100], True, 1.0, nbytes=100), abort=lambda: True)  # would wait
+    assert [m.received for m in block.get_batch(10, 0.1)] == [0.0]
+    assert block.put(RawMessage([b"x" * 100], True, 1.0, nbytes=100), abort=lambda: True)

@@ -308,7 +308,7 @@ class FrameSource:
         out = []
         for item in items:
             if isinstance(item, SeriesStart):
-                if not self._series_bucket.take():
+                if not self._series_bucket.take(msg.received):
                     self._refused_series, self._series = item.series_id, None
                     self.metrics.limit_actions.labels("series_start_rate", "refused").inc()
                     self._reject("series_start_rate", f"series {str(item.series_id)[:64]} over limits.series_starts_per_s")
