@@ -1,7 +1,8 @@
 """Checkpoints of open runs, so that a restarted daemon resumes their analysis instead of starting
 blind.
 
-Each open run is saved as one file ``<state_dir>/<run uid>.ckpt``: the RunStart, the descriptors'
+Each open run is saved as one file ``<state_dir>/<run uid>.ckpt`` (uids that are not plain names
+are hashed, see :meth:`Checkpointer.path`): the RunStart, the descriptors'
 uids and shapes, the map placement state, and per consumer the consumer object itself (pickled
 without its run context, result buffers and ``transient`` attributes; see
 :meth:`beamlens.consumers.base.Consumer.__getstate__`), its result buffers and failure count.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .limits import inside, safe_stem
 from .results import RunState
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ def run_state(run: RunState, descriptors: list[str]) -> dict[str, Any]:
         "primary_descriptors": sorted(run.primary_descriptors), "descriptor_shapes": run.descriptor_shapes,
         "descriptors": descriptors, "buffers_allocated": run.buffers_allocated,
         "descriptor_streams": run.descriptor_streams, "events_received": run.events_received,
-        "max_seq_num": run.max_seq_num,
+        "max_seq_num": run.max_seq_num, "nav_capacity": run.nav_capacity, "nav_offset": run.nav_offset,
+        "limited": run.limited,
         "slots": [
             {"name": s.name, "consumer": s.consumer, "specs": s.specs, "arrays": s.arrays,
              "failures": s.failures, "quarantined": s.quarantined, "inactive_reason": s.inactive_reason,
@@ -67,7 +70,10 @@ class Checkpointer:
         return time.monotonic() - self._last >= self.interval_s
 
     def path(self, uid: str) -> Path:
-        return self.directory / f"{uid}{SUFFIX}"
+        """``<directory>/<safe stem of uid>.ckpt``: a uid that is not a plain name (``../x``, NUL,
+        300 characters) is hashed (:func:`~beamlens.daemon.limits.safe_stem`); the result is
+        checked to stay inside the directory (ValueError otherwise)."""
+        return inside(self.directory, f"{safe_stem(uid)}{SUFFIX}")
 
     def save(self, state: dict[str, Any]) -> None:
         """Write one run's state atomically.
@@ -95,11 +101,20 @@ class Checkpointer:
     def remove(self, uid: str) -> None:
         self.path(uid).unlink(missing_ok=True)
 
-    def load_all(self) -> list[dict[str, Any]]:
+    def load_all(self, newest: int | None = None) -> list[dict[str, Any]]:
         """Read every checkpoint in the directory, oldest first; unreadable ones are logged, moved
-        aside as ``*.ckpt.bad`` and skipped."""
+        aside as ``*.ckpt.bad`` and skipped. With ``newest``, only the ``newest`` most recent are
+        read; older ones are moved aside as ``*.ckpt.old`` (more open runs than the daemon keeps,
+        e.g. after a flood of never-stopped RunStarts)."""
         states = []
-        for path in sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        paths = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        if newest is not None and len(paths) > newest:
+            old, paths = paths[:len(paths) - newest], paths[len(paths) - newest:]
+            log.error("%d checkpoints beyond the %d newest (limits.max_open_runs) not resumed; moved aside as *.ckpt.old",
+                      len(old), newest)
+            for path in old:
+                path.rename(path.with_name(path.name + ".old"))
+        for path in paths:
             try:
                 with open(path, "rb") as f:
                     state = pickle.load(f)  # our own file in our own state directory

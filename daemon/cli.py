@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         _logging(config.log_level)
         from .app import Daemon
-        Daemon(config).run_until_signalled()
-        return 0
+        return Daemon(config).run_until_signalled()
     if args.command == "simulate-detector":
         _logging("INFO")
         from .sim.detectors import simulate_detector

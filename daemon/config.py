@@ -337,6 +337,27 @@ class OutputsConfig(Strict):
     epics: EpicsOutputConfig = Field(default_factory=EpicsOutputConfig)
 
 
+class LimitsConfig(Strict):
+    """Bounds on what peers on the wire can make the daemon do (the threat model in the README):
+    memory for result buffers and queues, message rates, open runs, and how far numbers from the
+    wire may jump. Each refusal or downgrade is counted (``beamlens_limit_actions_total``)."""
+
+    memory_budget_mib: float = Field(2048, gt=0, description="result buffers of open and kept runs, plus frame batches in flight, MiB; a run whose declared buffers do not fit is downgraded to a rolling window or refused")
+    keep_runs_mib: float = Field(256, gt=0, description="finished runs kept for the HTTP API hold at most this much, MiB (besides router.keep_runs)")
+    open_ended_chunk_points: int = Field(65536, gt=0, description="nav buffers of runs of unknown length grow by at most this many points at a time")
+    open_ended_max_points: int = Field(1_000_000, gt=0, description="a run of unknown length keeps at most this many points; later points roll the window on")
+    max_gap: int = Field(1_000_000, gt=0, description="a seq_num or frame number further than this beyond the run's last (or its declared length) is rejected as a bad message, never counted as missing")
+    max_open_runs: int = Field(64, gt=0, description="open runs at most; the oldest is closed as incomplete to admit a new one")
+    run_starts_per_s: float = Field(10.0, ge=0, description="RunStarts accepted per source per second (0: unlimited); more are rejected and counted")
+    run_start_burst: int = Field(50, gt=0)
+    series_starts_per_s: float = Field(10.0, ge=0, description="frame series starts accepted per frame source per second (0: unlimited); the frames of a refused series are dropped and counted")
+    series_start_burst: int = Field(50, gt=0)
+    max_data_keys: int = Field(1000, gt=0, description="descriptors with more data keys are rejected")
+    batch_max_mib: float = Field(32, gt=0, description="frames stacked into one batch for the consumers hold at most this much, MiB (one frame may exceed it alone)")
+    frame_queue_mib: float = Field(128, gt=0, description="received frame messages waiting for decoding hold at most this much per source, MiB")
+    dead_thread_exit_s: float = Field(10.0, gt=0, description="after a vital thread has died, /health/live is 503 at once and the process exits with status 70 after this long")
+
+
 class Config(Strict):
     """Root of the configuration tree."""
 
@@ -346,6 +367,7 @@ class Config(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     _ignored_environment: tuple[str, ...] = PrivateAttr(default=())
 
@@ -366,6 +388,24 @@ class Config(Strict):
             if unknown:
                 raise ValueError(f"consumer {c.name}: frame_sources {unknown} are not configured frame sources")
         return self
+
+    @model_validator(mode="after")
+    def _memory_budget(self) -> Config:
+        return _check_memory_budget(self)
+
+
+MIN_RESULT_BUDGET_MIB = 64
+
+
+def _check_memory_budget(config: Config) -> Config:
+    """The budget must leave room for result buffers after the frame sources' queues and batches."""
+    lim = config.limits
+    frames = len(config.sources.frames) * (lim.frame_queue_mib + (config.router.frames_in_flight + 1) * lim.batch_max_mib)
+    if lim.memory_budget_mib - frames < MIN_RESULT_BUDGET_MIB:
+        raise ValueError(f"limits.memory_budget_mib {lim.memory_budget_mib:g} leaves less than {MIN_RESULT_BUDGET_MIB} MiB "
+                         f"for result buffers after {frames:g} MiB of frame queues and batches (frame_queue_mib + "
+                         "(router.frames_in_flight + 1) x batch_max_mib per frame source)")
+    return config
 
 
 class ConfigError(Exception):

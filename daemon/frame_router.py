@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 from beamlens.consumers.base import SeriesInfo
 
 from .frames import FrameBarrier, FrameBatch, SeriesEnd, SeriesEvent, SeriesStart
-from .metrics import SCIENCE_GAUGES
 from .placement import flat_positions
 from .results import RunState
 
@@ -120,7 +119,7 @@ class FrameRouter:
         run = self._pick_run(source, s)
         frame_only = run is None
         if run is None:
-            run = self.router._start(self._frame_only_start(source, s), source)
+            run = self.router._start(self._frame_only_start(source, s), source, rate_limited=False)
             if run is None:
                 return
             self._frame_only.add(run.uid)
@@ -130,17 +129,12 @@ class FrameRouter:
         self.metrics.frame_series.labels(source, "no" if frame_only else "yes").inc()
         log.info("frame series %s of %s (%s, %s, %s frames) -> %s run %s", s.series_id, source, info.sig_shape,
                  info.dtype, s.n_frames or "?", "frame-only" if frame_only else "Bluesky", run.uid)
+        new_slots = []
         for slot in self._frame_slots(run, source):
             self.router._call(run, slot, "series", info)
-            if slot.active and not slot.specs:
-                specs = self.router._call(run, slot, "result_buffers")
-                if specs is None:
-                    continue
-                unknown = [sp.metric for sp in specs if sp.metric is not None and sp.metric not in SCIENCE_GAUGES]
-                if unknown:
-                    raise ValueError(f"consumer {slot.name} binds unknown metric(s) {unknown}")
-                slot.specs = {sp.name: sp for sp in specs}
-                slot.allocate(max(run.expected_points or self.router.initial_capacity, 1))
+            if slot.active and not slot.specs and self.router.declare_buffers(run, slot):
+                new_slots.append(slot)
+        self.router.allocate_slots(run, new_slots)
 
     def _pick_run(self, source: str, s: SeriesStart) -> RunState | None:
         runs = self.router.open_runs
@@ -197,9 +191,7 @@ class FrameRouter:
         outside = int((positions < 0).sum())
         if outside:
             self.metrics.bad_messages.labels(batch.source, "frame_outside_scan").inc(outside)
-        run.max_position = max(run.max_position, int(positions.max()))
-        if run.nav_shape == (0,):
-            self.router._ensure_capacity(run, run.max_position + 1)
+        positions = self.router.place(run, positions)
         self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames",
                               frame_source=batch.source)
         self.router._notify("frames", run, {"seq_num": (batch.numbers + 1).tolist(), "source": batch.source})

@@ -137,6 +137,19 @@ class Metrics:
         self.frame_age_seconds = Histogram(
             "beamlens_frame_age_seconds", "Time from receiving a frame (the newest of each batch) to its consumers having processed it.",
             ["source"], buckets=AGE_BUCKETS, registry=r)
+        # -- isolation and limits (threat model) ------------------------------------------------
+        self.internal_errors = Counter(
+            "beamlens_internal_errors_total",
+            "Exceptions in the daemon's own code caught by its isolation (the item or run was dropped, the thread went on), by component.",
+            ["component"], registry=r)
+        self.limit_actions = Counter(
+            "beamlens_limit_actions_total",
+            "Times a configured limit refused or downgraded something, by limit (memory_budget, open_runs, run_start_rate, "
+            "series_start_rate, data_keys, gap, retention) and action (refused, rolling_window, closed_oldest, released, ...).",
+            ["limit", "action"], registry=r)
+        self.result_buffer_bytes = Gauge(
+            "beamlens_result_buffer_bytes", "Bytes of result buffers held by open and kept runs (counted against limits.memory_budget_mib).",
+            registry=r)
         self.science = {
             name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
             for name, doc in SCIENCE_GAUGES.items()

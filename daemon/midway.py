@@ -190,7 +190,7 @@ class MidwayJoiner:
         """
         for uid in [u for u, h in self._held.items() if h.source == source]:
             self._build(uid)  # a stop right after held events: their run first
-        if doc.get("run_start") in runs:  # found by a look-up just now
+        if isinstance(doc.get("run_start"), str) and doc["run_start"] in runs:  # found by a look-up just now
             return runs[doc["run_start"]]
         counts = doc.get("num_events") or {}
         self._built = {u: s for u, s in self._built.items() if u in runs}

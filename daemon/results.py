@@ -48,6 +48,24 @@ class ConsumerSlot:
                 self.arrays[name] = new
         self.consumer.results = Results(self.arrays)
 
+    def roll_nav(self, shift: int) -> None:
+        """Move the window of ``nav`` buffers ``shift`` points on (a run of unknown length at its
+        point limit): the oldest ``shift`` points are forgotten, the newest slots refilled (NaN/0)."""
+        for name, spec in self.specs.items():
+            if spec.kind != "nav":
+                continue
+            arr = self.arrays[name]
+            fill = np.nan if arr.dtype.kind == "f" else 0
+            if shift >= len(arr):
+                arr[...] = fill
+            else:
+                arr[:-shift] = arr[shift:]  # numpy buffers overlapping copies
+                arr[-shift:] = fill
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
 
 @dataclass
 class RunState:
@@ -79,25 +97,50 @@ class RunState:
     max_seq_num: dict[str, int] = field(default_factory=dict)
     """descriptor uid -> highest seq_num received."""
     events_missing: int = 0
+    nav_capacity: int = 0
+    """Points the nav buffers hold (0 until allocated)."""
+    nav_offset: int = 0
+    """For a run of unknown length kept as a rolling window: the flat index of the window's first point."""
+    limited: str | None = None
+    """Why the run's results are limited (``rolling_window``: over the memory budget or its point
+    limit, only the newest points are kept; ``refused``: no buffers at all), else None."""
+    stop_source: str = "router"
+    """The source whose RunStop closed the run (its rejections are counted under that source)."""
+    checkpointed_activity: float = -1.0
+    """``last_activity`` when the run was last checkpointed (unchanged runs are not checkpointed again)."""
 
     def count_events(self, descriptor: str, seq_nums: list[int]) -> None:
+        """Count received events; ``seq_nums`` must already be validated (ints within bounds)."""
         self.events_received[descriptor] = self.events_received.get(descriptor, 0) + len(seq_nums)
         if seq_nums:
             self.max_seq_num[descriptor] = max(self.max_seq_num.get(descriptor, 0), int(max(seq_nums)))
 
-    def missing_events(self, num_events: dict[str, int]) -> int:
+    def missing_events(self, num_events: Any, max_gap: int) -> tuple[int, list[str]]:
         """Events that were announced but not received: per stream, ``num_events`` from the RunStop
-        when it gives one, else the highest seq_num seen (gaps before it)."""
-        missing = 0
+        when it gives one, else the highest seq_num seen (gaps before it).
+
+        Returns:
+            ``(missing, streams whose announced count was rejected)``: an announcement that is not
+            an integer within ``[0, received + max_gap]`` is ignored (the seq_nums are used) and
+            reported, so one hostile RunStop cannot add an absurd number to a counter.
+        """
+        from .limits import wire_index
+
+        num_events = num_events if isinstance(num_events, dict) else {}
+        missing, rejected = 0, []
         streams = set(self.descriptor_streams.values())
         for stream in streams:
             descs = [d for d, s in self.descriptor_streams.items() if s == stream]
             received = sum(self.events_received.get(d, 0) for d in descs)
             announced = num_events.get(stream)
+            if announced is not None:
+                announced = wire_index(announced, 0, received + max_gap)
+                if announced is None:
+                    rejected.append(stream)
             if announced is None:
                 announced = sum(self.max_seq_num.get(d, 0) for d in descs)
             missing += max(0, int(announced) - received)
-        return missing
+        return missing, rejected
 
     def restore_counts(self, state: dict[str, Any]) -> None:
         """Set the event bookkeeping from a checkpoint."""
@@ -122,7 +165,14 @@ class RunState:
     @property
     def published_nav_shape(self) -> tuple[int, ...]:
         """The map shape sinks see; for runs of unknown length, the points seen so far."""
-        return self.nav_shape if self.nav_shape != (0,) else (self.max_position + 1,)
+        if self.nav_shape != (0,):
+            return self.nav_shape
+        return (max(0, min(self.max_position + 1 - self.nav_offset, self.nav_capacity or self.max_position + 1)),)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this run's result buffers."""
+        return sum(slot.nbytes for slot in self.slots)
 
     def summary(self) -> dict[str, Any]:
         start = self.start_doc
@@ -137,6 +187,8 @@ class RunState:
             "events_done": self.events_done,
             "frames_done": self.frames_done,
             "events_missing": self.events_missing,
+            "nav_offset": self.nav_offset,
+            "limited": self.limited,
             "progress": self.progress,
             "opened": self.opened,
             "closed": self.closed,
@@ -176,19 +228,45 @@ class BufferSnapshot:
 class RunStore:
     """Open runs plus the ``keep`` most recently finished ones, readable from any thread."""
 
-    def __init__(self, keep: int = 10):
+    def __init__(self, keep: int = 10, keep_bytes: float = float("inf")):
         self.keep = keep
+        self.keep_bytes = keep_bytes
         self._runs: OrderedDict[str, RunState] = OrderedDict()
         self._lock = threading.Condition()
 
     def add(self, run: RunState) -> None:
-        """Add or re-add (after a status change) a run; prunes the oldest finished runs."""
+        """Add or re-add (after a status change) a run; prunes the oldest finished runs beyond
+        ``keep`` runs or ``keep_bytes`` of result buffers."""
         with self._lock:
             self._runs[run.uid] = run
             finished = [uid for uid, r in self._runs.items() if r.status != "open"]
             for uid in finished[: max(0, len(finished) - self.keep)]:
                 del self._runs[uid]
+            finished = [r for r in self._runs.values() if r.status != "open"]
+            held = sum(r.nbytes for r in finished)
+            for r in finished:
+                if held <= self.keep_bytes:
+                    break
+                held -= r.nbytes
+                del self._runs[r.uid]
             self._lock.notify_all()
+
+    def nbytes(self) -> int:
+        """Bytes of result buffers held by every run in the store."""
+        with self._lock:
+            return sum(r.nbytes for r in self._runs.values())
+
+    def make_room(self, needed: int, budget: float) -> bool:
+        """Drop finished runs, oldest first, until ``needed`` more bytes fit in ``budget``; False
+        if they do not fit even then (open runs are never dropped here)."""
+        with self._lock:
+            used = sum(r.nbytes for r in self._runs.values())
+            for r in [r for r in self._runs.values() if r.status != "open"]:
+                if used + needed <= budget:
+                    break
+                used -= r.nbytes
+                del self._runs[r.uid]
+            return used + needed <= budget
 
     def wait_finished(self, uid: str, timeout: float) -> bool:
         """Block until run ``uid`` is known and no longer open; False on timeout."""

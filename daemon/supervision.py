@@ -36,9 +36,10 @@ class RunSupervision:
         for run in list(self._runs.values()):
             if now - run.last_activity > self.config.run_timeout_s:
                 log.error("run %s: nothing received for %.0f s; closing it as incomplete", run.uid, now - run.last_activity)
-                self._finish(run, "incomplete", self._synthetic_stop(run, "incomplete", "run timed out: no RunStop"))
+                self._guard("supervision", self._finish, run, "incomplete",
+                            self._synthetic_stop(run, "incomplete", "run timed out: no RunStop"))
         if self.config.shed_slow_consumers and self.queue.qsize() > self.config.shed_queue_fraction * self.queue.maxsize:
-            self._shed_slowest()
+            self._guard("supervision", self._shed_slowest)
         for run in self._runs.values():
             for slot in run.slots:
                 slot.busy_s *= BUSY_DECAY
@@ -55,21 +56,26 @@ class RunSupervision:
         log.error("consumer %s quarantined for the rest of run %s: too slow (%.2f s of recent processing, %d items "
                   "queued); intake goes on without it", slot.name, run.uid, busy, self.queue.qsize())
 
-    def _checkpoint_open_runs(self: Router) -> None:
+    def _checkpoint_open_runs(self: Router, changed_only: bool = True) -> None:
+        """Checkpoint open runs; with ``changed_only``, only those with activity since their last
+        checkpoint (so thousands of idle runs cost nothing per tick)."""
         for run in self._runs.values():
+            if changed_only and run.checkpointed_activity == run.last_activity:
+                continue
             descriptors = [d for d, r in self._descriptor_run.items() if r == run.uid]
             try:
                 self.checkpointer.save(run_state(run, descriptors))
+                run.checkpointed_activity = run.last_activity
                 self.metrics.checkpoints.labels("save", "ok").inc()
             except Exception:  # a checkpoint that fails must not stop the analysis
                 self.metrics.checkpoints.labels("save", "failed").inc()
-                log.exception("checkpoint of run %s failed", run.uid)
+                self._rlog.log(logging.ERROR, "checkpoint_save", "checkpoint of run %s failed", run.uid[:64], exc_info=True)
         self.checkpointer.mark_saved()
 
     def _suspend_open_runs(self: Router) -> None:
         """Shutdown with checkpoints: save open runs, let sinks write what they have (status
         ``suspended``), and leave them to be resumed by the next daemon."""
-        self._checkpoint_open_runs()
+        self._checkpoint_open_runs(changed_only=False)
         for run in list(self._runs.values()):
             run.status = "suspended"
             run.closed = time.time()
@@ -80,7 +86,7 @@ class RunSupervision:
         self.metrics.runs_open.set(0)
 
     def _restore_checkpoints(self: Router) -> None:
-        for state in self.checkpointer.load_all():
+        for state in self.checkpointer.load_all(newest=self.limits.max_open_runs):
             try:
                 run = self._restore(state)
             except Exception:
@@ -100,6 +106,12 @@ class RunSupervision:
                        max_position=state["max_position"], primary_descriptors=set(state["primary_descriptors"]),
                        descriptor_shapes=state["descriptor_shapes"], buffers_allocated=state["buffers_allocated"])
         run.restore_counts(state)
+        run.nav_capacity = state.get("nav_capacity", 0)
+        run.nav_offset = state.get("nav_offset", 0)
+        run.limited = state.get("limited")
+        if not run.nav_capacity:  # checkpoints written before nav_capacity was recorded
+            run.nav_capacity = max((len(a) for s in state["slots"] for n, a in s["arrays"].items()
+                                    if s["specs"][n].kind == "nav"), default=0)
         for s in state["slots"]:
             consumer = s["consumer"]
             info = RunInfo(uid=uid, nav_shape=nav_shape, start_doc=start, skipped=self._skip_counter(s["name"]),

@@ -217,6 +217,15 @@ class DaemonProcess:
             self.proc.stderr.close()
 
 
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` (``VmRSS`` in ``/proc/<pid>/status``), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 def curve_keys(tmp_path):
     """CURVE certificates for a server, an allowed client and a stranger (``zmq.auth`` format),
     with the allowed client's public key alone in ``allowed_dir``."""

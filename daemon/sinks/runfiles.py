@@ -53,6 +53,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import Config
+from ..limits import inside, safe_stem, wire_index
 from ..metrics import Metrics
 from ..results import BufferSnapshot, RunState, RunStore
 from .axes import Axis, RunReadings
@@ -90,8 +91,44 @@ class RunRecord:
 
     @property
     def filename(self) -> str:
-        scan = self.start_doc.get("scan_id")
-        return f"beamlens_scan{scan}_{self.uid[:8]}.nxs" if scan is not None else f"beamlens_{self.uid}.nxs"
+        """``beamlens_scan<scan_id>_<uid[:8]>.nxs`` (``beamlens_<uid>.nxs`` without an integer
+        scan_id); a uid that is not a plain name is hashed first (never a path)."""
+        scan = wire_index(self.start_doc.get("scan_id"))
+        stem = safe_stem(self.uid)
+        return f"beamlens_scan{scan}_{stem[:8]}.nxs" if scan is not None else f"beamlens_{stem}.nxs"
+
+
+MAX_NAME_SUFFIX = 1000
+
+
+def _replaceable(path: Path, uid: str) -> bool:
+    """An existing run file may be replaced only by the same run resuming after a ``suspended``
+    file (a restart); any other file under that name is kept."""
+    try:
+        with h5py.File(path, "r") as f:
+            entry = f["entry"]
+            return entry["raw_run_uid"].asstr()[()] == uid and entry["exit_status"].asstr()[()] == "suspended"
+    except Exception:
+        return False
+
+
+def free_name(directory: Path, record: RunRecord) -> Path:
+    """The path to write ``record`` to, inside ``directory``: its :attr:`RunRecord.filename`, or,
+    when a file of another run (or a finished one of the same uid: a replay) is there already,
+    ``<stem>_2.nxs``, ``_3``, ...
+
+    Raises:
+        FileExistsError: ``MAX_NAME_SUFFIX`` names are taken.
+    """
+    name = record.filename
+    stem = name[: -len(".nxs")]
+    for i in range(1, MAX_NAME_SUFFIX + 1):
+        path = inside(directory, name if i == 1 else f"{stem}_{i}.nxs")
+        if not path.exists() or _replaceable(path, record.uid):
+            if i > 1:
+                log.warning("%s exists (another run, or a replay of a finished run's uid); writing %s", name, path.name)
+            return path
+    raise FileExistsError(f"{MAX_NAME_SUFFIX} run files named {stem}*.nxs exist already")
 
 
 def _iso(t: float) -> str:
@@ -219,7 +256,7 @@ def write_run_file(record: RunRecord, directory: Path) -> Path:
         OSError: the directory is not writable or the disk is full (the temp file is removed).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / record.filename
+    final = free_name(directory, record)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=directory)
     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a run file is as readable as any other
     os.close(fd)

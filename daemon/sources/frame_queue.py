@@ -10,7 +10,8 @@ Two named overflow policies (STYLE.md habit 6: every queue bounded, its policy n
   ``on_skip``. Control messages (series start/end) are never discarded, so the queue can exceed
   ``maxsize`` by those small messages only.
 
-Memory is bounded by ``maxsize`` messages (plus control messages) in both policies.
+Memory is bounded by ``maxsize`` messages (plus control messages) and by ``max_bytes`` of queued
+message bytes in both policies (one message larger than ``max_bytes`` alone is still queued).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class RawMessage:
     received: float
     skipped_before: int = 0
     seq: int = 0
+    nbytes: int = 0
 
 
 class FrameQueue:
@@ -45,12 +47,15 @@ class FrameQueue:
         on_skip: called with the number of images discarded (``latest`` only).
     """
 
-    def __init__(self, maxsize: int, policy: Policy, on_skip: Callable[[int], None] = lambda n: None):
+    def __init__(self, maxsize: int, policy: Policy, on_skip: Callable[[int], None] = lambda n: None,
+                 max_bytes: float = float("inf")):
         if policy not in ("block", "latest"):
             raise ValueError(f"unknown overflow policy {policy!r}")
         self.maxsize = maxsize
         self.policy = policy
         self.on_skip = on_skip
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: deque[RawMessage] = deque()
         self._images = 0
         self._cond = threading.Condition()
@@ -73,17 +78,23 @@ class FrameQueue:
         skipped = 0
         with self._cond:
             if self.policy == "block":
-                while len(self._items) >= self.maxsize and not self._closed:
+                while (len(self._items) >= self.maxsize or self._items and self._bytes + msg.nbytes > self.max_bytes) \
+                        and not self._closed:
                     if abort():
                         return False
                     self._cond.wait(0.1)
-            elif msg.is_image and self._images >= self.maxsize:
-                skipped = self._drop_oldest_image(msg)
+            elif msg.is_image:
+                while self._images and (self._images >= self.maxsize or self._bytes + msg.nbytes > self.max_bytes):
+                    dropped = self._drop_oldest_image(msg)
+                    if not dropped:
+                        break
+                    skipped += dropped
             if self._closed:
                 return False
             self.last_seq += 1
             msg.seq = self.last_seq
             self._items.append(msg)
+            self._bytes += msg.nbytes
             self._images += msg.is_image
             self._cond.notify_all()
         if skipped:
@@ -104,6 +115,7 @@ class FrameQueue:
             if self.policy == "block":
                 out = [self._items.popleft() for _ in range(min(max_n, len(self._items)))]
                 self._images -= sum(m.is_image for m in out)
+                self._bytes -= sum(m.nbytes for m in out)
                 skipped = 0
             else:
                 out, skipped = self._take_latest()
@@ -116,6 +128,7 @@ class FrameQueue:
         items = list(self._items)
         self._items.clear()
         self._images = 0
+        self._bytes = 0
         newest = max((i for i, m in enumerate(items) if m.is_image), default=-1)
         out = [m for i, m in enumerate(items) if not m.is_image or i == newest]
         if newest >= 0:
@@ -132,4 +145,5 @@ class FrameQueue:
         successor.skipped_before += dropped.skipped_before + 1
         del self._items[images[0]]
         self._images -= 1
+        self._bytes -= dropped.nbytes
         return 1

@@ -15,7 +15,18 @@ arrives (:meth:`FrameSource.request_barrier`); the source answers with a
 decoded and handed over, so frames received before a RunStop reach that run before it closes.
 
 Every rejected message is counted in ``beamlens_frame_decode_errors_total{reason}`` and logged
-(rate-limited); the loop always goes on.
+(rate-limited); the loop always goes on. Numbers from the wire are checked here
+(:mod:`beamlens.daemon.limits`): a frame number that is not an integer within ``[0, 2**40]``
+(``bad_frame_number``) or jumps more than ``limits.max_gap`` past the series' last frame
+(``frame_number_jump``; a second frame continuing from the new number is accepted as the new
+baseline) is rejected, never added to ``frames_dropped{reason="gap"}``; an announced frame count that
+is not such an integer is ignored. Series starts beyond ``limits.series_starts_per_s`` are refused
+(``series_start_rate``) and their frames dropped (``series_refused``). Frames are stacked into
+batches of at most ``limits.batch_max_mib``, and the receive queue holds at most
+``limits.frame_queue_mib``. Each unit of work of both threads (a burst of messages, one message's
+decoding, a batch's hand-over) runs under isolation: an internal error is counted in
+``beamlens_internal_errors_total{component="frames_<source>"}`` and the frames concerned in
+``frames_dropped{reason="error"}``; the thread goes on.
 """
 from __future__ import annotations
 
@@ -29,8 +40,11 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..config import Array10SourceConfig, CurveServerConfig, DectrisV1SourceConfig, DectrisV2SourceConfig, FrameSourceBase
+from ..config import (Array10SourceConfig, CurveServerConfig, DectrisV1SourceConfig, DectrisV2SourceConfig, FrameSourceBase,
+                      LimitsConfig)
 from ..frames import Frame, FrameBarrier, FrameBatch, FrameDecodeError, SeriesEnd, SeriesEvent, SeriesStart
+from ..isolation import RateLimitedLog
+from ..limits import MIB, TokenBucket, wire_index
 from ..metrics import Metrics
 from .array10 import Array10Decoder
 from .curve import HANDSHAKE_FAILED, apply_curve_client, apply_curve_server, handshake_failure_reason
@@ -70,13 +84,19 @@ class FrameSource:
     """
 
     def __init__(self, config: FrameSourceBase, metrics: Metrics, emit: Callable[[Any], None],
-                 in_flight: int = 2, context: zmq.Context | None = None):
+                 in_flight: int = 2, context: zmq.Context | None = None, limits: LimitsConfig | None = None):
         self.config = config
+        self.limits = limits = limits or LimitsConfig()
+        self._series_bucket = TokenBucket(limits.series_starts_per_s, limits.series_start_burst)
+        self._refused_series: str | None = None
+        self._jump_to: int | None = None
+        self._batch_bytes = int(limits.batch_max_mib * MIB)
+        self._rlog = RateLimitedLog(log)
         self.metrics = metrics
         self.emit = emit
         self.context = context or zmq.Context.instance()
         self.decoder = make_decoder(config)
-        self.queue = FrameQueue(config.queue_size, config.overflow, self._skipped)
+        self.queue = FrameQueue(config.queue_size, config.overflow, self._skipped, limits.frame_queue_mib * MIB)
         # ``latest`` hands the router one batch at a time, taken only once the previous one is done,
         # so that what the consumers get is the newest frame at the moment they can take it.
         self._credits = threading.Semaphore(in_flight if config.overflow == "block" else 1)
@@ -90,7 +110,6 @@ class FrameSource:
         self._barriers: list[tuple[int, str]] = []
         self._done_seq = 0
         self._barrier_lock = threading.Lock()
-        self._error_counts: dict[str, int] = {}
         labels = config.name
         self._m_received = metrics.frames_received.labels(labels)
         self._m_bytes = metrics.frame_bytes_received.labels(labels)
@@ -99,6 +118,11 @@ class FrameSource:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The receive and decode threads (for the daemon's thread watch)."""
+        return list(self._threads)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -191,13 +215,21 @@ class FrameSource:
                         if nbytes > limit:
                             self._reject("oversized", f"message of {nbytes} bytes exceeds max_message_bytes")
                             continue
-                        image = is_image(buffers)
+                        try:
+                            image = bool(is_image(buffers))
+                        except Exception:  # a classifier bug must not stop the stream
+                            self._internal_error("is_image")
+                            image = True
                         images += image
-                        if not self.queue.put(RawMessage(buffers, image, time.time()), self._stop.is_set):
+                        if not self.queue.put(RawMessage(buffers, image, time.time(), nbytes=nbytes), self._stop.is_set):
                             return
                         if images % 64 == 0:
                             self._m_received.inc(images)
                             images = 0
+                except zmq.ContextTerminated:
+                    return
+                except Exception:  # one bad burst must not stop receiving
+                    self._internal_error("receive")
                 finally:
                     self._m_received.inc(images)
                     self._m_bytes.inc(nbytes_total)
@@ -231,36 +263,44 @@ class FrameSource:
 
     # -- decode thread -----------------------------------------------------------------------
     def _decode_loop(self) -> None:
-        max_batch = self.config.max_batch
         while True:
-            if not self._held_credit:
-                if not self._acquire_credit():
+            try:
+                if not self._decode_round():
                     return
-                self._held_credit = True
-            msgs = self.queue.get_batch(max_batch, timeout=POLL_MS / 1000)
-            if not msgs:
-                self._release_barriers(self._done_seq)
-                if self._stop.is_set() and not self._threads[0].is_alive():
-                    return
-                continue
-            self._m_depth.set(len(self.queue))
-            frames: list[Frame] = []
-            received = msgs[-1].received
-            for msg in msgs:
-                for item in self._decode(msg):
-                    if isinstance(item, Frame):
-                        if frames and frames[0].series_id != item.series_id:
-                            self._flush(frames, received)
-                            frames = []
-                        frames.append(item)
-                    else:
+            except Exception:  # beyond the per-message isolation: count, and go on with the next round
+                self._internal_error("decode_loop")
+
+    def _decode_round(self) -> bool:
+        """Decode one batch of queued messages and hand its items over; False at shutdown."""
+        if not self._held_credit:
+            if not self._acquire_credit():
+                return False
+            self._held_credit = True
+        msgs = self.queue.get_batch(self.config.max_batch, timeout=POLL_MS / 1000)
+        if not msgs:
+            self._release_barriers(self._done_seq)
+            return not (self._stop.is_set() and not self._threads[0].is_alive())
+        self._m_depth.set(len(self.queue))
+        frames: list[Frame] = []
+        nbytes = 0
+        received = msgs[-1].received
+        for msg in msgs:
+            for item in self._decode(msg):
+                if isinstance(item, Frame):
+                    if frames and (frames[0].series_id != item.series_id or nbytes + item.data.nbytes > self._batch_bytes):
                         self._flush(frames, received)
-                        frames = []
-                        self.emit(SeriesEvent(self.name, item, msg.received))
-            self._flush(frames, received)
-            self._done_seq = msgs[-1].seq  # every earlier message is handled (processed or counted as skipped)
-            if self._barriers:
-                self._release_barriers(self._done_seq)
+                        frames, nbytes = [], 0
+                    frames.append(item)
+                    nbytes += item.data.nbytes
+                else:
+                    self._flush(frames, received)
+                    frames, nbytes = [], 0
+                    self.emit(SeriesEvent(self.name, item, msg.received))
+        self._flush(frames, received)
+        self._done_seq = msgs[-1].seq  # every earlier message is handled (processed or counted as skipped)
+        if self._barriers:
+            self._release_barriers(self._done_seq)
+        return True
 
     def _decode(self, msg: RawMessage) -> list[Any]:
         try:
@@ -269,43 +309,106 @@ class FrameSource:
             self._reject(exc.reason, str(exc))
             return []
         except Exception as exc:  # a decoder bug must not stop the stream
-            log.exception("frame source %s: decoder failed", self.name)
+            self._internal_error("decoder")
             self._reject("decoder_error", f"{type(exc).__name__}: {exc}")
             return []
+        try:
+            return self._check(items, msg)
+        except Exception:
+            self._internal_error("check")
+            self._dropped("error", sum(isinstance(i, Frame) for i in items))
+            return []
+
+    def _check(self, items: list[Any], msg: RawMessage) -> list[Any]:
+        """Validate decoded items against the series and :mod:`beamlens.daemon.limits`."""
         out = []
         for item in items:
             if isinstance(item, SeriesStart):
-                self._series, self._last_number = item, -1
+                if not self._series_bucket.take(msg.received):
+                    self._refused_series, self._series = item.series_id, None
+                    self.metrics.limit_actions.labels("series_start_rate", "refused").inc()
+                    self._reject("series_start_rate", f"series {str(item.series_id)[:64]} over limits.series_starts_per_s")
+                    continue
+                if item.n_frames is not None and wire_index(item.n_frames, 1) is None:
+                    self._reject_quietly("n_frames", f"series {str(item.series_id)[:64]} announces {str(item.n_frames)[:40]} "
+                                         "frames; ignored (length unknown)")
+                    item.n_frames = None
+                self._refused_series = None
+                self._series, self._last_number, self._jump_to = item, -1, None
             elif isinstance(item, SeriesEnd):
+                if item.series_id == self._refused_series:
+                    continue
                 self._series = None
             elif isinstance(item, Frame):
+                if item.series_id == self._refused_series:
+                    self._dropped("series_refused", 1)
+                    continue
                 s = self._series
                 if s is not None and s.series_id == item.series_id and (
                         item.data.shape != s.sig_shape or item.data.dtype.name != s.dtype):
                     self._reject("shape_mismatch", f"frame {item.number} is {item.data.shape} {item.data.dtype}, "
                                  f"series {s.series_id} announced {s.sig_shape} {s.dtype}")
                     continue
-                self._count_gap(item.number, msg.skipped_before)
+                if not self._number_ok(item, msg.skipped_before):
+                    continue
             out.append(item)
         return out
 
-    def _count_gap(self, number: int, skipped: int) -> None:
+    def _number_ok(self, frame: Frame, skipped: int) -> bool:
+        """Check a frame number and count the gap before it; False (counted) when it is rejected."""
+        number = wire_index(frame.number)
+        if number is None:
+            self._reject("bad_frame_number", f"frame number {str(frame.number)[:40]} is not an integer in [0, 2**40]")
+            return False
+        frame.number = number
+        gap = self.limits.max_gap
+        if self._last_number < 0 and number > gap:
+            self._last_number = number - 1  # joined mid-series (array-1.0 has no series start): no gap counted
         missing = number - self._last_number - 1 - skipped
+        if missing > gap:
+            if self._jump_to is not None and 0 < number - self._jump_to <= gap:
+                self._last_number, missing = self._jump_to, number - self._jump_to - 1  # the sender did jump: rebase
+            else:
+                self._jump_to = number
+                self._reject("frame_number_jump", f"frame {number} is {missing} frames past frame {self._last_number} "
+                             f"(limits.max_gap {gap})")
+                return False
+        self._jump_to = None
         if missing > 0:
             self.metrics.frames_dropped.labels(self.name, "gap").inc(missing)
         self._last_number = max(self._last_number, number)
+        return True
 
     def _flush(self, frames: list[Frame], received: float) -> None:
         if not frames:
             return
-        data = frames[0].data[None] if len(frames) == 1 else np.stack([f.data for f in frames])
-        numbers = np.fromiter((f.number for f in frames), dtype=np.int64, count=len(frames))
+        try:
+            data = frames[0].data[None] if len(frames) == 1 else np.stack([f.data for f in frames])
+            numbers = np.fromiter((f.number for f in frames), dtype=np.int64, count=len(frames))
+        except Exception:
+            self._internal_error("flush")
+            self._dropped("error", len(frames))
+            return
         if self._held_credit:
             self._held_credit = False
         elif not self._acquire_credit():
-            self.metrics.frames_dropped.labels(self.name, "shutdown").inc(len(frames))
+            self._dropped("shutdown", len(frames))
             return
         self.emit(FrameBatch(self.name, frames[0].series_id, numbers, data, received, self._credits.release))
+
+    def _dropped(self, reason: str, n: int) -> None:
+        if n:
+            self.metrics.frames_dropped.labels(self.name, reason).inc(n)
+
+    def _internal_error(self, where: str) -> None:
+        self.metrics.internal_errors.labels(f"frames_{self.name}").inc()
+        self._rlog.log(logging.ERROR, f"internal:{where}", "frame source %s: internal error in %s; item dropped, the "
+                       "thread goes on", self.name, where, exc_info=True)
+
+    def _reject_quietly(self, what: str, message: str) -> None:
+        """A field of an otherwise usable message ignored (not a rejected message)."""
+        self.metrics.limit_actions.labels(what, "ignored").inc()
+        self._rlog.log(logging.WARNING, f"ignored:{what}", "frame source %s: %s", self.name, message[:300])
 
     def _acquire_credit(self) -> bool:
         """Wait until the router has room for another batch of this source; False at shutdown."""
@@ -316,6 +419,5 @@ class FrameSource:
 
     def _reject(self, reason: str, message: str) -> None:
         self.metrics.frame_decode_errors.labels(self.name, reason).inc()
-        n = self._error_counts[reason] = self._error_counts.get(reason, 0) + 1
-        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... of each reason
-            log.warning("frame source %s rejected a message (%s, %d so far): %s", self.name, reason, n, message[:300])
+        self._rlog.log(logging.WARNING, f"reject:{reason}", "frame source %s rejected a message (%s): %s",
+                       self.name, reason, message[:300])
