@@ -161,16 +161,28 @@ def longest_stretch_s(values: list) -> float:
     return longest * SCRAPE_S
 
 
+def rule_for_s() -> dict[str, float]:
+    """alert name -> its ``for:`` duration (s) in the shipped rules file."""
+    import yaml
+    units = {"s": 1, "m": 60, "h": 3600}
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    return {r["alert"]: float(r["for"][:-1]) * units[r["for"][-1]] for r in rules}
+
+
 def test_no_alert_fires_or_stays_pending_on_the_healthy_demo(demo_under_prometheus):
-    """No alert fires, and none is pending for longer than a start-of-run transient (15 s, against
-    the rules' for: of 1-5 min). The demo here is short (a 30 x 30 STXM corner); the thresholds
-    themselves come from the full demo's values, stated in beamlens_rules.yml."""
+    """No alert fires, and none is pending for longer than a quarter of its rule's ``for:`` (a
+    start-of-run transient, such as the unmixing's reconstruction error before its first
+    converged background refit, stays far from firing). The demo here is short (a 30 x 30 STXM
+    corner); the thresholds themselves come from the full demo's values, stated in
+    beamlens_rules.yml."""
     prom, start, end = demo_under_prometheus
     firing = prom.range('ALERTS{alertstate="firing"}', start, end)
     assert not firing, [a["metric"] for a in firing]
+    durations = rule_for_s()
     pending = {a["metric"]["alertname"]: longest_stretch_s(a["values"])
                for a in prom.range('ALERTS{alertstate="pending"}', start, end)}
-    assert all(s <= 15 for s in pending.values()), pending
+    too_long = {name: s for name, s in pending.items() if s > durations[name] / 4}
+    assert not too_long, (too_long, durations)
 
 
 def test_counters_exist_from_the_first_scrape_and_frame_sources_report_connected(demo_under_prometheus):
