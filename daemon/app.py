@@ -57,7 +57,8 @@ class Daemon:
                              [c.name for c in config.consumers])
         self.store = RunStore(config.router.keep_runs, config.limits.keep_runs_mib * 2**20)
         self.router = Router(config, self.metrics, self.store)
-        self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit) for c in config.sources.bluesky]
+        self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit, max_data_keys=config.limits.max_data_keys)
+                        for c in config.sources.bluesky]
         self.feed = LiveFeed(self.store, self.metrics.registry)
         self.router.listeners.append(self.feed)
         outputs = config.outputs

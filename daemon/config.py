@@ -389,23 +389,21 @@ class Config(Strict):
                 raise ValueError(f"consumer {c.name}: frame_sources {unknown} are not configured frame sources")
         return self
 
-    @model_validator(mode="after")
-    def _memory_budget(self) -> Config:
-        return _check_memory_budget(self)
-
 
 MIN_RESULT_BUDGET_MIB = 64
 
 
-def _check_memory_budget(config: Config) -> Config:
-    """The budget must leave room for result buffers after the frame sources' queues and batches."""
+def memory_budget_errors(config: Config) -> list[tuple[str, str]]:
+    """``(yaml_path, message)`` when the budget leaves too little room for result buffers after the
+    frame sources' queues and batches (checked across sections, so after field validation)."""
     lim = config.limits
     frames = len(config.sources.frames) * (lim.frame_queue_mib + (config.router.frames_in_flight + 1) * lim.batch_max_mib)
-    if lim.memory_budget_mib - frames < MIN_RESULT_BUDGET_MIB:
-        raise ValueError(f"limits.memory_budget_mib {lim.memory_budget_mib:g} leaves less than {MIN_RESULT_BUDGET_MIB} MiB "
-                         f"for result buffers after {frames:g} MiB of frame queues and batches (frame_queue_mib + "
-                         "(router.frames_in_flight + 1) x batch_max_mib per frame source)")
-    return config
+    if lim.memory_budget_mib - frames >= MIN_RESULT_BUDGET_MIB:
+        return []
+    return [("limits.memory_budget_mib",
+             f"{lim.memory_budget_mib:g} MiB leaves less than {MIN_RESULT_BUDGET_MIB} MiB for result buffers after "
+             f"{frames:g} MiB of frame queues and batches (frame_queue_mib + (router.frames_in_flight + 1) x "
+             "batch_max_mib per frame source)")]
 
 
 class ConfigError(Exception):
@@ -548,7 +546,7 @@ def load_config(path: str | Path | None = None, *, text: str | None = None,
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, [(yaml_path(e["loc"]), e["msg"]) for e in exc.errors()]) from None
-    errors = []
+    errors = memory_budget_errors(config)
     for i, consumer in enumerate(config.consumers):
         try:
             cls = consumer.resolve()

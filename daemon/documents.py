@@ -280,12 +280,18 @@ def coalesce_events(docs: list[Document], max_page: int) -> list[Document]:
     return out
 
 
-def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *, validate: bool = True) -> dict[str, Any]:
+def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *, validate: bool = True,
+                    max_data_keys: int | None = None) -> dict[str, Any]:
     """Deserialize and validate one document payload.
+
+    Args:
+        max_data_keys: a descriptor with more data keys is rejected before schema validation
+            (which costs about 0.1 ms per key: 10^5 keys would hold intake for seconds).
 
     Raises:
         DecodeError: with reason ``unknown_document_type``, ``undecodable``, ``too_deep``,
-            ``not_a_mapping``, ``unsafe_array``, ``bad_array`` or ``schema_invalid``.
+            ``not_a_mapping``, ``unsafe_array``, ``bad_array``, ``too_many_data_keys`` or
+            ``schema_invalid``.
     """
     if name not in DocumentNames.__members__ or name in ("bulk_events", "bulk_datum"):
         raise DecodeError("unknown_document_type", f"unknown document type {name[:40]!r}")
@@ -301,6 +307,10 @@ def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *,
         raise DecodeError("not_a_mapping", f"payload decodes to {type(doc).__name__}, not a document")
     if _depth(doc, MAX_NESTING) > MAX_NESTING:
         raise DecodeError("too_deep", f"document nested deeper than {MAX_NESTING}")
+    if max_data_keys is not None and name == "descriptor" and isinstance(doc.get("data_keys"), dict) \
+            and len(doc["data_keys"]) > max_data_keys:
+        raise DecodeError("too_many_data_keys",
+                          f"descriptor has {len(doc['data_keys'])} data keys, more than limits.max_data_keys ({max_data_keys})")
     if validate and not fast_valid(name, doc):
         try:
             schema_validators[DocumentNames[name]].validate(_schema_view(name, doc))

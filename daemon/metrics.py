@@ -36,7 +36,7 @@ QUARANTINE_REASONS = ("failures", "too_slow")
 FRAME_DROP_REASONS = ("overflow", "stale_series", "run_closed", "gap", "shutdown")
 RUN_EXIT_STATUSES = ("success", "abort", "fail", "incomplete")
 CHECKPOINT_LABELS = (("save", "ok"), ("save", "failed"), ("restore", "ok"), ("restore", "failed"))
-BAD_MESSAGE_REASONS = ("oversized", "malformed", "schema_invalid")
+BAD_MESSAGE_REASONS = ("oversized", "malformed", "schema_invalid", "too_many_data_keys")
 FRAME_DECODE_REASONS = ("oversized", "decoder_error")
 POINT_SKIP_REASONS = ("wrong_shape",)   # raised for any consumer by the base class's shape check
 

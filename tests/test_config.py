@@ -27,6 +27,8 @@ GOOD_SOURCE = "sources:\n  bluesky:\n    - address: tcp://127.0.0.1:5578\n"
     ("sources:\n  bluesky:\n    - address: 127.0.0.1:5578\n", "sources.bluesky[0].address"),
     ("sources:\n  bluesky:\n    - address: tcp://127.0.0.1:5578\n      serializer: pickle\n", "sources.bluesky[0]"),
     ("router:\n  max_page_size: -1\n", "router.max_page_size"),
+    ("sources:\n  frames:\n    - {name: d, format: array-1.0, address: tcp://127.0.0.1:5600}\n"
+     "limits:\n  memory_budget_mib: 100\n", "limits.memory_budget_mib"),
 ])
 def test_bad_field_is_named(text, path):
     with pytest.raises(ConfigError) as info:

@@ -376,8 +376,9 @@ def test_replayed_uid_of_a_finished_run_does_not_overwrite_its_file(peer):
 
 
 def test_descriptor_with_too_many_data_keys_is_rejected(peer):
+    """Rejected at the source before schema validation (about 0.1 ms a key), so intake goes on."""
     bundle = compose_run(metadata={"plan_name": "count"})
-    keys = {f"k{i}": {"source": "s", "dtype": "number", "shape": []} for i in range(20_000)}
+    keys = {f"k{i}": {"source": "s", "dtype": "number", "shape": []} for i in range(100_000)}  # 3.7 MB, as seen
     desc = bundle.compose_descriptor(name="primary", data_keys=keys)
     peer.pub.publish("start", bundle.start_doc)
     peer.pub.publish("descriptor", desc.descriptor_doc)

@@ -37,6 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..config import BlueskySourceConfig
 from ..documents import (PROBE_PREFIX, DecodeError, Document, coalesce_events, decode_document, make_deserializer,
                          split_message)
+from ..isolation import RateLimitedLog
 from ..metrics import Metrics
 from .curve import HANDSHAKE_FAILED, apply_curve_client, handshake_failure_reason
 
@@ -58,10 +59,12 @@ class BlueskyZmqSource:
         emit: called with each good :class:`Document` (consecutive Events arrive packed as one
             ``event_page``); may block (backpressure).
         context: 0MQ context to use (a new one by default).
+        max_data_keys: descriptors with more data keys are rejected (``too_many_data_keys``) before
+            schema validation (``limits.max_data_keys``); None: no cap.
     """
 
     def __init__(self, config: BlueskySourceConfig, metrics: Metrics, emit: Callable[[Document], None],
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, max_data_keys: int | None = None):
         self.config = config
         self.metrics = metrics
         self.emit = emit
@@ -73,6 +76,8 @@ class BlueskyZmqSource:
         self._probes: set[str] = set()
         self._probe_lock = threading.Lock()
         self.connected = threading.Event()
+        self.max_data_keys = max_data_keys
+        self._rlog = RateLimitedLog(log)  # a flood of one bad message writes a few lines; the counter is exact
 
     @property
     def name(self) -> str:
@@ -191,10 +196,11 @@ class BlueskyZmqSource:
                 return None
             if prefix != self.prefix:
                 raise DecodeError("wrong_prefix", "message prefix does not match")
-            doc = decode_document(name, payload, self.loads, validate=self.config.validate_documents)
+            doc = decode_document(name, payload, self.loads, validate=self.config.validate_documents,
+                                  max_data_keys=self.max_data_keys)
         except DecodeError as exc:
             self.metrics.bad_messages.labels(self.name, exc.reason).inc()
-            log.warning("source %s rejected a message (%s): %s", self.name, exc.reason, exc)
+            self._rlog.log(logging.WARNING, exc.reason, "source %s rejected a message (%s): %s", self.name, exc.reason, exc)
             return None
         return Document(name=name, doc=doc, source=self.name, received=time.time())
 
