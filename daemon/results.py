@@ -5,6 +5,7 @@ through :meth:`RunStore.snapshot` and :meth:`RunStore.summaries`, which copy wha
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -296,6 +297,28 @@ class RunStore:
         with self._lock:
             runs = list(self._runs.values())
         return [r.summary() for r in reversed(runs)]
+
+    def digest(self, uid: str, consumer: str, buffer: str, max_bytes: int) -> str | None:
+        """A 64-bit BLAKE2b digest (hex) of one buffer's published part, hashed in place (no copy),
+        or None when that part is larger than ``max_bytes`` (hashing it on every live-page push
+        would cost more than it saves). Equal digests mean equal contents; a digest taken while a
+        worker writes may already be stale, which the next notification of the run corrects.
+
+        Raises:
+            KeyError: unknown run, consumer or buffer.
+        """
+        run = self.get(uid)
+        if run is None:
+            raise KeyError(f"no run {uid!r}")
+        slot = next((s for s in run.slots if s.name == consumer), None)
+        if slot is None or buffer not in slot.arrays:
+            raise KeyError(f"no buffer {consumer}/{buffer} in run {run.uid}")
+        arr = slot.arrays[buffer]
+        if slot.specs[buffer].kind == "nav":
+            arr = arr[:int(np.prod(run.published_nav_shape))]
+        if arr.nbytes > max_bytes:
+            return None
+        return hashlib.blake2b(np.ascontiguousarray(arr), digest_size=8).hexdigest()
 
     def snapshot(self, uid: str, consumer: str, buffer: str) -> BufferSnapshot:
         """Copy one buffer of one run (``uid`` may be ``"latest"``).

@@ -91,9 +91,15 @@ def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict
     return json_safe(out)
 
 
+#: Buffers whose published part is larger are not hashed on each push: they count as changed
+#: whenever their run was touched (see :meth:`~beamlens.daemon.results.RunStore.digest`).
+DIGEST_MAX_BYTES = 8 * 2**20
+
+
 def buffer_digest(data: np.ndarray) -> str:
-    """A 64-bit BLAKE2b digest of an array's bytes (hex): equal digests mean equal contents."""
-    return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=8).hexdigest()
+    """A 64-bit BLAKE2b digest of an array's bytes (hex), hashed without a copy when the array is
+    C-contiguous: equal digests mean equal contents."""
+    return hashlib.blake2b(np.ascontiguousarray(data), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -188,16 +194,17 @@ class LiveFeed:
                 continue
             for consumer, c in summary["consumers"].items():
                 for buffer, spec in c["buffers"].items():
-                    try:
-                        snap = self.store.snapshot(uid, consumer, buffer)
+                    key = (uid, consumer, buffer)
+                    try:  # hashed in place: a frame run's nav buffers can hold hundreds of MiB
+                        digest = self.store.digest(uid, consumer, buffer, DIGEST_MAX_BYTES)
                     except KeyError:  # buffers not allocated yet
                         continue
-                    key = (uid, consumer, buffer)
-                    digests[key] = buffer_digest(snap.data)
-                    if (spec["kind"] == "single" and np.size(snap.data) <= HISTORY_MAX_ELEMENTS
-                            and digests[key] != old.digests.get(key)):
-                        values = json_safe(np.asarray(snap.data, dtype=np.float64).reshape(-1))
-                        self.history.setdefault(key, deque(maxlen=HISTORY_SAMPLES)).append((now, values))
+                    digests[key] = digest if digest is not None else f"touched:{old.version + 1}"
+                    if spec["kind"] == "single" and digests[key] != old.digests.get(key):
+                        snap = self.store.snapshot(uid, consumer, buffer)
+                        if np.size(snap.data) <= HISTORY_MAX_ELEMENTS:
+                            values = json_safe(np.asarray(snap.data, dtype=np.float64).reshape(-1))
+                            self.history.setdefault(key, deque(maxlen=HISTORY_SAMPLES)).append((now, values))
         with self._lock:
             self._units = {u: v for u, v in self._units.items() if u in live_uids or u in touched}
             self._readings = {u: v for u, v in self._readings.items() if u in live_uids or u in touched}
