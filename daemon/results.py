@@ -60,12 +60,25 @@ class ConsumerSlot:
             if shift >= len(arr):
                 arr[...] = fill
             else:
-                arr[:-shift] = arr[shift:]  # numpy buffers overlapping copies
+                _shift_down(arr, shift)
                 arr[-shift:] = fill
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+def _shift_down(arr: np.ndarray, shift: int, chunk_bytes: int = 4 * 2**20) -> None:
+    """``arr[:-shift] = arr[shift:]`` in place, in chunks of at most ``shift`` points and about
+    ``chunk_bytes``: numpy copies an overlapping source whole into a temporary first, which for a
+    rolling window of hundreds of MiB is a transient as large as the window itself. Each chunk's
+    source lies past its destination and past every chunk written before it, so none is read after
+    it was overwritten."""
+    n = len(arr) - shift
+    step = max(1, min(shift, chunk_bytes // max(1, arr[:1].nbytes)))
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        arr[i:j] = arr[i + shift:j + shift]
 
 
 @dataclass

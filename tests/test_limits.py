@@ -165,3 +165,17 @@ def test_frame_queue_is_bounded_in_bytes():
     assert not block.put(RawMessage([b"x" * 100], True, 1.0, nbytes=100), abort=lambda: True)  # would wait
     assert [m.received for m in block.get_batch(10, 0.1)] == [0.0]
     assert block.put(RawMessage([b"x" * 100], True, 1.0, nbytes=100), abort=lambda: True)
+
+
+@pytest.mark.parametrize("extra", [(), (3,), (2, 2)])
+def test_rolling_window_shift_equals_numpy_without_a_window_sized_temporary(extra):
+    """The chunked in-place shift of a rolling window gives numpy's ``a[:-s] = a[shift:]``, for any
+    shift and chunk size (chunks smaller than, equal to and larger than one point)."""
+    from beamlens.daemon.results import _shift_down
+    rng = np.random.default_rng(7)
+    for n in (2, 7, 100, 333):
+        for shift in sorted({1, 2, n // 3 or 1, n // 2 or 1, n - 1}):
+            a = rng.random((n, *extra))
+            expected = a[shift:].copy()
+            _shift_down(a, shift, chunk_bytes=int(rng.integers(1, 400)))
+            np.testing.assert_array_equal(a[:-shift], expected)
