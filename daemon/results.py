@@ -311,6 +311,16 @@ class RunStore:
             runs = list(self._runs.values())
         return [r.summary() for r in reversed(runs)]
 
+    def _slot(self, uid: str, consumer: str, buffer: str) -> tuple[RunState, ConsumerSlot]:
+        """The run and consumer slot holding ``buffer``; KeyError when any of them is unknown."""
+        run = self.get(uid)
+        if run is None:
+            raise KeyError(f"no run {uid!r}")
+        slot = next((s for s in run.slots if s.name == consumer), None)
+        if slot is None or buffer not in slot.arrays:
+            raise KeyError(f"no buffer {consumer}/{buffer} in run {run.uid}")
+        return run, slot
+
     def digest(self, uid: str, consumer: str, buffer: str, max_bytes: int) -> str | None:
         """A 64-bit BLAKE2b digest (hex) of one buffer's published part, hashed in place (no copy),
         or None when that part is larger than ``max_bytes`` (hashing it on every live-page push
@@ -320,12 +330,7 @@ class RunStore:
         Raises:
             KeyError: unknown run, consumer or buffer.
         """
-        run = self.get(uid)
-        if run is None:
-            raise KeyError(f"no run {uid!r}")
-        slot = next((s for s in run.slots if s.name == consumer), None)
-        if slot is None or buffer not in slot.arrays:
-            raise KeyError(f"no buffer {consumer}/{buffer} in run {run.uid}")
+        run, slot = self._slot(uid, consumer, buffer)
         arr = slot.arrays[buffer]
         if slot.specs[buffer].kind == "nav":
             arr = arr[:int(np.prod(run.published_nav_shape))]
@@ -339,12 +344,7 @@ class RunStore:
         Raises:
             KeyError: unknown run, consumer or buffer.
         """
-        run = self.get(uid)
-        if run is None:
-            raise KeyError(f"no run {uid!r}")
-        slot = next((s for s in run.slots if s.name == consumer), None)
-        if slot is None or buffer not in slot.arrays:
-            raise KeyError(f"no buffer {consumer}/{buffer} in run {run.uid}")
+        run, slot = self._slot(uid, consumer, buffer)
         spec = slot.specs[buffer]
         arr = slot.arrays[buffer]
         if spec.kind == "nav":

@@ -241,8 +241,9 @@ def test_hostile_uids_stay_inside_their_directories(peer, uid):
     runs = peer.m("beamlens_runs_total", exit_status="success")
     bundle = compose_run(uid=uid, metadata={"plan_name": "count"})
     stop = bundle.compose_stop()
+    before = set((peer.tmp / "state").glob("*.ckpt"))
     peer.pub.publish("start", bundle.start_doc)
-    time.sleep(0.7)  # longer than the checkpoint interval: the open run is checkpointed
+    wait_for(lambda: set((peer.tmp / "state").glob("*.ckpt")) - before)  # the open run is checkpointed
     peer.pub.publish("stop", stop)
     wait_for(lambda: peer.m("beamlens_runs_total", exit_status="success") > runs)
     peer.check_healthy()
