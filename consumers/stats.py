@@ -1,56 +1,107 @@
-"""``stats``: per-point total, maximum and mean of a spectrum or frame, as maps.
+"""``stats``: per-point total, maximum and mean of a spectrum, a detector frame or a scalar reading,
+as maps; optionally normalised by a monitor reading (I0) of the same run.
 
-The simplest consumer, and the reference for the interface: its maps must equal
-``values.sum(axis=sig_axes)`` (etc.) computed with numpy on the same data, whatever the batching.
+The simplest consumer, and the reference for the contract (:mod:`beamlens.consumers.base`): its
+maps equal ``values.sum(axis=sig_axes)`` (etc.) computed with numpy on the same data, whatever the
+batching and however the run is split and merged. Events and frames are one idea here: the first
+array signal offered (an event data key, or a frame series when ``signal: frame``) is reduced;
+frames go through the fused single-pass kernel (:func:`beamlens.consumers.kernels.frame_sum_max`),
+exact in 64-bit integers for integer pixels.
+
+With ``normalize_by: I0`` the consumer also takes that scalar event field and publishes
+``total_norm = total / I0`` per point. The two inputs arrive in batches of their own, in either
+order (frames and events travel by different transports): each is kept in a nav buffer and the
+ratio is derived from the buffers in :meth:`StatsConsumer.results`, so it is the same whichever
+came first.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
-from .base import BufferSpec, Consumer, ConsumerParams, NotApplicable, finite_rows, first_array_key, stack_rows
+from .base import Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals, finite_rows
+from .kernels import frame_sum_max
 
 
 class StatsParams(ConsumerParams):
     data_key: str | None = None
-    """Data key to reduce; default: the first inline array key (1-D spectrum or 2-D frame)."""
-    units: str = ""
-    """Units of the data values (e.g. ``"counts"``), published with the maps."""
+    """Event data key (or frame source name) to reduce; default: the first array signal offered."""
+    signal: Literal["any", "event", "frame"] = "any"
+    """Which kind of signal to take: event data keys, detector frames, or whichever comes first."""
+    units: str | None = None
+    """Units of the values (e.g. ``"counts"``), published with the maps; default: the data key's
+    ``units``, ``"counts"`` for frames."""
+    normalize_by: str | None = None
+    """A scalar event data key (a monitor, I0) to divide the total by, point by point."""
 
 
 class StatsConsumer(Consumer):
     """Maps of total, max and mean per scan point.
 
-    Input: the data key's values, ``(n_events, *sig_shape)``, any real dtype (summed as float64).
-    Output (``nav``, float64): ``total``, ``max``, ``mean``. Points with non-finite values are
-    skipped and counted under ``nonfinite``.
+    Input: one array signal, ``(n, *sig_shape)``, any real dtype; optionally a scalar monitor.
+    Output (``nav``, float64): ``total``, ``max``, ``mean`` (total / values per point); with
+    ``normalize_by``, ``total_norm`` (total / monitor; NaN until both are known at a point) and the
+    private ``monitor``. Points with non-finite values are skipped and counted under ``nonfinite``.
+    Mergeable: every buffer is per point (``fill``), ``total_norm`` is derived.
     """
 
     name = "stats"
     Params = StatsParams
     params: StatsParams
 
-    def descriptor(self, doc: Mapping[str, Any]) -> None:
-        self.key = self.params.data_key or first_array_key(doc, ndim=(1, 2))
-        if self.key not in doc["data_keys"]:
-            raise NotApplicable(f"data key {self.key!r} not in the primary descriptor")
-        self.sig_shape = tuple(doc["data_keys"][self.key].get("shape") or ())
-
-    def result_buffers(self) -> list[BufferSpec]:
-        u = self.params.units
-        return [
-            BufferSpec("total", "nav", units=u, description=f"sum of {self.key} over the signal"),
-            BufferSpec("max", "nav", units=u, description=f"maximum of {self.key}"),
-            BufferSpec("mean", "nav", units=u, description=f"mean of {self.key}"),
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        p = self.params
+        if p.normalize_by is not None and info.kind == "event" and info.name == p.normalize_by:
+            if info.sig_shape != ():
+                raise NotApplicable(f"normalize_by {p.normalize_by!r} has shape {info.sig_shape}, not a scalar")
+            self.monitor = info.name
+            return [BufferSpec("monitor", "nav", units=info.units, private=True, description=f"{info.name} per point")]
+        if getattr(self, "key", None) is not None:
+            raise NotApplicable(f"already reducing {self.key!r}")
+        if p.data_key is not None and info.name != p.data_key:
+            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        if p.signal not in ("any", info.kind) or not array_signals(info):
+            raise NotApplicable(f"{info.kind} signal {info.name!r} of shape {info.sig_shape} is not an array to reduce")
+        self.key, self.kind, self.n_values = info.name, info.kind, int(np.prod(info.sig_shape))
+        u = p.units if p.units is not None else (info.units or ("counts" if info.kind == "frame" else ""))
+        what = "detector frame" if info.kind == "frame" else info.name
+        specs = [
+            BufferSpec("total", "nav", units=u, description=f"sum of each {what}"),
+            BufferSpec("max", "nav", units=u, description=f"maximum of each {what}"),
+            BufferSpec("mean", "nav", units=u, description=f"mean of each {what}"),
         ]
+        if p.normalize_by is not None:
+            specs.append(BufferSpec("total_norm", "nav", units=f"{u}/{p.normalize_by}" if u else "", merge=None,
+                                    description=f"sum of each {what} divided by {p.normalize_by}"))
+        return specs
 
-    def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
-        x = stack_rows(doc["data"][self.key], self.sig_shape)
-        ok = finite_rows(x) & (positions >= 0)
-        self.run.skipped("nonfinite", int((~finite_rows(x)).sum()))
-        x, pos = x[ok].reshape(int(ok.sum()), -1), positions[ok]
-        self.results.total[pos] = x.sum(axis=1)
-        self.results.max[pos] = x.max(axis=1, initial=-np.inf)
-        self.results.mean[pos] = x.mean(axis=1) if x.shape[1] else np.nan
+    def process(self, batch: Batch, staged: object = None) -> bool:
+        b = self.buffers
+        if batch.signal.name != self.key:  # the monitor
+            b.monitor[batch.nav_index] = batch.data
+            return True
+        x = batch.data.reshape(len(batch), -1)
+        ok = finite_rows(x)
+        if not ok.all():
+            self.run.skipped("nonfinite", int((~ok).sum()))
+            x, pos = x[ok], batch.nav_index[ok]
+        else:
+            pos = batch.nav_index
+        if not len(pos):
+            return False
+        if self.kind == "frame" and x.shape[1]:
+            total, maximum = frame_sum_max(x)
+        else:
+            total, maximum = x.sum(axis=1, dtype=np.float64), x.max(axis=1, initial=-np.inf)
+        b.total[pos] = total
+        b.max[pos] = maximum
+        b.mean[pos] = np.asarray(total, dtype=np.float64) / self.n_values if self.n_values else np.nan
+        return self.params.normalize_by is not None
+
+    def results(self) -> None:
+        if "total_norm" not in self.buffers or "monitor" not in self.buffers:
+            return
+        b = self.buffers
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b.total_norm[...] = np.where(b.monitor != 0, b.total / b.monitor, np.nan)
