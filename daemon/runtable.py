@@ -286,8 +286,7 @@ class RunTable:
             return f"declares buffer(s) {clash} twice with different specs"
         return None
 
-    def allocate(self, run: RunState, declared: list[tuple[ConsumerSlot, list[BufferSpec]]],
-                 arrays: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+    def allocate(self, run: RunState, declared: list[tuple[ConsumerSlot, list[BufferSpec]]]) -> None:
         """Allocate the declared buffers within the memory budget (``limits``).
 
         A run of known length whose buffers do not fit (after dropping kept finished runs) is
@@ -295,10 +294,6 @@ class RunTable:
         that does not fit, the slots sit the run out (``refused``). Both are counted in
         ``beamlens_limit_actions_total{limit="memory_budget"}``. Slots joining a run whose buffers
         exist already get the same capacity.
-
-        Args:
-            arrays: restored arrays to bind instead of fresh ones, by ``id(slot)`` then buffer name
-                (checkpoints; their nav length is the run's ``nav_capacity``).
         """
         if not declared:
             return
@@ -310,14 +305,14 @@ class RunTable:
             points = min(self.initial_capacity, self.limits.open_ended_max_points)
         else:
             points = run.expected_points or self.initial_capacity
-        if arrays is None and not self.store.make_room(per_point * points + fixed, self.budget_bytes) \
+        if not self.store.make_room(per_point * points + fixed, self.budget_bytes) \
                 and not run.nav_capacity and run.nav_shape != (0,):
             self.metrics.limit_actions.labels("memory_budget", "rolling_window").inc()
             log.error("run %s: buffers for its %d points (%.0f MiB) exceed the memory budget; keeping a rolling "
                       "window of the newest points instead", run.uid, points, (per_point * points + fixed) / MIB)
             self._to_rolling(run)
             points = min(self.initial_capacity, self.limits.open_ended_max_points)
-        if arrays is None and not self.store.make_room(per_point * points + fixed, self.budget_bytes):
+        if not self.store.make_room(per_point * points + fixed, self.budget_bytes):
             self.metrics.limit_actions.labels("memory_budget", "refused").inc()
             log.error("run %s: no room in the memory budget for the buffers of %s (%.0f MiB); they sit the run out",
                       run.uid, [s.name for s, _ in declared], (per_point * points + fixed) / MIB)
@@ -326,12 +321,7 @@ class RunTable:
                 slot.inactive_reason, slot.refused_only = "memory budget exceeded", False
             return
         for slot, specs in declared:
-            saved = (arrays or {}).get(id(slot))
-            if saved is None:
-                slot.allocate(specs, points)
-            else:
-                for spec in specs:
-                    slot.buffers.bind(spec.name, saved[spec.name], spec)
+            slot.allocate(specs, points)
         run.nav_capacity = points
         self.metrics.result_buffer_bytes.set(self.store.nbytes())
 

@@ -12,8 +12,6 @@ that end without saying so:
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import numpy as np
@@ -27,32 +25,6 @@ from helpers import http_get, map_run_documents, wait_for
 
 STALL_S = 0.3
 FIT_S = 20 * STALL_S
-
-
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A systemd notify socket; yields the (monotonic time, message) list it receives."""
-    path = str(tmp_path / "notify")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(path)
-    listener.settimeout(0.05)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s while live
-    messages: list[tuple[float, str]] = []
-    done = threading.Event()
-
-    def collect():
-        while not done.is_set():
-            try:
-                messages.append((time.monotonic(), listener.recv(256).decode()))
-            except TimeoutError:
-                continue
-    reader = threading.Thread(target=collect)
-    reader.start()
-    yield messages
-    done.set()
-    reader.join()
-    listener.close()
 
 
 @pytest.fixture
