@@ -16,7 +16,9 @@
   (the router loop, every turn) installs finished jobs and completes runs whose work is done, so
   the router keeps routing (and ``/health/live`` stays green) during a long final fit.
 - :meth:`RunTable.notify` tells the sinks (router listeners) of ``start``, ``descriptor``,
-  ``event_page``, ``frames`` and ``stop``.
+  ``event_page``, ``frames``, ``results`` and ``stop``. ``results`` follows work installed from the
+  pool after the data's own notification: ``{"consumer": name, "seq_num": [...]}`` with the points
+  a staged ``process`` wrote (empty for a ``then`` callback, which may have written anything).
 
 Everything here runs on the router thread; sinks read runs through the
 :class:`~beamlens.daemon.results.RunStore`.
@@ -408,15 +410,21 @@ class RunTable:
     def poll(self) -> None:
         """Install finished pool jobs (``then`` callbacks, staged batches' ``process``, in batch
         order), then complete finishing runs whose work is done or whose time is up."""
-        touched = set()
+        touched: dict[tuple[str, str], list[int]] = {}
         for job in self.pool.done():
-            self._install(job)
-            touched.add(job.run_uid)
-        for uid in touched:
+            if self._install(job):
+                touched.setdefault((job.run_uid, job.slot.name), [])
+        for uid in {uid for uid, _ in touched}:
             run = self.live(uid)
             if run is not None:
                 for slot in run.slots:
-                    self._deliver_staged(run, slot)
+                    written = self._deliver_staged(run, slot)
+                    if written:
+                        touched.setdefault((uid, slot.name), []).extend(written)
+        for (uid, consumer), seq in touched.items():
+            run = self.live(uid)
+            if run is not None:
+                self.notify("results", run, {"consumer": consumer, "seq_num": seq})
         if self.finishing:
             for run in list(self.finishing.values()):
                 self.guard("finish", self._advance, run)
@@ -426,7 +434,8 @@ class RunTable:
         """Pool jobs are in flight or runs are finishing (the router loop then polls often)."""
         return bool(self.finishing) or self.pool.in_flight > 0
 
-    def _install(self, job: Job) -> None:
+    def _install(self, job: Job) -> bool:
+        """Take a finished job back; True when a ``then`` callback ran or a stage result is ready."""
         slot, run = job.slot, self.live(job.run_uid)
         slot.jobs -= 1
         jobs = self._jobs.get(job.run_uid)
@@ -437,15 +446,18 @@ class RunTable:
         self.metrics.consumer_jobs.labels(slot.name, job.method, outcome).inc()
         job.installed = True
         if outcome == "cancelled":
-            return
+            return False
         if job.error is not None:
             self.dispatcher.failed(run, slot, job.method, job.error)
-            return
+            return job.method == "stage"
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
+        return True
 
-    def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> None:
-        while slot.staged and getattr(slot.staged[0][1], "installed", False):
+    def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> list[int]:
+        """``process`` the staged batches whose stage is done, in batch order; their seq_nums."""
+        written: list[int] = []
+        while slot.staged and slot.staged[0][1].installed:
             batch, job, offset = slot.staged.popleft()
             if job.error is not None or job.cancelled or not slot.active:
                 continue
@@ -456,6 +468,8 @@ class RunTable:
                 if not len(batch):
                     continue
             self._process(run, slot, batch, job.result)
+            written += batch.seq_num.tolist()
+        return written
 
     # -- finish ------------------------------------------------------------------------------
     def finish(self, run: RunState, status: str, doc: dict[str, Any], source: str | None = None) -> None:

@@ -134,6 +134,10 @@ def test_open_ended_series_with_a_pool_stage_loses_no_point(make_daemon):
             consumers="  - {name: staged, class: 'fault_consumers:StagedSum'}\n  - {name: fs, class: stats, "
                       "params: {signal: frame}}\n",
             router="{series_quiet_s: 1.0, pool_workers: 2}"))
+        written: list[int] = []  # the sinks hear of every point the stage's process wrote
+        daemon.router.listeners.append(
+            lambda name, run, doc: written.extend(doc["seq_num"]) if name == "results" and doc["consumer"] == "staged"
+            else None)
         frames = list(synthetic_frames(n, (8, 8), seed=3))
         emu.send_series(frames)
         wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="cam") == n, timeout=120)
@@ -143,6 +147,7 @@ def test_open_ended_series_with_a_pool_stage_loses_no_point(make_daemon):
     expected = np.array([f.astype(np.float64).sum() for f in frames])
     staged = next(s for s in run.slots if s.name == "staged")
     assert staged.arrays["points"][0] == n
+    assert sorted(written) == list(range(1, n + 1))
     np.testing.assert_array_equal(daemon.store.snapshot(run.uid, "staged", "total").data, expected)
     np.testing.assert_array_equal(daemon.store.snapshot(run.uid, "fs", "total").data, expected)
     assert daemon.metrics.registry.get_sample_value(
