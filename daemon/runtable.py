@@ -107,6 +107,8 @@ class RunTable:
         """Called when a run starts finishing (its data is complete): the checkpointer removes
         its checkpoint."""
         self._jobs: dict[str, set[Job]] = {}
+        self._offered: dict[int, list[SignalInfo]] = {}
+        """During :meth:`offer`: the signals each slot took in this round (undone if refused)."""
         self._run_starts = Buckets(config.limits.run_starts_per_s, config.limits.run_start_burst)
         self._consumers = []
         self._frame_filter: dict[str, frozenset[str] | None] = {}
@@ -250,7 +252,8 @@ class RunTable:
             if not slot.offerable or (frame_source is not None and not self.takes_frames_from(slot.name, frame_source)):
                 continue
             specs: list[BufferSpec] = []
-            refusals = []
+            refusals: list[str] = []
+            taken: list[SignalInfo] = []
             for info in signals:
                 got = self.dispatcher.call(run, slot, "signal", info)
                 if isinstance(got, Refused):
@@ -267,14 +270,19 @@ class RunTable:
                     specs = []
                     break
                 slot.signals.append(info)
+                taken.append(info)
                 specs += [s for s in got if s.name not in slot.buffers]
                 if slot.refused_only:
                     slot.inactive_reason, slot.refused_only = None, False
             if specs:
                 declared.append((slot, specs))
+                self._offered[id(slot)] = taken
             if not slot.signals and slot.inactive_reason is None and refusals and frame_source is None:
                 slot.inactive_reason, slot.refused_only = "; ".join(dict.fromkeys(refusals)), True
-        self.allocate(run, declared)
+        try:
+            self.allocate(run, declared)
+        finally:
+            self._offered.clear()
 
     @staticmethod
     def _bad_specs(slot: ConsumerSlot, specs: Any) -> str | None:
@@ -321,6 +329,8 @@ class RunTable:
             run.limited = "refused"
             for slot, _ in declared:
                 slot.inactive_reason, slot.refused_only = "memory budget exceeded", False
+                for info in self._offered.get(id(slot), ()):  # taken without buffers: not taken at all
+                    slot.signals.remove(info)
             return
         for slot, specs in declared:
             slot.allocate(specs, points)

@@ -172,3 +172,18 @@ class OrderedStage(FirstSignal):
         assert staged == int(batch.seq_num[0])
         OrderedStage.order.setdefault(self.run.uid, []).extend(batch.seq_num.tolist())
         self.buffers.seen[batch.nav_index] = 1.0
+
+
+class GreedyParams(ConsumerParams):
+    mib: float = Field(4096, gt=0)
+
+
+class Greedy(FirstSignal):
+    """Declares one ``single`` buffer of ``mib`` MiB (memory-budget tests)."""
+
+    name = "greedy"
+    Params = GreedyParams
+    params: GreedyParams
+
+    def buffer_specs(self, info):
+        return [BufferSpec("hoard", "single", (int(self.params.mib * 2**20 / 8),))]
