@@ -79,7 +79,7 @@ consumers:
     assert fit_done - fit_started >= FIT_S - 0.1  # the fit really ran longer than 20 stall timeouts
     assert live and set(live) == {200}
     pings = [t for t, m in notify_socket if m == "WATCHDOG=1" and fit_started < t < fit_done]
-    assert len(pings) >= FIT_S / 0.1 * 0.5  # fed throughout (pings every 0.1 s; half allows a loaded machine)
+    assert len(pings) >= FIT_S / 0.1 * 0.25  # fed throughout (a ping every 0.1 s; a quarter allows a loaded machine)
     assert max(np.diff([fit_started, *pings, fit_done])) < 20 * STALL_S / 4
 
     assert daemon.store.wait_finished(uid, 10)
