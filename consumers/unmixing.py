@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from .base import Batch, Buffers, BufferSpec, NotApplicable, SignalInfo
@@ -114,6 +115,11 @@ class UnmixingParams(SpectralParams):
     (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
+    merge_reanchor: int = Field(1, ge=0, le=20)
+    """After merging two parts of a run (summed statistics, components re-solved), this many
+    alternations over the merged spectra: abundances by NNLS against the re-solved components,
+    statistics rebuilt from them, components re-solved (a part too small to see every phase
+    learns a spurious component whose statistics would otherwise pull the merged one)."""
     n_init: int = Field(3, ge=1, le=20)
     """Starts each background refit tries, keeping the lowest loss: successive-projection vertex
     picks, NNDSVD-a, then seeded random starts (1: vertex start only). The event path is unaffected."""
@@ -273,25 +279,54 @@ class UnmixingConsumer(SpectralConsumer):
         return False
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
-        """Spectra by ``fill``, counts and the online statistics ``A``, ``B`` by summing; the
-        learned components are then re-solved from the summed statistics
+        """Spectra by ``fill``, counts and the online statistics ``A``, ``B`` by summing, after
+        ordering ``src``'s learned components like ``dest``'s (both parts number their learned
+        components independently: Hungarian assignment on cosine similarity); the learned
+        components are then re-solved from the summed statistics
         (:func:`~beamlens.consumers.spectral.nmf.solve_components`, from ``dest``'s components, or
-        ``src``'s when ``dest`` has none); abundances follow in :meth:`results`.
+        ``src``'s when ``dest`` has none), refined by ``merge_reanchor`` alternations over the
+        merged spectra and scaled like a refit's (unit edge step); abundances follow in
+        :meth:`results`.
 
         Raises:
             ValueError: see :meth:`SpectralConsumer.merge`.
         """
-        h_dest = dest.components.copy()
+        h_dest, h_src = dest.components.copy(), src.components.copy()
         super().merge(dest, src)
         a_dest, b_dest = self._statistics(dest)
         a_src, b_src = self._statistics(src)
+        if np.isfinite(h_dest).all() and np.isfinite(h_src).all():
+            order = self._alignment(h_dest, h_src)  # each part's statistics are in its own components
+            a_src, b_src = a_src[np.ix_(order, order)], b_src[order]
         a, bb = a_dest + a_src, b_dest + b_src
         dest.nmf_a[...], dest.nmf_b[...] = a, bb
-        h = h_dest if np.isfinite(h_dest).all() else src.components.copy()
+        h = h_dest if np.isfinite(h_dest).all() else h_src
         if np.isfinite(h).all():
             if self.free.any():
                 solve_components(h, a, bb, self.free)
+                x, _ = self.stored(dest)
+                for _ in range(self.params.merge_reanchor):
+                    w = abundances(x, h)
+                    a, bb = w.T @ w, w.T @ x
+                    solve_components(h, a, bb, self.free)
+                e0 = float(dest.prep_e0[0])
+                e0 = find_e0(self.energy, x.mean(axis=0)) if np.isnan(e0) and self.energy is not None and len(x) else e0
+                scale = np.where(self.free, self._scale(h, None if np.isnan(e0) else e0), 1.0)
+                h /= scale[:, None]  # the published convention (unit edge step); abundances scale inversely
+                a, bb = a * np.outer(scale, scale), bb * scale[:, None]
+                dest.nmf_a[...], dest.nmf_b[...] = a, bb
             dest.components[...] = h
+
+    def _alignment(self, h_dest: np.ndarray, h_src: np.ndarray) -> np.ndarray:
+        """Index ``(K,)`` into ``h_src``'s rows matching each row of ``h_dest``: references stay, learned
+        components are assigned by maximal total cosine (``scipy.optimize.linear_sum_assignment``)."""
+        order = np.arange(self.k)
+        learned = np.flatnonzero(self.free)
+        if len(learned) > 1:
+            d, s = h_dest[learned], h_src[learned]
+            cos = (d @ s.T) / np.maximum(np.outer(np.linalg.norm(d, axis=1), np.linalg.norm(s, axis=1)), 1e-300)
+            order[learned] = learned[linear_sum_assignment(-cos)[1]]
+        return order
 
     def results(self) -> None:
         """Abundances of every stored spectrum by NNLS against the current components, residuals,
