@@ -87,11 +87,11 @@ class SpectralConsumer(Consumer):
             self.prep = Preprocessor(pre, values, self.n_raw, kind)
         except ValueError as exc:
             raise NotApplicable(str(exc)) from None
-        self.key, self.kind = info.name, info.kind
         self.axis = self.prep.axis
         self.energy = self.prep.energy
         self.axis_name = self.prep.kind
         self.setup(info)
+        self.key, self.kind = info.name, info.kind
         self.run.axes[self.axis_name] = (self.axis, AXIS_UNITS[self.axis_name])
         return [
             BufferSpec("spectra", "nav", (self.prep.n_out,), private=True, units=info.units,
