@@ -15,13 +15,16 @@ from partitions import assert_buffers_equal, feed, frame_signal, make_batches, n
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 
-from beamlens.consumers.base import Batch, NotApplicable, SeriesInfo, SignalInfo
+from beamlens.consumers.base import Batch, NotApplicable, RunInfo, SeriesInfo, SignalInfo
 from beamlens.consumers.embedding import EmbeddingConsumer
 from beamlens.consumers.pca import PCAConsumer
 from beamlens.consumers.spectral.background import in_worker
 from beamlens.consumers.spectral.nmf import cosine, derivative_cosines
 from beamlens.consumers.unmixing import UnmixingConsumer
-from beamlens.daemon.sim.datasets import SpectralMap, corroding_steel_map, reaction_path_map
+from beamlens.daemon.checkpoint import FORMAT, CheckpointError, consumer_record, read_checkpoint, restore_consumer, write_checkpoint
+from beamlens.daemon.checkpoint import (FORMAT, CheckpointError, consumer_record, read_checkpoint, restore_consumer,
+                                        write_checkpoint)
+from beamlens.daemon.sim.datasets import STEEL_PHASES, SpectralMap, corroding_steel_map, reaction_path_map
 
 from spectral_drive import event_signals, map_descriptor
 
@@ -69,21 +72,6 @@ def test_pca_partitions_equal_sequential_and_batch_pca(steel):
     assert set(merged) >= {"k=1", "k=2", "k=3", "k=7", "uneven", "interleaved"}
     for label, m in merged.items():  # exact statistics: equal to rounding
         assert_buffers_equal(seq, m, label=label, rtol=1e-9, atol=1e-9 * np.abs(x).max())
-
-
-def test_pca_checkpoint_round_trip_and_resume(steel):
-    signals, batches, n = map_run(steel)
-    half = len(batches) // 2
-    a, acc = new_instance(PCAConsumer, PCA_PARAMS, signals, n)
-    feed(a, batches[:half], acc)
-    b = restored(a, PCAConsumer, PCA_PARAMS, signals, n)
-    a.results()
-    assert_buffers_equal(a, b, label="restored", private=True)
-    feed(b, batches[half:], acc)
-    b.finish()
-    b.results()
-    seq, _ = run_partitions(PCAConsumer, PCA_PARAMS, signals, batches, n, ks=())
-    assert_buffers_equal(seq, b, label="resumed", rtol=1e-12, atol=1e-12)
 
 
 def test_pca_takes_detector_frames_flattened_and_a_region_of_interest():
@@ -138,23 +126,6 @@ def test_embedding_live_merge_keeps_a_map_and_exact_pca():
         assert_buffers_equal(seq, m, label=label, names=["pca_components", "explained_variance_ratio", "score_1"],
                              rtol=1e-9, atol=1e-9)
         assert np.isfinite(m.buffers.progress).all(), label
-
-
-def test_embedding_checkpoint_round_trip_and_resume():
-    data = reaction_path_map(seed=0)
-    signals, batches, n = map_run(data)
-    half = len(batches) // 2
-    a, acc = new_instance(EmbeddingConsumer, EMB_PARAMS, signals, n)
-    feed(a, batches[:half], acc)
-    assert int(a.buffers.embedding_fits[0]) >= 1
-    b = restored(a, EmbeddingConsumer, EMB_PARAMS, signals, n)
-    a.results()
-    assert_buffers_equal(a, b, label="restored", private=True)
-    for c in (a, b):
-        feed(c, batches[half:], acc)
-        c.finish()
-        c.results()
-    assert_buffers_equal(a, b, label="resumed", private=True, rtol=1e-12, atol=1e-12)
 
 
 def test_refits_are_jobs_and_a_worker_process_ends_with_its_job():
@@ -221,28 +192,11 @@ def test_unmixing_partitions_equal_sequential(steel):
 
 
 def test_unmixing_reference_mode_partitions_equal_exactly(steel):
-    from beamlens.daemon.sim.datasets import STEEL_PHASES
     params = {"n_components": 0, "references": [{"path": p} for p in STEEL_PHASES.values()]}
     signals, batches, n = map_run(steel)
     seq, merged = run_partitions(UnmixingConsumer, params, signals, batches, n)
     for label, m in merged.items():
         assert_buffers_equal(seq, m, label=label, rtol=1e-12, atol=1e-12)
-
-
-def test_unmixing_checkpoint_round_trip_and_resume(steel):
-    signals, batches, n = map_run(steel)
-    half = len(batches) // 2
-    a, acc = new_instance(UnmixingConsumer, UNMIX_PARAMS, signals, n)
-    feed(a, batches[:half], acc)
-    b = restored(a, UnmixingConsumer, UNMIX_PARAMS, signals, n)
-    a.results()
-    assert_buffers_equal(a, b, label="restored", private=True)
-    for c in (a, b):
-        feed(c, batches[half:], acc)
-        c.finish()
-        c.results()
-    assert_buffers_equal(a, b, label="resumed", private=True, names=[x for x in a.buffers if x != "refit_log"],
-                         rtol=1e-12, atol=1e-12)
 
 
 def test_unmixing_of_a_spectrum_per_frame_equals_the_event_path(steel):
@@ -269,3 +223,41 @@ def test_unmixing_of_a_spectrum_per_frame_equals_the_event_path(steel):
     u, _ = new_instance(UnmixingConsumer, UNMIX_PARAMS, [], n)
     with pytest.raises(NotApplicable, match="sum_frame_rows"):
         u.signal(cam)
+
+
+@pytest.mark.parametrize(("cls", "params", "make"), [
+    (PCAConsumer, PCA_PARAMS, lambda: corroding_steel_map(seed=0)),
+    (EmbeddingConsumer, EMB_PARAMS, lambda: reaction_path_map(seed=0)),
+    (UnmixingConsumer, UNMIX_PARAMS, lambda: corroding_steel_map(seed=0)),
+], ids=["pca", "embedding", "unmixing"])
+def test_checkpoint_round_trip_and_resume(cls, params, make, tmp_path):
+    """Half a run, then its buffers into a fresh instance (same ``signal()`` calls, arrays bound,
+    ``results()``), directly and through the daemon's checkpoint file: the same buffers (a
+    tampered array is refused); both instances then take the rest of the run and end alike."""
+    signals, batches, n = map_run(make())
+    half = len(batches) // 2
+    a, acc = new_instance(cls, params, signals, n)
+    feed(a, batches[:half], acc)
+    b = restored(a, cls, params, signals, n)
+    a.results()
+    assert_buffers_equal(a, b, label="restored", private=True)
+    # the same through the daemon's checkpoint file (npz members + versioned JSON, no pickle)
+    record, arrays = consumer_record(a, acc, "c0")
+    path = tmp_path / "run.ckpt"
+    write_checkpoint(path, {"format": FORMAT, "consumer": record}, arrays)
+    state, read = read_checkpoint(path)
+    c = cls(cls.Params.model_validate(params), RunInfo("run", (n,), {}))
+    assert [s.name for s in restore_consumer(c, {"uid": "run"}, state["consumer"], read)] == [s.name for s in acc]
+    assert_buffers_equal(a, c, label="checkpoint file", private=True)
+    tampered = {k: v.copy() for k, v in read.items()}
+    tampered["c0.spectra" if "c0.spectra" in tampered else "c0.points"].flat[0] += 1.0
+    with pytest.raises(CheckpointError, match="altered"):
+        restore_consumer(cls(cls.Params.model_validate(params), RunInfo("run", (n,), {})), {"uid": "run"},
+                         state["consumer"], tampered)
+    if cls is EmbeddingConsumer:
+        assert int(b.buffers.embedding_fits[0]) >= 1 and np.isfinite(b.buffers.lle_fit).any()
+    for c in (a, b):
+        feed(c, batches[half:], acc)
+        c.finish()
+        c.results()
+    assert_buffers_equal(a, b, label="resumed", private=True, rtol=1e-12, atol=1e-12)
