@@ -11,7 +11,8 @@ off-manifold ratio).
 
 Event path (constant cost per spectrum): each spectrum is preprocessed, stored, added to the PCA
 statistics, scored in the basis of the last update and mapped into the current embedding. Every
-``batch_size`` spectra the basis is recomputed and all points re-scored (``process`` returns True).
+``batch_size`` spectra the basis is recomputed (a job on the daemon's pool) and all points
+re-scored.
 
 Background: the mLLE embedding is fitted once ``min_points`` spectra exist and refitted whenever
 the run has grown by ``refit_growth`` since the last fit, or as soon as the newest spectra lie off
@@ -46,7 +47,7 @@ from threadpoolctl import threadpool_limits
 from .base import Batch, Buffers, BufferSpec, SignalInfo
 from .spectral.background import in_worker
 from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
-from .spectral.incremental import add_rows, merge_moments, moment_specs, principal_basis
+from .spectral.incremental import basis_of, catch_up, forget, merge_moments, moment_specs, principal_basis, snapshot
 from .spectral.manifold import ManifoldModel, embed, model_from, transform
 
 
@@ -99,7 +100,8 @@ class EmbeddingConsumer(SpectralConsumer):
     ratio per point), ``embedding_residual`` (``single`` ``(1,)``, median ratio of the newest batch,
     metric ``beamlens_embedding_residual_ratio``), ``embedding_fits`` (``single`` ``(1,)`` int64,
     mLLE fits installed).
-    Private: ``spectra`` (``nav``, ``(c,)``), ``prep_e0``, ``pca_n``/``pca_mean``/``pca_scatter``,
+    Private: ``spectra`` (``nav``, ``(c,)``), ``prep_e0``, ``n_points``, the PCA statistics
+    ``pca_n``/``pca_mean``/``pca_scatter``/``pca_added`` (:func:`~.spectral.incremental.moment_specs`),
     ``pca_basis_mean`` (``sig`` ``(c,)``, the mean the published basis was computed with),
     ``lle_fit`` (``nav``, ``(n_embedding,)``: coordinates of the fitted points, NaN elsewhere) and
     ``lle_fit_n`` (``single`` ``(1,)``: spectra stored when that fit was snapshotted).
@@ -113,6 +115,11 @@ class EmbeddingConsumer(SpectralConsumer):
         self.k = min(self.params.n_components, self.prep.n_out)
         self._model: ManifoldModel | None = None
         """Cache of the model rebuilt from ``lle_fit`` and ``spectra`` (cleared when they change)."""
+        self._mapped: ManifoldModel | None = None
+        """The model every stored point's coordinates were last derived in (:meth:`results` maps
+        them all again only when the model changed; :meth:`process` maps new points in it)."""
+        self._basis_pending = False
+        """A basis job was submitted and not installed yet (scheduling only)."""
         self._refit_pending = False
         """A refit job was submitted and not installed yet (scheduling only, not result state)."""
         self._n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
@@ -121,6 +128,7 @@ class EmbeddingConsumer(SpectralConsumer):
         c = self.prep.n_out
         p = self.params
         return [
+            BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum", description="spectra stored"),
             *moment_specs("pca", c),
             BufferSpec("pca_basis_mean", "sig", (c,), axis=self.axis_name, private=True,
                        description="mean spectrum of the published principal basis"),
@@ -146,14 +154,16 @@ class EmbeddingConsumer(SpectralConsumer):
 
     # -- the contract ------------------------------------------------------------------------
     def process(self, batch: Batch, staged: object = None) -> bool:
-        """Store, add to the PCA statistics, score and map the batch's spectra; submit a refit
-        when one is due. True each time the count passes a multiple of ``batch_size`` (rederive
-        the basis and every map)."""
+        """Store, score and map the batch's spectra; submit a refit when one is due. Each time the
+        count passes a multiple of ``batch_size`` the pending spectra join the PCA statistics and a
+        basis update is submitted (the eigendecomposition runs on the daemon's pool), whose result
+        re-scores every spectrum. Returns False."""
         b = self.buffers
         before = self._n_stored()
-        y, pos, replaced = self.preprocessed(batch)
+        y, pos, old = self.preprocessed(batch)
         if len(y):
-            add_rows(b, "pca", y, remove=replaced)
+            forget(b, "pca", pos, old)
+            b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())
             if np.isfinite(b.pca_basis_mean).all():
                 self._score(y, pos)
             model = self._current_model()
@@ -165,7 +175,12 @@ class EmbeddingConsumer(SpectralConsumer):
             self._submit_fit()
         step = self.params.batch_size
         n = self._n_stored()
-        return n >= 2 and (before // step != n // step or not np.isfinite(b.pca_basis_mean).all())
+        if n >= 2 and (before // step != n // step or not np.isfinite(b.pca_basis_mean).all()) \
+                and not self._basis_pending:
+            catch_up(b, "pca", b.spectra)
+            self._basis_pending = True
+            self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
+        return False
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
         """Spectra by ``fill`` (and the default rules), PCA statistics exactly; the embedding of
@@ -176,7 +191,7 @@ class EmbeddingConsumer(SpectralConsumer):
         if n_src > n_dest:
             dest.lle_fit[...] = src.lle_fit
             dest.lle_fit_n[...] = src.lle_fit_n
-        self._model = None
+        self._model = self._mapped = None
 
     def results(self) -> None:
         """Basis from the PCA statistics, every stored spectrum re-scored in it and mapped into the
@@ -184,16 +199,12 @@ class EmbeddingConsumer(SpectralConsumer):
         sample)."""
         b = self.buffers
         x, pos = self.stored()
-        basis = principal_basis(b, "pca", self.k)
-        if basis is not None:
-            mean, comps, evr = basis
-            b.pca_basis_mean[...] = mean
-            b.pca_components[...] = comps
-            b.explained_variance_ratio[...] = evr
-            self._score(x, pos)
+        catch_up(b, "pca", b.spectra)
+        self._write_basis(principal_basis(b, "pca", self.k), x, pos)
         model = self._current_model()
-        if model is None or not len(pos):
+        if model is None or not len(pos) or model is self._mapped:
             return
+        self._mapped = model
         fitted = np.isfinite(b.lle_fit[pos]).all(axis=1)
         coords = np.empty((len(pos), self.params.n_embedding))
         ratio = np.empty(len(pos))
@@ -210,7 +221,7 @@ class EmbeddingConsumer(SpectralConsumer):
 
     # -- internals ---------------------------------------------------------------------------
     def _n_stored(self) -> int:
-        return int(np.nan_to_num(self.buffers.pca_n[0]))
+        return int(self.buffers.n_points[0])
 
     def _fit_n(self) -> int:
         return int(np.nan_to_num(self.buffers.lle_fit_n[0]))
@@ -225,6 +236,19 @@ class EmbeddingConsumer(SpectralConsumer):
             p = self.params
             self._model = model_from(b.spectra[pos], b.lle_fit[pos], n_neighbors=p.n_neighbors, n_pca=p.n_pca)
         return self._model
+
+    def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """A basis job finished (daemon thread): publish it and re-score every stored spectrum."""
+        self._basis_pending = False
+        self._write_basis(basis, *self.stored())
+
+    def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: np.ndarray,
+                     pos: np.ndarray) -> None:
+        if basis is None:
+            return
+        b = self.buffers
+        b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
+        self._score(x, pos)
 
     def _score(self, x: np.ndarray, pos: np.ndarray) -> None:
         b = self.buffers

@@ -22,7 +22,8 @@ from pydantic import Field
 
 from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals, finite_rows
 from .spectral.consumer import last_of_each
-from .spectral.incremental import MAX_SCATTER_CHANNELS, add_rows, merge_moments, moment_specs, principal_basis
+from .spectral.incremental import (MAX_SCATTER_CHANNELS, basis_of, catch_up, forget, merge_moments, moment_specs,
+                                   principal_basis, snapshot)
 from .spectral.preprocess import energy_axis
 
 
@@ -50,8 +51,9 @@ class PCAConsumer(Consumer):
     Output: ``score_1`` ... ``score_k`` (``nav``, float64, same units as the data), ``components``
     (``sig``, ``(k, n_values)``), ``mean`` (``sig``, ``(n_values,)``) and
     ``explained_variance_ratio`` (``single``, ``(k,)``, exported as the metric
-    ``beamlens_explained_variance_ratio``). Private: ``points`` (``nav``, ``(n_values,)``) and the
-    PCA statistics ``pca_n``, ``pca_mean``, ``pca_scatter``. Points with non-finite values are
+    ``beamlens_explained_variance_ratio``). Private: ``points`` (``nav``, ``(n_values,)``),
+    ``n_points`` and the PCA statistics ``pca_n``, ``pca_mean``, ``pca_scatter``, ``pca_added``
+    (points are added to them in bulk when the basis is updated). Points with non-finite values are
     skipped and counted under ``nonfinite``. Mergeable: the statistics merge exactly, the points by
     ``fill``, everything published is derived by :meth:`results`.
     """
@@ -82,6 +84,8 @@ class PCAConsumer(Consumer):
                                 f"{MAX_SCATTER_CHANNELS} a PCA keeps statistics of: set roi")
         self.key = info.name
         self.k = min(p.n_components, self.n_values)
+        self._basis_pending = False
+        """A basis job was submitted and not installed yet (scheduling only, not result state)."""
         energy = None
         if len(info.sig_shape) == 1 and info.descriptor is not None:
             energy = energy_axis(info.descriptor, self.n_values, p.energy_key)
@@ -92,6 +96,7 @@ class PCAConsumer(Consumer):
         units = info.units or ("counts" if info.kind == "frame" else "")
         return [
             BufferSpec("points", "nav", sig, units=units, private=True, description=f"{info.name} per point, flattened"),
+            BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum", description="points stored"),
             *moment_specs("pca", self.n_values),
             *(BufferSpec(f"score_{i + 1}", "nav", units=units, merge=None,
                          description=f"score on principal component {i + 1}") for i in range(self.k)),
@@ -102,8 +107,10 @@ class PCAConsumer(Consumer):
         ]
 
     def process(self, batch: Batch, staged: object = None) -> bool:
-        """Store the batch's finite points, add them to the statistics, score them in the current
-        basis; True (re-score everything) each time the count passes a multiple of ``batch_size``."""
+        """Store the batch's finite points and score them in the current basis. Each time the
+        count passes a multiple of ``batch_size`` the pending points join the statistics and a
+        basis update is submitted (``run.submit``: the eigendecomposition runs on the daemon's
+        pool), whose result re-scores every point. Returns False."""
         b = self.buffers
         x = np.asarray(batch.data[(slice(None), *self.window)], dtype=np.float64).reshape(len(batch), -1)
         ok = finite_rows(x)
@@ -115,24 +122,39 @@ class PCAConsumer(Consumer):
         if not len(pos):
             return False
         old = b.points[pos]
-        before = float(np.nan_to_num(b.pca_n[0]))
-        add_rows(b, "pca", x, remove=old[np.isfinite(old).all(axis=1)])
+        new = ~np.isfinite(old).all(axis=1)
+        forget(b, "pca", pos, old)
+        before = int(b.n_points[0])
+        b.n_points[0] += int(new.sum())
         b.points[pos] = x
         if np.isfinite(b.mean).all():
             self._score(x, pos, b.mean, b.components)
         step = self.params.batch_size
-        return int(before // step) != int(b.pca_n[0] // step) or not np.isfinite(b.mean).all()
+        n = int(b.n_points[0])
+        if n >= 2 and (before // step != n // step or not np.isfinite(b.mean).all()) and not self._basis_pending:
+            catch_up(b, "pca", b.points)
+            self._basis_pending = True
+            self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
+        return False
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
         super().merge(dest, src)  # points by fill; everything published is derived
         merge_moments(dest, src, "pca")
 
     def results(self) -> None:
-        """Basis from the statistics, every stored point re-scored in it."""
-        b = self.buffers
-        basis = principal_basis(b, "pca", self.k)
+        """Basis from the statistics (every stored point added), every stored point re-scored in it."""
+        catch_up(self.buffers, "pca", self.buffers.points)
+        self._write_basis(principal_basis(self.buffers, "pca", self.k))
+
+    def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """A basis job finished (daemon thread)."""
+        self._basis_pending = False
+        self._write_basis(basis)
+
+    def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
         if basis is None:
             return
+        b = self.buffers
         mean, comps, evr = basis
         b.components[...] = comps
         b.mean[...] = mean

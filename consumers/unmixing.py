@@ -4,16 +4,15 @@ Three modes, chosen by the parameters:
 
 - **blind** (``n_components > 0``, no ``references``): vertex-initialised NMF. Each new spectrum
   gets its abundances by NNLS against the current components and updates them by one online HALS
-  step (:class:`~beamlens.consumers.spectral.nmf.OnlineNMF`, constant cost per spectrum). In the
-  background (:class:`~beamlens.consumers.spectral.background.Refitter`, never on the event path),
-  once ``min_points`` spectra exist and whenever the run has grown by ``refit_growth``, the whole
+  step (:func:`~beamlens.consumers.spectral.nmf.online_step`, constant cost per spectrum). In the
+  background (a job on the daemon's pool through ``run.submit``, never on the event path), once ``min_points`` spectra exist and whenever the run has grown by ``refit_growth``, the whole
   run so far is refitted: successive-projection picks of the purest spectra, HALS NMF, then
   (``pure_pixel_threshold``) each component replaced by the mean of the spectra it explains to at
   least that fraction, when there are ``min_pure_pixels`` of them (averaging the purest pixels
   removes the small cone expansion NMF makes to fit noisy pure pixels; measured on the corroding-
   steel map: first-derivative cosine 0.95 -> 0.98, abundance RMSE 0.04 -> 0.02), unless that raises
   the reconstruction error (:func:`pure_pixel_refinement`). At the end of the
-  run (``final_refit``) the last refit is made on all points.
+  run (``final_refit``, :meth:`UnmixingConsumer.finish`) the last refit is made on all points.
 - **reference** (``references`` given, ``n_components == 0``): known standards, preprocessed like
   the data, give the composition maps by NNLS (Lawson-Hanson) directly.
 - **hybrid** (both): the standards are held fixed and ``n_components`` more are learned (constrained
@@ -43,6 +42,18 @@ picks, NNDSVD-a, seeded random), each HALS run to convergence, and keep the lowe
 within ``tie_tolerance`` go to the first start: vertex picks on energy axes, NNDSVD-a otherwise).
 The sweeps and last relative loss change of the kept fit are published (``refit_sweeps``,
 ``refit_relative_change`` and their gauges) and logged at debug level.
+
+State (all declared buffers, see :class:`UnmixingConsumer`): the preprocessed spectra (private nav
+buffer ``spectra``), the point count, the online NMF sufficient statistics ``A = Σ w wᵀ`` and
+``B = Σ w x`` (Mairal et al., JMLR 11, 19 (2010)) and the components. Abundances, residuals, the
+reconstruction error and the library matches are derived from them by
+:meth:`UnmixingConsumer.results` (NNLS of every stored spectrum against the components). Refits
+work on the stored spectra in nav order, so the result after the final refit does not depend on
+the order the points arrived in, nor on how the run was split across instances and merged. Two
+parts of a run merge by summing ``A`` and ``B`` (after matching the parts' learned components by
+cosine), re-solving the components from the sums and re-anchoring them once over the merged
+spectra (``merge_reanchor``); tests/test_spectral_merge.py measures how close that comes to the
+sequential state before the final refit.
 """
 from __future__ import annotations
 
@@ -261,10 +272,10 @@ class UnmixingConsumer(SpectralConsumer):
         batch refit when one is due. Returns False: abundances of earlier points are rederived
         (:meth:`results`) when a refit is installed, after a merge and at the end of the run."""
         b = self.buffers
-        y, pos, replaced = self.preprocessed(batch)
+        y, pos, old = self.preprocessed(batch)
         if not len(y):
             return False
-        b.n_points[0] += len(y) - len(replaced)
+        b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())  # points measured for the first time
         h = self._components()
         if h is not None:
             a, bb = self._statistics(b)

@@ -136,15 +136,19 @@ def test_refits_are_jobs_and_a_worker_process_ends_with_its_job():
     jobs = []
     c.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
     feed(c, batches, acc)
-    assert len(jobs) == 1 and int(c.buffers.embedding_fits[0]) == 0  # one in flight: no second submitted
-    assert np.isnan(c.buffers.progress).all()
+    # one fit and one basis update in flight, none run on the event path, no second one submitted
+    assert sorted(job.__name__ for job, _, _ in jobs) == ["basis_of", "fit_job"]
+    assert int(c.buffers.embedding_fits[0]) == 0 and np.isnan(c.buffers.progress).all()
+    assert np.isnan(c.buffers.pca_components).all()
     before = set(multiprocessing.active_children())
-    job, args, then = jobs.pop()
-    then(job(*args))
+    for job, args, then in jobs:
+        then(job(*args))
     assert set(multiprocessing.active_children()) <= before
     assert int(c.buffers.embedding_fits[0]) == 1 and np.isfinite(c.buffers.progress).all()
+    assert np.isfinite(c.buffers.score_1).all()
+    jobs.clear()
     c.finish()
-    assert len(jobs) == 1  # the final fit on all points
+    assert [job.__name__ for job, _, _ in jobs] == ["fit_job"]  # the final fit on all points
     pid = in_worker(os.getpid)
     assert pid != os.getpid() and set(multiprocessing.active_children()) <= before
 

@@ -137,9 +137,9 @@ class SpectralConsumer(Consumer):
         batch the last spectrum of a repeated nav index wins.
 
         Returns:
-            ``(y (m, n_out) float64, pos (m,) int64, replaced (r, n_out))``: the stored spectra, their
-            nav indices, and the spectra they replaced at points measured before (for statistics
-            that must forget them).
+            ``(y (m, n_out) float64, pos (m,) int64, old (m, n_out))``: the stored spectra, their
+            nav indices, and what those points held before (NaN rows for points not measured
+            before; statistics must forget the others).
         """
         b = self.buffers
         e0 = float(b.prep_e0[0])
@@ -153,9 +153,8 @@ class SpectralConsumer(Consumer):
         keep = last_of_each(pos)
         y, pos = y[keep], pos[keep]
         old = b.spectra[pos]
-        replaced = old[np.isfinite(old).all(axis=1)]
         b.spectra[pos] = y
-        return y, pos, replaced
+        return y, pos, old
 
     def stored(self, buffers: Buffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(x (n, n_out) float64, nav indices (n,) int64)`` of every stored spectrum, in nav order."""

@@ -22,6 +22,7 @@ between updates.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from ..base import Buffers, BufferSpec
 
@@ -32,8 +33,15 @@ MAX_SCATTER_CHANNELS = 4096
 def moment_specs(prefix: str, n_channels: int) -> list[BufferSpec]:
     """Private buffers of the PCA state: ``{prefix}_n`` (``single`` ``(1,)``), ``{prefix}_mean``
     (``single`` ``(c,)``) and ``{prefix}_scatter`` (``single`` ``(c, c)``), float64, merged by
-    :func:`merge_moments` (rule ``None``: the consumer's :meth:`merge` calls it)."""
+    :func:`merge_moments` (rule ``None``: the consumer's :meth:`merge` calls it), and
+    ``{prefix}_added`` (``nav``, uint8, ``fill``): 1 where the point's stored spectrum is in them.
+
+    Points are stored at once and added to the statistics in bulk by :func:`catch_up` (one
+    ``O(m c²)`` update per basis update instead of one per point); a merged or restored state
+    keeps its pending points pending, so the result is the same."""
     return [
+        BufferSpec(f"{prefix}_added", "nav", dtype="uint8", private=True,
+                   description="1 where the point's spectrum is in the PCA statistics"),
         BufferSpec(f"{prefix}_n", "single", (1,), private=True, description="spectra in the PCA statistics"),
         BufferSpec(f"{prefix}_mean", "single", (n_channels,), private=True, description="mean spectrum"),
         BufferSpec(f"{prefix}_scatter", "single", (n_channels, n_channels), private=True,
@@ -74,19 +82,56 @@ def _store(buffers: Buffers, prefix: str, n: float, m: np.ndarray, s: np.ndarray
 
 def add_rows(buffers: Buffers, prefix: str, x: np.ndarray, remove: np.ndarray | None = None) -> None:
     """Add spectra ``x`` ``(m, c)`` float64 to the statistics in ``buffers`` (and first remove
-    ``remove`` ``(r, c)``: spectra a re-measured point replaces)."""
-    n, mean, scatter = _state(buffers, prefix)
+    ``remove`` ``(r, c)``: spectra a re-measured point replaces). In place, one rank-``m + 1``
+    update of the scatter matrix (``O(m c²)``)."""
     if remove is not None and len(remove):
-        n, mean, scatter = _combine(n, mean, scatter, *_batch(remove), sign=-1.0)
-    if len(x):
-        n, mean, scatter = _combine(n, mean, scatter, *_batch(x))
-    _store(buffers, prefix, n, mean, scatter)
+        n, mean, scatter = _combine(*_state(buffers, prefix), *_batch(remove), sign=-1.0)
+        _store(buffers, prefix, n, mean, scatter)
+    if not len(x):
+        return
+    nb = buffers[f"{prefix}_n"]
+    mean, scatter = buffers[f"{prefix}_mean"], buffers[f"{prefix}_scatter"]
+    n1 = float(nb[0]) if nb[0] > 0 else 0.0
+    if n1 == 0.0:
+        mean[...] = 0.0
+        scatter[...] = 0.0
+    m = len(x)
+    mb = x.mean(axis=0)
+    d = mb - mean
+    n = n1 + m
+    rows = np.vstack([x - mb, np.sqrt(n1 * m / n) * d]) if m > 1 else (np.sqrt(n1 * m / n) * d)[None]
+    scatter += rows.T @ rows  # S1 + S2 + (n1 n2 / n) d dᵀ (Chan et al.)
+    mean += d * (m / n)
+    nb[0] = n
 
 
 def _batch(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     m = x.mean(axis=0)
     xc = x - m
     return float(len(x)), m, xc.T @ xc
+
+
+def forget(buffers: Buffers, prefix: str, pos: np.ndarray, old: np.ndarray) -> None:
+    """Points ``pos`` ``(m,)`` are about to be re-stored: remove their previous spectra ``old``
+    ``(m, c)`` (rows of NaN where there was none) from the statistics where they were added."""
+    added = buffers[f"{prefix}_added"]
+    was = added[pos] == 1
+    if was.any():
+        add_rows(buffers, prefix, np.zeros((0, old.shape[1])), remove=old[was])
+        added[pos[was]] = 0
+
+
+def catch_up(buffers: Buffers, prefix: str, spectra: np.ndarray) -> None:
+    """Add every stored spectrum (finite rows of the nav buffer ``spectra`` ``(nav, c)``) not yet
+    in the statistics, in nav order, in one update."""
+    added = buffers[f"{prefix}_added"]
+    pending = np.flatnonzero(added == 0)
+    if not len(pending):
+        return
+    pending = pending[np.isfinite(spectra[pending]).all(axis=1)]
+    if len(pending):
+        add_rows(buffers, prefix, spectra[pending])
+        added[pending] = 1
 
 
 def merge_moments(dest: Buffers, src: Buffers, prefix: str) -> None:
@@ -97,20 +142,35 @@ def merge_moments(dest: Buffers, src: Buffers, prefix: str) -> None:
     _store(dest, prefix, *_combine(*_state(dest, prefix), n2, m2, s2))
 
 
+def snapshot(buffers: Buffers, prefix: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """Copies ``(n, mean (c,), scatter (c, c))`` of the statistics, for :func:`basis_of` on the
+    daemon's pool (a job never sees the buffers)."""
+    n, mean, scatter = _state(buffers, prefix)
+    return n, mean.copy(), scatter.copy()
+
+
 def principal_basis(buffers: Buffers, prefix: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The principal basis of the statistics, as a batch PCA of the same spectra gives it.
+    """:func:`basis_of` the statistics in ``buffers``."""
+    return basis_of(*_state(buffers, prefix), k)
+
+
+def basis_of(n: float, mean: np.ndarray, scatter: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The principal basis of statistics ``(n, mean, scatter)``, as a batch PCA of the same
+    spectra gives it: the ``k`` leading eigenvectors of the scatter matrix (LAPACK ``syevr`` through
+    ``scipy.linalg.eigh``, only those computed).
 
     Returns:
         ``(mean (c,), components (k, c) unit norm, signs fixed, explained variance ratio (k,))``
         float64 (the ratio is each eigenvalue over the trace of the scatter matrix, as
         scikit-learn's ``explained_variance_ratio_``), or None with fewer than 2 spectra.
     """
-    n, mean, scatter = _state(buffers, prefix)
     if n < 2:
         return None
     sym = (scatter + scatter.T) / 2
-    values, vectors = np.linalg.eigh(sym)
-    order = np.argsort(values)[::-1][:k]
+    c = len(sym)
+    k = min(k, c)
+    values, vectors = scipy.linalg.eigh(sym, subset_by_index=[c - k, c - 1])  # the k largest only (LAPACK evr)
+    order = np.argsort(values)[::-1]
     comps = vectors[:, order].T.copy()
     signs = np.sign(comps[np.arange(len(comps)), np.argmax(np.abs(comps), axis=1)])
     comps *= np.where(signs == 0, 1.0, signs)[:, None]
