@@ -1,41 +1,54 @@
 """``embedding``: live PCA score maps and a modified-LLE reaction-progress map of a spectral scan.
 
-Event path (constant cost per spectrum): each spectrum is preprocessed and stored, scored in the
-current principal basis and, once an mLLE embedding exists, mapped into it out of sample
-(:func:`~beamlens.consumers.spectral.manifold.transform`) with its off-manifold ratio.
+State (all declared buffers, see :class:`EmbeddingConsumer`): the preprocessed spectra (private nav
+buffer ``spectra``), the exact PCA statistics (count, mean, scatter matrix;
+:mod:`~beamlens.consumers.spectral.incremental`) and the coordinates of the spectra the current
+mLLE embedding was fitted on (private nav buffer ``lle_fit``). Everything published is derived from
+them by :meth:`EmbeddingConsumer.results`: the principal basis (a batch PCA of every spectrum so
+far), the score maps in it, and the progress map (fitted points at their fitted coordinates, every
+other point mapped out of sample, :func:`~beamlens.consumers.spectral.manifold.transform`, with its
+off-manifold ratio).
 
-Background (two :class:`~beamlens.consumers.spectral.background.Refitter`\ s, so neither ever
-runs on the event path): the IncrementalPCA is updated on a thread with every ``batch_size`` new
-spectra; the mLLE refits run in a worker process of the run's own (``refit_in_process``; the fit's
-Python and numpy work would otherwise hold the interpreter lock and slow the event path while it
-runs), which also re-scores all points in the basis current at the snapshot. The worker stops at
-the end of the run. The mLLE embedding is fitted
-once ``min_points`` spectra exist and refitted whenever the run has grown by ``refit_growth`` since
-the last fit, or as soon as the newest spectra lie off the learned manifold (median off-manifold
-ratio of a page above ``refit_residual_ratio``: a new phase appeared). A refit never runs on the
-event path; its result is installed at the next page (all fitted points get their new coordinates,
-points that arrived during the fit are mapped into the new embedding). Runs longer than
-``max_fit_points`` are embedded from an evenly spaced subset, the rest mapped out of sample. At the
-end of the run the last refit is awaited, the PCA remainder fitted, and (``final_refit``) the
-embedding refitted on all points, so the final maps do not depend on how the run was batched.
+Event path (constant cost per spectrum): each spectrum is preprocessed, stored, added to the PCA
+statistics, scored in the basis of the last update and mapped into the current embedding. Every
+``batch_size`` spectra the basis is recomputed (a job on the daemon's pool) and all points
+re-scored.
+
+Background: the mLLE embedding is fitted once ``min_points`` spectra exist and refitted whenever
+the run has grown by ``refit_growth`` since the last fit, or as soon as the newest spectra lie off
+the learned manifold (median off-manifold ratio of a batch above ``refit_residual_ratio``: a new
+phase appeared). A fit is a job on the daemon's pool (``run.submit``; inline without a daemon),
+never on the event path; with ``refit_in_process`` the job computes it in a worker process of its
+own that ends with the job (:func:`~beamlens.consumers.spectral.background.in_worker`), so no
+process outlives a fit or the run. The job's result is installed on the daemon's thread (the fitted
+points' coordinates into ``lle_fit``), then every map is rederived. Runs longer than
+``max_fit_points`` are embedded from a subset evenly spaced in nav order, the rest mapped out of
+sample. At the end of the run (:meth:`EmbeddingConsumer.finish`, ``final_refit``) the embedding is
+refitted on all points, in nav order: the final maps depend neither on the order the points
+arrived in, nor on how the run was batched or split across instances and merged.
+
+Merging two parts of a run: spectra by ``fill``, PCA statistics exactly, and the embedding of the
+part whose fit covered more points is kept (the other part's points are mapped into it out of
+sample) until the next refit or the final one, which fits the merged spectra exactly as one
+instance would have.
 
 The progress map is the first mLLE coordinate, scaled to [0, 1], increasing with edge energy.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
+from threadpoolctl import threadpool_limits
 
-from .base import BufferSpec
-from .spectral.background import Refitter
+from .base import Batch, Buffers, BufferSpec, SignalInfo
+from .spectral.background import in_worker
 from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
-from .spectral.incremental import IncrementalBasis, PointStore
-from .spectral.manifold import ManifoldModel, fit_manifold, transform
+from .spectral.incremental import basis_of, catch_up, forget, merge_moments, moment_specs, principal_basis, snapshot
+from .spectral.manifold import ManifoldModel, embed, model_from, transform
 
 
 class EmbeddingParams(SpectralParams):
@@ -61,8 +74,8 @@ class EmbeddingParams(SpectralParams):
     final_refit: bool = True
     """Refit the embedding on all points at the end of the run."""
     refit_in_process: bool = True
-    """Run background mLLE refits in a worker process (False: a thread, sharing the GIL with the
-    event path)."""
+    """Run each background mLLE refit in a worker process of its own job (False: on the daemon's
+    pool thread itself, sharing the GIL with the event path)."""
     edge_window_ev: float = Field(10.0, gt=0)
     """Half-width (eV) of the window around the main edge of the fitted spectra (their mean) in
     which each spectrum's edge energy is estimated (for the progress sign). Post-edge oscillations
@@ -79,169 +92,221 @@ class EmbeddingParams(SpectralParams):
 class EmbeddingConsumer(SpectralConsumer):
     """PCA score maps, explained variance and the mLLE progress map of a spectral scan.
 
-    Input: one spectrum per event ``(n_channels,)``, preprocessed per ``params.preprocess``.
-    Output: ``score_1`` ... ``score_k`` (``nav``), ``pca_components`` (``sig``, ``(k, c)``),
+    Input: one spectrum per point ``(n_channels,)`` (an event data key, or a frame series of
+    spectra), preprocessed per ``params.preprocess`` to ``c`` channels.
+    Output: ``score_1`` ... ``score_k`` (``nav``, float64), ``pca_components`` (``sig``, ``(k, c)``),
     ``explained_variance_ratio`` (``single``, metric ``beamlens_explained_variance_ratio``),
     ``progress`` and ``lle_2`` ... (``nav``, [0, 1]), ``manifold_residual`` (``nav``, off-manifold
-    ratio per point), ``embedding_residual`` (``single`` ``(1,)``, median ratio of the newest page,
-    metric ``beamlens_embedding_residual_ratio``), ``embedding_fits`` (``single`` ``(1,)``, mLLE fits
-    installed so far).
+    ratio per point), ``embedding_residual`` (``single`` ``(1,)``, median ratio of the newest batch,
+    metric ``beamlens_embedding_residual_ratio``), ``embedding_fits`` (``single`` ``(1,)`` int64,
+    mLLE fits installed).
+    Private: ``spectra`` (``nav``, ``(c,)``), ``prep_e0``, ``n_points``, the PCA statistics
+    ``pca_n``/``pca_mean``/``pca_scatter``/``pca_added`` (:func:`~.spectral.incremental.moment_specs`),
+    ``pca_basis_mean`` (``sig`` ``(c,)``, the mean the published basis was computed with),
+    ``lle_fit`` (``nav``, ``(n_embedding,)``: coordinates of the fitted points, NaN elsewhere) and
+    ``lle_fit_n`` (``single`` ``(1,)``: spectra stored when that fit was snapshotted).
     """
 
     name = "embedding"
     Params = EmbeddingParams
     params: EmbeddingParams
 
-    def setup(self, doc: Mapping[str, Any]) -> None:
-        super().setup(doc)
-        c = self.prep.n_out
-        self.k = min(self.params.n_components, c)
-        self.store = PointStore(c)
-        self.basis = IncrementalBasis(self.k, self.params.batch_size)
-        self.refitter = Refitter(f"beamlens-embedding-{self.run.uid[:8]}", process=self.params.refit_in_process)
-        self.pca_refitter = Refitter(f"beamlens-embedding-pca-{self.run.uid[:8]}")
-        self.pca_requested_upto = 0
-        self.mean: np.ndarray | None = None  # current principal basis (c,), (k, c)
-        self.comps: np.ndarray | None = None
-        self.model: ManifoldModel | None = None
-        self.mapped_upto = 0  # store rows [:mapped_upto] have coordinates in self.model
-        self.last_fit_n = 0
-        self.off_manifold = False
-        self.n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
+    def setup(self, info: SignalInfo) -> None:
+        self.k = min(self.params.n_components, self.prep.n_out)
+        self._model: ManifoldModel | None = None
+        """Cache of the model rebuilt from ``lle_fit`` and ``spectra`` (cleared when they change)."""
+        self._mapped: ManifoldModel | None = None
+        """The model every stored point's coordinates were last derived in (:meth:`results` maps
+        them all again only when the model changed; :meth:`process` maps new points in it)."""
+        self._basis_pending = False
+        """A basis job was submitted and not installed yet (scheduling only)."""
+        self._refit_pending = False
+        """A refit job was submitted and not installed yet (scheduling only, not result state)."""
+        self._n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
 
-    def result_buffers(self) -> list[BufferSpec]:
+    def spectral_buffers(self) -> list[BufferSpec]:
         c = self.prep.n_out
         p = self.params
         return [
-            *(BufferSpec(f"score_{i + 1}", "nav", description=f"score on principal component {i + 1}")
+            BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum", description="spectra stored"),
+            *moment_specs("pca", c),
+            BufferSpec("pca_basis_mean", "sig", (c,), axis=self.axis_name, private=True,
+                       description="mean spectrum of the published principal basis"),
+            BufferSpec("lle_fit", "nav", (p.n_embedding,), private=True, merge=None,
+                       description="mLLE coordinates of the spectra of the current fit"),
+            BufferSpec("lle_fit_n", "single", (1,), private=True, description="spectra stored when the fit was made"),
+            *(BufferSpec(f"score_{i + 1}", "nav", merge=None, description=f"score on principal component {i + 1}")
               for i in range(self.k)),
             BufferSpec("pca_components", "sig", (self.k, c), axis=self.axis_name, description="principal components (unit norm)"),
             BufferSpec("explained_variance_ratio", "single", (self.k,), metric="explained_variance_ratio",
                        description="fraction of variance per principal component"),
-            BufferSpec("progress", "nav", description="reaction progress: first mLLE coordinate, 0..1, increasing with edge energy"),
-            *(BufferSpec(f"lle_{j + 1}", "nav", description=f"mLLE coordinate {j + 1}, 0..1")
+            BufferSpec("progress", "nav", merge=None,
+                       description="reaction progress: first mLLE coordinate, 0..1, increasing with edge energy"),
+            *(BufferSpec(f"lle_{j + 1}", "nav", merge=None, description=f"mLLE coordinate {j + 1}, 0..1")
               for j in range(1, p.n_embedding)),
-            BufferSpec("manifold_residual", "nav", description="off-manifold ratio: barycentric residual / median residual of the fitted points"),
-            BufferSpec("embedding_residual", "single", (1,), metric="embedding_residual_ratio",
+            BufferSpec("manifold_residual", "nav", merge=None,
+                       description="off-manifold ratio: barycentric residual / median residual of the fitted points"),
+            BufferSpec("embedding_residual", "single", (1,), metric="embedding_residual_ratio", merge="max",
                        description="median off-manifold ratio of the newest spectra"),
-            BufferSpec("embedding_fits", "single", (1,), dtype="int64", description="mLLE fits installed in this run"),
+            BufferSpec("embedding_fits", "single", (1,), dtype="int64", merge="sum",
+                       description="mLLE fits installed in this run"),
         ]
 
-    # -- documents ---------------------------------------------------------------------------
-    def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
-        y, pos = self.preprocessed(doc, positions)
-        self._install_basis(self.pca_refitter.poll())
-        self._install(self.refitter.poll())
+    # -- the contract ------------------------------------------------------------------------
+    def process(self, batch: Batch, staged: object = None) -> bool:
+        """Store, score and map the batch's spectra; submit a refit when one is due. Each time the
+        count passes a multiple of ``batch_size`` the pending spectra join the PCA statistics and a
+        basis update is submitted (the eigendecomposition runs on the daemon's pool), whose result
+        re-scores every spectrum. Returns False."""
+        b = self.buffers
+        before = self._n_stored()
+        y, pos, old = self.preprocessed(batch)
         if len(y):
-            self.store.append(y, pos)
-            if self.mean is not None:
-                self._score(slice(self.store.n - len(y), self.store.n))
-            self._map_new()
-        if self.store.n - self.pca_requested_upto >= self.basis.batch:
-            self.pca_requested_upto = self.store.n
-            self.pca_refitter.request(self._pca_step, (self.store.x, self.store.n))  # rows [:n] never change
+            forget(b, "pca", pos, old)
+            b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())
+            if np.isfinite(b.pca_basis_mean).all():
+                self._score(y, pos)
+            model = self._current_model()
+            if model is not None:
+                coords, ratio = transform(model, y)
+                self._write_coords(pos, coords, ratio)
+                self._note_residual(float(np.median(ratio)))
         if self._refit_due():
-            self._request_refit()
+            self._submit_fit()
+        step = self.params.batch_size
+        n = self._n_stored()
+        if n >= 2 and (before // step != n // step or not np.isfinite(b.pca_basis_mean).all()) \
+                and not self._basis_pending:
+            catch_up(b, "pca", b.spectra)
+            self._basis_pending = True
+            self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
+        return False
 
-    def stop(self, doc: Mapping[str, Any]) -> None:
-        if not hasattr(self, "store"):
+    def merge(self, dest: Buffers, src: Buffers) -> None:
+        """Spectra by ``fill`` (and the default rules), PCA statistics exactly; the embedding of
+        the part whose fit covered more spectra is kept (``dest``'s on a tie)."""
+        n_dest, n_src = (float(np.nan_to_num(x.lle_fit_n[0])) for x in (dest, src))
+        super().merge(dest, src)
+        merge_moments(dest, src, "pca")
+        if n_src > n_dest:
+            dest.lle_fit[...] = src.lle_fit
+            dest.lle_fit_n[...] = src.lle_fit_n
+        self._model = self._mapped = None
+
+    def results(self) -> None:
+        """Basis from the PCA statistics, every stored spectrum re-scored in it and mapped into the
+        embedding of ``lle_fit`` (fitted spectra at their fitted coordinates, the others out of
+        sample)."""
+        b = self.buffers
+        x, pos = self.stored()
+        catch_up(b, "pca", b.spectra)
+        self._write_basis(principal_basis(b, "pca", self.k), x, pos)
+        model = self._current_model()
+        if model is None or not len(pos) or model is self._mapped:
             return
-        self._install_basis(self.pca_refitter.wait(timeout=300))
-        try:
-            self._install(self.refitter.wait(timeout=300))
-        finally:
-            self.refitter.close()
-        if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
-            self._install_basis(self._basis())
-            self._score(slice(0, self.store.n))
-        n = self.store.n
-        if self.params.final_refit and n >= self.params.min_points and (self.model is None or n > self.last_fit_n):
-            self._install(fit_snapshot(self._snapshot()))
+        self._mapped = model
+        fitted = np.isfinite(b.lle_fit[pos]).all(axis=1)
+        coords = np.empty((len(pos), self.params.n_embedding))
+        ratio = np.empty(len(pos))
+        coords[fitted], ratio[fitted] = model.y_train, model.loo_ratio
+        if (~fitted).any():
+            coords[~fitted], ratio[~fitted] = transform(model, x[~fitted])
+        self._write_coords(pos, coords, ratio)
+
+    def finish(self) -> None:
+        """Refit the embedding on every stored spectrum (``final_refit``), via the daemon's pool."""
+        n = self._n_stored()
+        if self.params.final_refit and n >= self.params.min_points and n > self._fit_n():
+            self._submit_fit()
 
     # -- internals ---------------------------------------------------------------------------
-    def _pca_step(self, snap: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Background (PCA thread): fit the complete batches not yet fitted; the new basis."""
-        x, n = snap
-        return self._basis() if self.basis.update(x, n) else None
+    def _n_stored(self) -> int:
+        return int(self.buffers.n_points[0])
 
-    def _basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mean, comps = self.basis.basis()
-        return mean, comps, self.basis.explained_variance_ratio.copy()
+    def _fit_n(self) -> int:
+        return int(np.nan_to_num(self.buffers.lle_fit_n[0]))
+
+    def _current_model(self) -> ManifoldModel | None:
+        """The embedding of ``lle_fit`` (rebuilt from the buffers when the cache was cleared)."""
+        if self._model is None:
+            b = self.buffers
+            pos = np.flatnonzero(np.isfinite(b.lle_fit).all(axis=1)) if b.lle_fit.size else np.zeros(0, dtype=np.int64)
+            if len(pos) <= self.params.n_neighbors:
+                return None
+            p = self.params
+            self._model = model_from(b.spectra[pos], b.lle_fit[pos], n_neighbors=p.n_neighbors, n_pca=p.n_pca)
+        return self._model
 
     def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """A basis job finished (daemon thread): publish it and re-score every stored spectrum."""
+        self._basis_pending = False
+        self._write_basis(basis, *self.stored())
+
+    def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: np.ndarray,
+                     pos: np.ndarray) -> None:
         if basis is None:
             return
-        self.mean, self.comps, evr = basis
-        self.results.pca_components[...] = self.comps
-        self.results.explained_variance_ratio[...] = evr
+        b = self.buffers
+        b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
+        self._score(x, pos)
 
-    def _score(self, rows: slice) -> None:
-        scores = (self.store.x[rows] - self.mean) @ self.comps.T
-        pos = self.store.pos[rows]
+    def _score(self, x: np.ndarray, pos: np.ndarray) -> None:
+        b = self.buffers
+        scores = (x - b.pca_basis_mean) @ b.pca_components.T
         for i in range(self.k):
-            self.results[f"score_{i + 1}"][pos] = scores[:, i]
+            b[f"score_{i + 1}"][pos] = scores[:, i]
 
     def _write_coords(self, pos: np.ndarray, coords: np.ndarray, ratio: np.ndarray) -> None:
-        self.results.progress[pos] = coords[:, 0]
+        b = self.buffers
+        b.progress[pos] = coords[:, 0]
         for j in range(1, coords.shape[1]):
-            self.results[f"lle_{j + 1}"][pos] = coords[:, j]
-        self.results.manifold_residual[pos] = ratio
+            b[f"lle_{j + 1}"][pos] = coords[:, j]
+        b.manifold_residual[pos] = ratio
 
-    def _map_new(self) -> None:
-        """Map rows not yet in the embedding out of sample (constant cost per new row)."""
-        if self.model is None or self.mapped_upto >= self.store.n:
-            return
-        rows = slice(self.mapped_upto, self.store.n)
-        coords, ratio = transform(self.model, self.store.x[rows])
-        self._write_coords(self.store.pos[rows], coords, ratio)
-        self.mapped_upto = self.store.n
-        newest = float(np.median(ratio))
-        self.results.embedding_residual[0] = newest
-        if newest > self.params.refit_residual_ratio:
-            if not self.off_manifold:
-                level = logging.INFO if self.n_off_manifold == 0 else logging.DEBUG
-                self.log.log(level, "run %s: spectra off the learned manifold (ratio %.1f); refitting", self.run.uid, newest)
-                self.n_off_manifold += 1
-            self.off_manifold = True
+    def _note_residual(self, newest: float) -> None:
+        self.buffers.embedding_residual[0] = newest
+        if newest > self.params.refit_residual_ratio and not self._refit_pending:
+            level = logging.INFO if self._n_off_manifold == 0 else logging.DEBUG
+            self.log.log(level, "run %s: spectra off the learned manifold (ratio %.1f); refitting", self.run.uid, newest)
+            self._n_off_manifold += 1
 
     def _refit_due(self) -> bool:
-        n, p = self.store.n, self.params
-        if n < p.min_points or self.refitter.busy:
+        n, p, last = self._n_stored(), self.params, self._fit_n()
+        if n < p.min_points or self._refit_pending:
             return False
-        if n >= p.refit_growth * max(self.last_fit_n, 1):
+        if n >= p.refit_growth * max(last, 1):
             return True
         # an off-manifold refit waits for enough new points to form neighbourhoods of their own,
         # and for 10 % growth, so a heterogeneous scan (real STXM) does not refit continuously
-        return self.off_manifold and n >= self.last_fit_n + max(p.n_neighbors, self.last_fit_n // 10)
+        off = float(np.nan_to_num(self.buffers.embedding_residual[0])) > p.refit_residual_ratio
+        return off and n >= last + max(p.n_neighbors, last // 10)
 
-    def _snapshot(self) -> tuple:
-        n, cap = self.store.n, self.params.max_fit_points
-        rows = np.arange(n) if n <= cap else np.linspace(0, n - 1, cap).round().astype(np.int64)
-        self.last_fit_n = n
-        self.off_manifold = False
-        # rows [:n] are never rewritten: views are safe to hand to the worker
-        basis = None if self.mean is None else (self.mean, self.comps)
+    def _submit_fit(self) -> None:
+        """Snapshot the stored spectra (copies: the job never sees the buffers) and submit the fit."""
+        x, pos = self.stored()
+        cap = self.params.max_fit_points
+        if len(pos) > cap:
+            rows = np.linspace(0, len(pos) - 1, cap).round().astype(np.int64)
+            x, pos = x[rows], pos[rows]
         p = self.params
         settings = FitSettings(self.energy, p.preprocess.derivative, p.edge_window_ev, p.n_neighbors, p.n_embedding, p.n_pca)
-        return self.store.x[:n], rows, n, basis, settings
+        self._refit_pending = True
+        self.run.submit(fit_job, x, pos, self._n_stored(), settings, p.refit_in_process, then=self._install)
 
-    def _request_refit(self) -> None:
-        self.refitter.request(fit_snapshot, self._snapshot())
-
-    def _install(self, result: tuple | None) -> None:
-        """Adopt a finished fit: coordinates (and scores) of the rows it covered, then map the rows
-        that arrived while it ran."""
-        if result is None:
+    def _install(self, result: tuple[np.ndarray, np.ndarray, int]) -> None:
+        """Adopt a finished fit (on the daemon's thread): the fitted spectra's coordinates, then
+        every map rederived. A fit older than the installed one is dropped."""
+        self._refit_pending = False
+        pos, coords, n = result
+        b = self.buffers
+        if n < self._fit_n():
             return
-        self.model, coords, ratio, scores = result
-        n = len(coords)
-        self._write_coords(self.store.pos[:n], coords, ratio)
-        if scores is not None:
-            for i in range(self.k):
-                self.results[f"score_{i + 1}"][self.store.pos[:n]] = scores[:, i]
-        self.mapped_upto = n
-        self._map_new()
-        self.results.embedding_fits[0] += 1
+        b.lle_fit[...] = np.nan
+        b.lle_fit[pos] = coords
+        b.lle_fit_n[0] = n
+        b.embedding_fits[0] += 1
+        self._model = None
+        self.results()
 
 
 @dataclass(frozen=True)
@@ -271,26 +336,35 @@ def edge_energy(x: np.ndarray, settings: FitSettings) -> np.ndarray:
     return edge_position(x[:, sel], None if energy is None else energy[sel], derivative)
 
 
-def fit_snapshot(snap: tuple) -> tuple[ManifoldModel, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Background (worker process or thread): fit mLLE on the snapshot's fit rows, map its other
-    rows, and re-score all of them in the principal basis current at the snapshot.
+_ONE_BLAS_THREAD = threading.Lock()
+
+
+def fit_coordinates(x: np.ndarray, settings: FitSettings) -> np.ndarray:
+    """mLLE coordinates ``(m, n_embedding)`` of spectra ``x`` ``(m, c)`` (a module-level function:
+    it may run in a worker process).
+
+    Computed with one BLAS thread, wherever it runs: the dense eigenproblem of mLLE is
+    ill-conditioned enough that BLAS's thread count moves coordinates by ~1e-3 (measured on the
+    reaction-path map), and the maps must not depend on the machine or on where the fit ran. In
+    the daemon's own process the limit is process-wide while a fit runs (fits are serialised by a
+    lock so that the limit is restored correctly).
+    """
+    with _ONE_BLAS_THREAD, threadpool_limits(1):
+        return embed(x, edge_energy(x, settings), n_neighbors=settings.n_neighbors,
+                     n_components=settings.n_embedding, n_pca=settings.n_pca)
+
+
+def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
+            in_process: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """Background (daemon pool): fit the embedding of a snapshot.
 
     Args:
-        snap: ``(x (n, c) float64, fit rows (m,) int64, n, (mean (c,), components (k, c)) or None,
-            FitSettings)``.
+        x: ``(m, c)`` float64 spectra to fit (a copy); pos: ``(m,)`` int64 their nav indices;
+        n: spectra stored at the snapshot; settings: what the fit needs besides the spectra;
+        in_process: compute it in a worker process that ends with this job (:func:`in_worker`).
 
     Returns:
-        ``(model, coordinates (n, d), off-manifold ratio (n,), PCA scores (n, k) or None)`` for
-        store rows ``[:n]``.
+        ``(pos, coordinates (m, n_embedding), n)``.
     """
-    x, rows, n, basis, settings = snap
-    model = fit_manifold(x[rows], edge_energy(x[rows], settings), n_neighbors=settings.n_neighbors,
-                         n_components=settings.n_embedding, n_pca=settings.n_pca)
-    coords = np.empty((n, settings.n_embedding))
-    ratio = np.empty(n)
-    coords[rows], ratio[rows] = model.y_train, model.loo_ratio
-    others = np.setdiff1d(np.arange(n), rows, assume_unique=True)
-    if len(others):
-        coords[others], ratio[others] = transform(model, x[others])
-    scores = None if basis is None else (x - basis[0]) @ basis[1].T
-    return model, coords, ratio, scores
+    coords = in_worker(fit_coordinates, x, settings) if in_process else fit_coordinates(x, settings)
+    return pos, coords, n

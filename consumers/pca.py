@@ -1,97 +1,168 @@
-"""``pca``: incremental principal component analysis of the spectra of a scan, as score maps.
+"""``pca``: principal component analysis of the spectra (or detector frames) of a scan, as score maps.
 
-Uses scikit-learn's ``IncrementalPCA`` (Ross, Lim, Lin & Yang, IJCV 77, 125 (2008)): spectra are
-buffered until ``batch_size`` have arrived, then ``partial_fit`` updates the mean and the principal
-subspace; at the end of the run the remainder is fitted, so the final subspace matches a batch PCA of
-the same spectra up to numerical error and component sign. Scores of all points seen so far are
-recomputed after every update (O(N * channels * k) per batch, about a millisecond for 10^4 points of
-10^2 channels), so the maps are always in the current basis.
+The principal basis comes from the exact, mergeable PCA statistics of every point seen so far
+(count, mean and scatter matrix: :mod:`beamlens.consumers.spectral.incremental`): it equals a batch
+PCA (scikit-learn's ``PCA``) of the same points, whatever the batching, however the run is split
+across instances and merged. The points are kept (private nav buffer ``points``) so that every
+score map is recomputed in the current basis (:meth:`PCAConsumer.results`) each time ``batch_size``
+more points have arrived and at the end of the run; in between, new points are scored in the basis
+of the last update.
 
-Each component's sign is fixed so that its largest-magnitude loading is positive: maps do not flip
-between updates.
+Inputs: an event data key holding a spectrum ``(n_channels,)`` or an image ``(rows, cols)`` per
+point (flattened), or a detector frame series (``signal: frame``, or the first array signal
+offered), each frame flattened: a spectrum per frame (EELS, XRF), a 2-D detector region of interest
+(``roi``). Each component's sign is fixed so that its largest-magnitude loading is positive.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
-from .base import BufferSpec, Consumer, ConsumerParams, finite_rows, first_array_key, stack_rows
-from .spectral.incremental import IncrementalBasis, PointStore
+from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals, finite_rows
+from .spectral.consumer import last_of_each
+from .spectral.incremental import (MAX_SCATTER_CHANNELS, basis_of, catch_up, forget, merge_moments, moment_specs,
+                                   principal_basis, snapshot)
 from .spectral.preprocess import energy_axis
 
 
 class PCAParams(ConsumerParams):
     data_key: str | None = None
-    """Spectrum data key; default: the first inline 1-D array key."""
+    """Data key (or frame source name) to analyse; default: the first 1-D or 2-D array signal."""
+    signal: Literal["any", "event", "frame"] = "any"
+    """Which kind of signal to take: event data keys, detector frames, or whichever comes first."""
     energy_key: str | None = None
     """Configuration key holding the energy axis (eV); default: any ``*energy`` key of matching length."""
     n_components: int = Field(3, ge=1, le=20)
     batch_size: int = Field(64, ge=2)
-    """Spectra per ``partial_fit``; at least ``n_components``."""
+    """Points between re-scorings of every point in the current basis."""
+    roi: tuple[int, int, int, int] | None = None
+    """For 2-D signals: ``(row_start, row_stop, col_start, col_stop)`` in px of the region analysed
+    (numpy slices); default: the whole frame."""
 
 
 class PCAConsumer(Consumer):
-    """Score maps and explained variance of an incremental PCA.
+    """Score maps and explained variance of a PCA of every point.
 
-    Input: spectra ``(n_events, n_channels)`` (or frames, flattened), any real dtype.
+    Input: one array signal, ``(n, n_channels)`` or ``(n, rows, cols)`` (flattened, within ``roi``),
+    any real dtype; at most :data:`~beamlens.consumers.spectral.incremental.MAX_SCATTER_CHANNELS`
+    values per point.
     Output: ``score_1`` ... ``score_k`` (``nav``, float64, same units as the data), ``components``
-    (``sig``, ``(k, n_channels)``), ``mean`` (``sig``, ``(n_channels,)``) and
+    (``sig``, ``(k, n_values)``), ``mean`` (``sig``, ``(n_values,)``) and
     ``explained_variance_ratio`` (``single``, ``(k,)``, exported as the metric
-    ``beamlens_explained_variance_ratio``).
+    ``beamlens_explained_variance_ratio``). Private: ``points`` (``nav``, ``(n_values,)``),
+    ``n_points`` and the PCA statistics ``pca_n``, ``pca_mean``, ``pca_scatter``, ``pca_added``
+    (points are added to them in bulk when the basis is updated). Points with non-finite values are
+    skipped and counted under ``nonfinite``. Mergeable: the statistics merge exactly, the points by
+    ``fill``, everything published is derived by :meth:`results`.
     """
 
     name = "pca"
     Params = PCAParams
     params: PCAParams
 
-    def descriptor(self, doc: Mapping[str, Any]) -> None:
-        self.key = self.params.data_key or first_array_key(doc, ndim=(1, 2))
-        self.sig_shape = tuple(doc["data_keys"][self.key]["shape"])
-        self.n_channels = int(np.prod(self.sig_shape))
-        self.k = min(self.params.n_components, self.n_channels)
-        energy = energy_axis(doc, self.n_channels, self.params.energy_key) if len(self.sig_shape) == 1 else None
-        self.axis_name = "energy" if energy is not None else None
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        p = self.params
+        if getattr(self, "key", None) is not None:
+            raise NotApplicable(f"already analysing {self.key!r}")
+        if p.data_key is not None and info.name != p.data_key:
+            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        if p.signal not in ("any", info.kind) or not array_signals(info):
+            raise NotApplicable(f"{info.kind} signal {info.name!r} of shape {info.sig_shape} is not a spectrum or image")
+        self.window: tuple[slice, ...] = ()
+        shape = info.sig_shape
+        if len(shape) == 2 and p.roi is not None:
+            r0, r1, c0, c1 = p.roi
+            self.window = (slice(r0, r1), slice(c0, c1))
+            shape = np.empty(shape, dtype=bool)[self.window].shape
+            if 0 in shape:
+                raise NotApplicable(f"roi {p.roi} selects nothing of a {info.sig_shape} frame")
+        self.n_values = int(np.prod(shape))
+        if self.n_values > MAX_SCATTER_CHANNELS:
+            raise NotApplicable(f"{info.name!r} has {self.n_values} values per point, more than the "
+                                f"{MAX_SCATTER_CHANNELS} a PCA keeps statistics of: set roi")
+        self.key = info.name
+        self.k = min(p.n_components, self.n_values)
+        self._basis_pending = False
+        """A basis job was submitted and not installed yet (scheduling only, not result state)."""
+        energy = None
+        if len(info.sig_shape) == 1 and info.descriptor is not None:
+            energy = energy_axis(info.descriptor, self.n_values, p.energy_key)
+        axis_name = "energy" if energy is not None else None
         if energy is not None:
             self.run.axes["energy"] = (energy, "eV")
-        self.basis = IncrementalBasis(self.k, self.params.batch_size)
-        self.store = PointStore(self.n_channels)  # spectra kept to re-score
-
-    def result_buffers(self) -> list[BufferSpec]:
-        sig = (self.n_channels,)
+        sig = (self.n_values,)
+        units = info.units or ("counts" if info.kind == "frame" else "")
         return [
-            *(BufferSpec(f"score_{i + 1}", "nav", description=f"score on principal component {i + 1}")
-              for i in range(self.k)),
-            BufferSpec("components", "sig", (self.k, *sig), axis=self.axis_name, description="principal components (unit norm)"),
-            BufferSpec("mean", "sig", sig, axis=self.axis_name, description="mean spectrum"),
+            BufferSpec("points", "nav", sig, units=units, private=True, description=f"{info.name} per point, flattened"),
+            BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum", description="points stored"),
+            *moment_specs("pca", self.n_values),
+            *(BufferSpec(f"score_{i + 1}", "nav", units=units, merge=None,
+                         description=f"score on principal component {i + 1}") for i in range(self.k)),
+            BufferSpec("components", "sig", (self.k, *sig), axis=axis_name, description="principal components (unit norm)"),
+            BufferSpec("mean", "sig", sig, units=units, axis=axis_name, description="mean spectrum"),
             BufferSpec("explained_variance_ratio", "single", (self.k,), metric="explained_variance_ratio",
                        description="fraction of variance per component"),
         ]
 
-    def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
-        x = stack_rows(doc["data"][self.key], self.sig_shape).reshape(len(positions), -1)
-        finite = finite_rows(x)
-        self.run.skipped("nonfinite", int((~finite).sum()))
-        ok = finite & (positions >= 0)
-        self.store.append(x[ok], positions[ok])
-        if self.basis.update(self.store.x, self.store.n):
-            self._publish()
+    def process(self, batch: Batch, staged: object = None) -> bool:
+        """Store the batch's finite points and score them in the current basis. Each time the
+        count passes a multiple of ``batch_size`` the pending points join the statistics and a
+        basis update is submitted (``run.submit``: the eigendecomposition runs on the daemon's
+        pool), whose result re-scores every point. Returns False."""
+        b = self.buffers
+        x = np.asarray(batch.data[(slice(None), *self.window)], dtype=np.float64).reshape(len(batch), -1)
+        ok = finite_rows(x)
+        if not ok.all():
+            self.run.skipped("nonfinite", int((~ok).sum()))
+        x, pos = x[ok], batch.nav_index[ok]
+        keep = last_of_each(pos)  # a repeated index within the batch: the last one wins
+        x, pos = x[keep], pos[keep]
+        if not len(pos):
+            return False
+        old = b.points[pos]
+        new = ~np.isfinite(old).all(axis=1)
+        forget(b, "pca", pos, old)
+        before = int(b.n_points[0])
+        b.n_points[0] += int(new.sum())
+        b.points[pos] = x
+        if np.isfinite(b.mean).all():
+            self._score(x, pos, b.mean, b.components)
+        step = self.params.batch_size
+        n = int(b.n_points[0])
+        if n >= 2 and (before // step != n // step or not np.isfinite(b.mean).all()) and not self._basis_pending:
+            catch_up(b, "pca", b.points)
+            self._basis_pending = True
+            self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
+        return False
 
-    def stop(self, doc: Mapping[str, Any]) -> None:
-        if not hasattr(self, "basis"):
+    def merge(self, dest: Buffers, src: Buffers) -> None:
+        super().merge(dest, src)  # points by fill; everything published is derived
+        merge_moments(dest, src, "pca")
+
+    def results(self) -> None:
+        """Basis from the statistics (every stored point added), every stored point re-scored in it."""
+        catch_up(self.buffers, "pca", self.buffers.points)
+        self._write_basis(principal_basis(self.buffers, "pca", self.k))
+
+    def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """A basis job finished (daemon thread)."""
+        self._basis_pending = False
+        self._write_basis(basis)
+
+    def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        if basis is None:
             return
-        if self.basis.finish(self.store.x, self.store.n) or self.basis.ready:
-            self._publish()  # too few left for a partial_fit of their own: score them in the final basis
+        b = self.buffers
+        mean, comps, evr = basis
+        b.components[...] = comps
+        b.mean[...] = mean
+        b.explained_variance_ratio[...] = evr
+        pos = np.flatnonzero(np.isfinite(b.points).all(axis=1))
+        self._score(b.points[pos], pos, mean, comps)
 
-    # -- internals ---------------------------------------------------------------------------
-    def _publish(self) -> None:
-        n = self.store.n
-        mean, comps = self.basis.basis()
-        scores = (self.store.x[:n] - mean) @ comps.T
+    def _score(self, x: np.ndarray, pos: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> None:
+        scores = (x - mean) @ comps.T
         for i in range(self.k):
-            self.results[f"score_{i + 1}"][self.store.pos[:n]] = scores[:, i]
-        self.results.components[...] = comps
-        self.results.mean[...] = mean
-        self.results.explained_variance_ratio[...] = self.basis.explained_variance_ratio
+            self.buffers[f"score_{i + 1}"][pos] = scores[:, i]

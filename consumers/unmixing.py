@@ -4,16 +4,15 @@ Three modes, chosen by the parameters:
 
 - **blind** (``n_components > 0``, no ``references``): vertex-initialised NMF. Each new spectrum
   gets its abundances by NNLS against the current components and updates them by one online HALS
-  step (:class:`~beamlens.consumers.spectral.nmf.OnlineNMF`, constant cost per spectrum). In the
-  background (:class:`~beamlens.consumers.spectral.background.Refitter`, never on the event path),
-  once ``min_points`` spectra exist and whenever the run has grown by ``refit_growth``, the whole
+  step (:func:`~beamlens.consumers.spectral.nmf.online_step`, constant cost per spectrum). In the
+  background (a job on the daemon's pool through ``run.submit``, never on the event path), once ``min_points`` spectra exist and whenever the run has grown by ``refit_growth``, the whole
   run so far is refitted: successive-projection picks of the purest spectra, HALS NMF, then
   (``pure_pixel_threshold``) each component replaced by the mean of the spectra it explains to at
   least that fraction, when there are ``min_pure_pixels`` of them (averaging the purest pixels
   removes the small cone expansion NMF makes to fit noisy pure pixels; measured on the corroding-
   steel map: first-derivative cosine 0.95 -> 0.98, abundance RMSE 0.04 -> 0.02), unless that raises
   the reconstruction error (:func:`pure_pixel_refinement`). At the end of the
-  run (``final_refit``) the last refit is made on all points.
+  run (``final_refit``, :meth:`UnmixingConsumer.finish`) the last refit is made on all points.
 - **reference** (``references`` given, ``n_components == 0``): known standards, preprocessed like
   the data, give the composition maps by NNLS (Lawson-Hanson) directly.
 - **hybrid** (both): the standards are held fixed and ``n_components`` more are learned (constrained
@@ -43,24 +42,34 @@ picks, NNDSVD-a, seeded random), each HALS run to convergence, and keep the lowe
 within ``tie_tolerance`` go to the first start: vertex picks on energy axes, NNDSVD-a otherwise).
 The sweeps and last relative loss change of the kept fit are published (``refit_sweeps``,
 ``refit_relative_change`` and their gauges) and logged at debug level.
+
+State (all declared buffers, see :class:`UnmixingConsumer`): the preprocessed spectra (private nav
+buffer ``spectra``), the point count, the online NMF sufficient statistics ``A = Σ w wᵀ`` and
+``B = Σ w x`` (Mairal et al., JMLR 11, 19 (2010)) and the components. Abundances, residuals, the
+reconstruction error and the library matches are derived from them by
+:meth:`UnmixingConsumer.results` (NNLS of every stored spectrum against the components). Refits
+work on the stored spectra in nav order, so the result after the final refit does not depend on
+the order the points arrived in, nor on how the run was split across instances and merged. Two
+parts of a run merge by summing ``A`` and ``B`` (after matching the parts' learned components by
+cosine), re-solving the components from the sums and re-anchoring them once over the merged
+spectra (``merge_reanchor``); tests/test_spectral_merge.py measures how close that comes to the
+sequential state before the final refit.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
-from .base import BufferSpec, NotApplicable
-from .spectral.background import Refitter
+from .base import Batch, Buffers, BufferSpec, NotApplicable, SignalInfo
 from .spectral.consumer import SpectralConsumer, SpectralParams
-from .spectral.incremental import PointStore
-from .spectral.nmf import OnlineNMF, abundances, fit_nmf, tail_scale, unit_derivatives
-from .spectral.preprocess import AxisKind, find_e0, normalize_edge
+from .spectral.nmf import abundances, fit_nmf, online_step, solve_components, tail_scale, unit_derivatives
+from .spectral.preprocess import AXIS_UNITS, AxisKind, find_e0, normalize_edge
 from .spectral.references import ReferenceSpectrum, read_reference_cached, vendored_library
 
 log = logging.getLogger(__name__)
@@ -117,6 +126,11 @@ class UnmixingParams(SpectralParams):
     (the spectra averaged were not really pure otherwise)."""
     final_refit: bool = True
     """Refit on all points at the end of the run."""
+    merge_reanchor: int = Field(1, ge=0, le=20)
+    """After merging two parts of a run (summed statistics, components re-solved), this many
+    alternations over the merged spectra: abundances by NNLS against the re-solved components,
+    statistics rebuilt from them, components re-solved (a part too small to see every phase
+    learns a spurious component whose statistics would otherwise pull the merged one)."""
     n_init: int = Field(3, ge=1, le=20)
     """Starts each background refit tries, keeping the lowest loss: successive-projection vertex
     picks, NNDSVD-a, then seeded random starts (1: vertex start only). The event path is unaffected."""
@@ -166,13 +180,12 @@ class UnmixingConsumer(SpectralConsumer):
     Params = UnmixingParams
     params: UnmixingParams
 
-    def setup(self, doc: Mapping[str, Any]) -> None:
-        super().setup(doc)
+    def setup(self, info: SignalInfo) -> None:
         p = self.params
         wrong = sorted({s.axis_kind for s in p.references} - {self.axis_name})
         if wrong:
             raise NotApplicable(f"references are on a {', '.join(wrong)} axis; this run's axis is {self.axis_name} "
-                                f"({self.run.axes[self.axis_name][1]})")
+                                f"({AXIS_UNITS[self.axis_name]})")
         try:
             self.ref_names, self.ref_raw = self._on_axis([s.load() for s in p.references], strict=True)
             if p.match_library is not None:  # matching applies to the axis kind the library declares
@@ -187,17 +200,15 @@ class UnmixingConsumer(SpectralConsumer):
             raise NotApplicable(f"reference spectra: {exc}") from None
         self.m = len(self.ref_names)
         self.k = self.m + p.n_components
-        self.store = PointStore(self.prep.n_out, n_extra=2)  # extra: |x|^2, |x - wH|^2
-        free = np.r_[np.zeros(self.m, dtype=bool), np.ones(p.n_components, dtype=bool)]
-        self.online = OnlineNMF(None, free)
-        self.refitter = Refitter(f"beamlens-unmixing-{self.run.uid[:8]}")
-        self.fixed: np.ndarray | None = None  # preprocessed references (m, c)
-        self.library_d: np.ndarray | None = None  # unit-norm d(mu)/dE of the match library (m, c)
-        self.scale_e0: float | None = None
-        self.last_fit_n = 0
-        self.sum_x2 = self.sum_r2 = 0.0  # Σ|x|², Σ|x - wH|² over the points so far
+        self.free = np.r_[np.zeros(self.m, dtype=bool), np.ones(p.n_components, dtype=bool)]
+        """Learned rows of the components (references first, held fixed)."""
+        self._prepared: tuple[float, np.ndarray, np.ndarray | None] | None = None
+        """Cache: (edge energy, preprocessed references (m, c), unit derivatives of the library)."""
+        self._refit_pending = False
+        """A refit job was submitted and not installed yet (scheduling only, not result state)."""
         self.refit_log: list[tuple[int, Any]] = []
-        """``(points fitted, FitInfo)`` of every installed refit (benchmarks, debugging)."""
+        """``(points fitted, FitInfo)`` of every refit installed by this instance (benchmarks,
+        debugging; diagnostics, not state: not checkpointed or merged)."""
 
     def _on_axis(self, refs: list[tuple[str, ReferenceSpectrum, float, str]], strict: bool) -> tuple[list[str], np.ndarray]:
         """Edge-normalise (absorption spectra on an energy axis), shift and resample references
@@ -206,7 +217,7 @@ class UnmixingConsumer(SpectralConsumer):
         (``strict``) or is dropped."""
         names, rows = [], []
         lo, hi = self.axis[0], self.axis[-1]
-        units = self.run.axes[self.axis_name][1]
+        units = AXIS_UNITS[self.axis_name]
         for name, ref, shift, _ in refs:
             e = ref.energy + shift
             if e[0] > lo + 1e-6 or e[-1] < hi - 1e-6:
@@ -219,16 +230,24 @@ class UnmixingConsumer(SpectralConsumer):
             rows.append(np.interp(self.prep.raw_axis, e, mu))
         return names, np.array(rows).reshape(len(rows), len(self.prep.raw_axis) if rows else 0)
 
-    def result_buffers(self) -> list[BufferSpec]:
+    def spectral_buffers(self) -> list[BufferSpec]:
         c = self.prep.n_out
         names = [*(f"reference {n}" for n in self.ref_names),
                  *(f"learned component {j + 1}" for j in range(self.params.n_components))]
         library = ", ".join(f"{i}={n}" for i, n in enumerate(self.lib_names)) or "none"
         units = self._abundance_units()
         specs = [
-            *(BufferSpec(f"abundance_{j + 1}", "nav", units=units, description=f"abundance of {names[j]}")
+            BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum",
+                       description="spectra stored"),
+            BufferSpec("last_fit_n", "single", (1,), dtype="int64", private=True, merge="max",
+                       description="spectra stored when the latest batch refit was snapshotted"),
+            BufferSpec("nmf_a", "single", (self.k, self.k), private=True,
+                       description="online NMF statistic A = sum of w w^T over the points (Mairal et al. 2010)"),
+            BufferSpec("nmf_b", "single", (self.k, c), private=True,
+                       description="online NMF statistic B = sum of w x over the points"),
+            *(BufferSpec(f"abundance_{j + 1}", "nav", units=units, merge=None, description=f"abundance of {names[j]}")
               for j in range(self.k)),
-            BufferSpec("residual", "nav", description="relative residual |x - wH| / |x|"),
+            BufferSpec("residual", "nav", merge=None, description="relative residual |x - wH| / |x|"),
             BufferSpec("components", "sig", (self.k, c), axis=self.axis_name,
                        description=f"component spectra ({self._component_scale_label()}): " + "; ".join(names)),
             BufferSpec("reconstruction_error", "single", (1,), metric="reconstruction_error_ratio",
@@ -236,7 +255,7 @@ class UnmixingConsumer(SpectralConsumer):
             BufferSpec("match_index", "single", (self.k,), dtype="int64",
                        description=f"best-matching library spectrum by first-derivative cosine (-1: none); library: {library}"),
             BufferSpec("match_cosine", "single", (self.k,), description="first-derivative cosine of the best match"),
-            BufferSpec("unmixing_fits", "single", (1,), dtype="int64", description="batch refits installed in this run"),
+            BufferSpec("unmixing_fits", "single", (1,), dtype="int64", merge="sum", description="batch refits installed in this run"),
             BufferSpec("refit_sweeps", "single", (1,), dtype="int64", metric="unmixing_refit_sweeps",
                        description="HALS sweeps of the kept start in the latest refit"),
             BufferSpec("refit_relative_change", "single", (1,), metric="unmixing_refit_relative_change_ratio",
@@ -246,81 +265,170 @@ class UnmixingConsumer(SpectralConsumer):
             specs.append(BufferSpec("point_weight", "nav", description="manifold weight (inverse local density, mean 1)"))
         return specs
 
-    # -- documents ---------------------------------------------------------------------------
-    def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
-        y, pos = self.preprocessed(doc, positions)
+    # -- the contract ------------------------------------------------------------------------
+    def process(self, batch: Batch, staged: object = None) -> bool:
+        """Store the batch's spectra; with components known, give them abundances by NNLS, add them
+        to the online statistics and update the learned components by one HALS sweep; submit a
+        batch refit when one is due. Returns False: abundances of earlier points are rederived
+        (:meth:`results`) when a refit is installed, after a merge and at the end of the run."""
+        b = self.buffers
+        y, pos, old = self.preprocessed(batch)
         if not len(y):
-            return
-        if self.fixed is None:
-            self._first_page(y)
-        self._install(self.refitter.poll())
-        n0 = self.store.n
-        x2 = np.einsum("ij,ij->i", y, y)
-        self.store.append(y, pos, np.stack([x2, np.zeros(len(y))], axis=1))
-        self.sum_x2 += x2.sum()
-        if self.online.h is not None:
-            self._online(slice(n0, self.store.n))
+            return False
+        b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())  # points measured for the first time
+        h = self._components()
+        if h is not None:
+            a, bb = self._statistics(b)
+            w = online_step(y, h, a, bb, self.free)
+            b.nmf_a[...], b.nmf_b[...] = a, bb
+            b.components[...] = h
+            self._write_points(y, pos, w, h)
+            self._publish_components(h)
+            self._publish_error()
         if self._refit_due():
-            self.refitter.request(self._fit, self._snapshot())
+            self._submit_refit()
+        return False
 
-    def stop(self, doc: Mapping[str, Any]) -> None:
-        if not hasattr(self, "store") or self.fixed is None:
+    def merge(self, dest: Buffers, src: Buffers) -> None:
+        """Spectra by ``fill``, counts and the online statistics ``A``, ``B`` by summing, after
+        ordering ``src``'s learned components like ``dest``'s (both parts number their learned
+        components independently: Hungarian assignment on cosine similarity); the learned
+        components are then re-solved from the summed statistics
+        (:func:`~beamlens.consumers.spectral.nmf.solve_components`, from ``dest``'s components, or
+        ``src``'s when ``dest`` has none), refined by ``merge_reanchor`` alternations over the
+        merged spectra and scaled like a refit's (unit edge step); abundances follow in
+        :meth:`results`.
+
+        Raises:
+            ValueError: see :meth:`SpectralConsumer.merge`.
+        """
+        h_dest, h_src = dest.components.copy(), src.components.copy()
+        super().merge(dest, src)
+        a_dest, b_dest = self._statistics(dest)
+        a_src, b_src = self._statistics(src)
+        if np.isfinite(h_dest).all() and np.isfinite(h_src).all():
+            order = self._alignment(h_dest, h_src)  # each part's statistics are in its own components
+            a_src, b_src = a_src[np.ix_(order, order)], b_src[order]
+        a, bb = a_dest + a_src, b_dest + b_src
+        dest.nmf_a[...], dest.nmf_b[...] = a, bb
+        h = h_dest if np.isfinite(h_dest).all() else h_src
+        if np.isfinite(h).all():
+            if self.free.any():
+                solve_components(h, a, bb, self.free)
+                x, _ = self.stored(dest)
+                for _ in range(self.params.merge_reanchor):
+                    w = abundances(x, h)
+                    a, bb = w.T @ w, w.T @ x
+                    solve_components(h, a, bb, self.free)
+                e0 = float(dest.prep_e0[0])
+                e0 = find_e0(self.energy, x.mean(axis=0)) if np.isnan(e0) and self.energy is not None and len(x) else e0
+                scale = np.where(self.free, self._scale(h, None if np.isnan(e0) else e0), 1.0)
+                h /= scale[:, None]  # the published convention (unit edge step); abundances scale inversely
+                a, bb = a * np.outer(scale, scale), bb * scale[:, None]
+                dest.nmf_a[...], dest.nmf_b[...] = a, bb
+            dest.components[...] = h
+
+    def _alignment(self, h_dest: np.ndarray, h_src: np.ndarray) -> np.ndarray:
+        """Index ``(K,)`` into ``h_src``'s rows matching each row of ``h_dest``: references stay, learned
+        components are assigned by maximal total cosine (``scipy.optimize.linear_sum_assignment``)."""
+        order = np.arange(self.k)
+        learned = np.flatnonzero(self.free)
+        if len(learned) > 1:
+            d, s = h_dest[learned], h_src[learned]
+            cos = (d @ s.T) / np.maximum(np.outer(np.linalg.norm(d, axis=1), np.linalg.norm(s, axis=1)), 1e-300)
+            order[learned] = learned[linear_sum_assignment(-cos)[1]]
+        return order
+
+    def results(self) -> None:
+        """Abundances of every stored spectrum by NNLS against the current components, residuals,
+        reconstruction error and library matches (a function of the buffers alone)."""
+        h = self._components()
+        if h is None:
             return
-        self._install(self.refitter.wait(timeout=300))
-        n = self.store.n
-        if self.params.final_refit and self.params.n_components and n >= self.k and n > self.last_fit_n:
-            self._install(self._fit(self._snapshot()))
+        x, pos = self.stored()
+        if len(pos):
+            self._write_points(x, pos, abundances(x, h), h)
+        self._publish_components(h)
+        self._publish_error()
+
+    def finish(self) -> None:
+        """The end-of-run refit on every stored spectrum (``final_refit``), via the daemon's pool."""
+        n, p = int(self.buffers.n_points[0]), self.params
+        if p.final_refit and p.n_components and n >= self.k and n > int(self.buffers.last_fit_n[0]):
+            self._submit_refit()
 
     # -- internals ---------------------------------------------------------------------------
-    def _first_page(self, y: np.ndarray) -> None:
-        """Preprocess the references exactly like the data (E0 is known after the first page)."""
-        if self.energy is not None:
-            self.scale_e0 = self.prep.e0 if self.prep.e0 is not None else find_e0(self.energy, y.mean(axis=0))
-        self.fixed = self.prep(self.ref_raw)[0] if self.m else np.zeros((0, self.prep.n_out))
-        if len(self.lib_names):  # unit first derivatives, once per run
-            self.library_d = unit_derivatives(self.prep(self.lib_raw)[0], self.axis)
-        if self.params.n_components == 0:  # reference mode: nothing to learn
-            self.online.reset(np.zeros((0, self.m)), np.zeros((0, self.prep.n_out)), self.fixed)
-            self._publish_components()
+    def _prepare(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """References preprocessed like the data (with the run's edge energy once known) and the
+        match library's unit first derivatives: configuration derived from ``prep_e0``, cached."""
+        e0 = float(self.buffers.prep_e0[0])
+        if np.isnan(e0) and self.prep.mode in ("pre_edge", "edge"):
+            raise RuntimeError("references are edge-normalised at the run's edge energy, not known before the first spectrum")
+        if self._prepared is None or not (self._prepared[0] == e0 or (np.isnan(e0) and np.isnan(self._prepared[0]))):
+            e = None if np.isnan(e0) else e0
+            fixed = self.prep(self.ref_raw, e0=e)[0] if self.m else np.zeros((0, self.prep.n_out))
+            lib = unit_derivatives(self.prep(self.lib_raw, e0=e)[0], self.axis) if len(self.lib_names) else None
+            self._prepared = (e0, fixed, lib)
+        return self._prepared[1], self._prepared[2]
 
-    def _online(self, rows: slice) -> None:
-        x = self.store.x[rows]
-        w = self.online.partial_fit(x)
-        self._write_points(rows, w)
-        self._publish_components()
+    def _components(self) -> np.ndarray | None:
+        """Current components ``(K, c)`` (a copy): the buffer, or in reference mode the
+        preprocessed references; None before the first refit."""
+        h = self.buffers.components
+        if np.isfinite(h).all():
+            return h.copy()
+        if self.params.n_components == 0 and np.isfinite(self.buffers.prep_e0[0]) == (self.prep.mode in ("pre_edge", "edge")):
+            return self._prepare()[0].copy()
+        return None
 
-    def _write_points(self, rows: slice | np.ndarray, w: np.ndarray) -> None:
-        x = self.store.x[rows]
-        pos = self.store.pos[rows]
-        d = x - w @ self.online.h
+    @staticmethod
+    def _statistics(b: Buffers) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, B)`` copies, zero where nothing was added yet (allocation fills NaN)."""
+        return np.nan_to_num(b.nmf_a, nan=0.0), np.nan_to_num(b.nmf_b, nan=0.0)
+
+    def _write_points(self, x: np.ndarray, pos: np.ndarray, w: np.ndarray, h: np.ndarray) -> None:
+        b = self.buffers
+        d = x - w @ h
         r2 = np.einsum("ij,ij->i", d, d)
-        self.sum_r2 += r2.sum() - self.store.extra[rows, 1].sum()  # running sums: O(rows), not O(run)
-        self.store.extra[rows, 1] = r2
+        x2 = np.einsum("ij,ij->i", x, x)
         for j in range(self.k):
-            self.results[f"abundance_{j + 1}"][pos] = w[:, j]
-        self.results.residual[pos] = np.sqrt(r2 / np.maximum(self.store.extra[rows, 0], 1e-300))
-        self.results.reconstruction_error[0] = np.sqrt(self.sum_r2 / self.sum_x2) if self.sum_x2 > 0 else np.nan
+            b[f"abundance_{j + 1}"][pos] = w[:, j]
+        b.residual[pos] = np.sqrt(r2 / np.maximum(x2, 1e-300))
 
-    def _publish_components(self) -> None:
-        h = self.online.h
-        self.results.components[...] = h
-        if self.library_d is not None and len(self.library_d):
-            cos = unit_derivatives(h, self.axis) @ self.library_d.T
-            self.results.match_index[...] = np.argmax(cos, axis=1)
-            self.results.match_cosine[...] = cos.max(axis=1)
+    def _publish_error(self) -> None:
+        """``sqrt(Σ r² / Σ |x|²)`` over the stored points, from the per-point residuals."""
+        x, pos = self.stored()
+        x2 = np.einsum("ij,ij->i", x, x)
+        r = self.buffers.residual[pos]
+        ok = np.isfinite(r)
+        total = float(x2[ok].sum())
+        self.buffers.reconstruction_error[0] = np.sqrt(float((r[ok] ** 2 * x2[ok]).sum()) / total) if total > 0 else np.nan
+
+    def _publish_components(self, h: np.ndarray) -> None:
+        b = self.buffers
+        b.components[...] = h
+        library_d = self._prepare()[1]
+        if library_d is not None and len(library_d):
+            cos = unit_derivatives(h, self.axis) @ library_d.T
+            b.match_index[...] = np.argmax(cos, axis=1)
+            b.match_cosine[...] = cos.max(axis=1)
         else:
-            self.results.match_index[...] = -1
+            b.match_index[...] = -1
 
     def _refit_due(self) -> bool:
-        n, p = self.store.n, self.params
-        if p.n_components == 0 or n < max(p.min_points, self.k) or self.refitter.busy:
+        n, p = int(self.buffers.n_points[0]), self.params
+        if p.n_components == 0 or n < max(p.min_points, self.k) or self._refit_pending:
             return False
-        return n >= p.refit_growth * max(self.last_fit_n, 1)
+        return n >= p.refit_growth * max(int(self.buffers.last_fit_n[0]), 1)
 
-    def _snapshot(self) -> tuple[np.ndarray, int]:
-        n = self.store.n
-        self.last_fit_n = n
-        return self.store.x[:n], n  # rows [:n] are never rewritten
+    def _submit_refit(self) -> None:
+        """Snapshot the stored spectra (copies, nav order) and submit a batch refit."""
+        x, pos = self.stored()
+        fixed = self._prepare()[0]
+        e0 = float(self.buffers.prep_e0[0])
+        self._refit_pending = True
+        self.run.submit(self._fit, x, pos, int(self.buffers.n_points[0]), fixed, None if np.isnan(e0) else e0,
+                        then=self._install)
 
     def _abundance_units(self) -> str:
         return "edge step" if self.axis_name == "energy" else f"unit-{self._norm_kind()} pattern"
@@ -331,7 +439,7 @@ class UnmixingConsumer(SpectralConsumer):
     def _component_scale_label(self) -> str:
         return "unit edge step" if self.axis_name == "energy" else f"unit {self._norm_kind()}"
 
-    def _scale(self, h: np.ndarray) -> np.ndarray:
+    def _scale(self, h: np.ndarray, e0: float | None) -> np.ndarray:
         """Per-component scale ``(K,)``: to unit edge step on energy axes (see the module docstring),
         else to unit max / area / L2 like the normalised patterns (max when not normalised), so
         abundances are the patterns' fractions."""
@@ -339,46 +447,63 @@ class UnmixingConsumer(SpectralConsumer):
             s = self.prep.signal_scale(h) if self.prep.mode in ("area", "l2") else h.max(axis=1)
             return np.where(s > EPS_SCALE, s, 1.0)
         fallback = tail_scale(h)
-        if self.scale_e0 is None:
+        if e0 is None:
             return fallback
-        step = self.prep.edge_step(h, self.scale_e0)
+        step = self.prep.edge_step(h, e0)
         return np.where(step > 1e-9, step, fallback)
 
-    def _fit(self, snap: tuple[np.ndarray, int]) -> dict[str, Any]:
-        """Background (refit thread): vertex-initialised NMF of the snapshot."""
-        x, n = snap
+    def _fit(self, x: np.ndarray, pos: np.ndarray, n: int, fixed: np.ndarray, e0: float | None) -> dict[str, Any]:
+        """Background (daemon pool; reads configuration only, never buffers): vertex-initialised
+        NMF of a snapshot.
+
+        Args:
+            x: ``(n, c)`` float64 stored spectra (a copy, nav order); pos: ``(n,)`` their nav
+            indices; n: spectra stored at the snapshot; fixed: ``(m, c)`` preprocessed references;
+            e0: the run's edge energy (eV) when the preprocessing found or was given one; else the
+            components are scaled at the edge of the snapshot's mean spectrum.
+
+        Returns:
+            the refit: ``h`` ``(K, c)`` (learned rows at unit scale), ``a``, ``b`` (its statistics),
+            ``weights`` ``(n,)`` or None, ``info`` (:class:`FitInfo`), ``pos``, ``n``.
+        """
         p = self.params
         weights = density_weights(x, p.n_neighbors, self.k) if p.manifold_weighted else None
         first = p.first_start if p.first_start != "auto" else ("spa" if self.axis_name == "energy" else "nndsvda")
-        w, h, info = fit_nmf(x, p.n_components, self.fixed, weights=weights, n_init=p.n_init,
+        w, h, info = fit_nmf(x, p.n_components, fixed, weights=weights, n_init=p.n_init,
                              n_iter=p.max_sweeps, tol=p.tol, first=first, tie_tolerance=p.tie_tolerance)
         log.debug("unmixing refit of run %s on %d spectra: kept start %s after %d sweep(s), relative change %.3g, "
                   "loss %.6g", self.run.uid, n, info.init, info.iterations, info.rel_change, info.loss)
-        free = self.online.free
         if p.pure_pixel_threshold is not None:
-            w, h = pure_pixel_refinement(x, w, h, free, p.pure_pixel_threshold, p.min_pure_pixels,
+            w, h = pure_pixel_refinement(x, w, h, self.free, p.pure_pixel_threshold, p.min_pure_pixels,
                                          p.pure_pixel_max_loss_increase)
-        s = np.where(free, self._scale(h), 1.0)
+        if e0 is None and self.energy is not None:
+            e0 = find_e0(self.energy, x.mean(axis=0))
+        s = np.where(self.free, self._scale(h, e0), 1.0)
         h, w = h / s[:, None], w * s
-        return {"w": w, "h": h, "n": n, "a": w.T @ w, "b": w.T @ x, "weights": weights, "info": info}
+        return {"h": h, "a": w.T @ w, "b": w.T @ x, "weights": weights, "info": info, "pos": pos, "n": n}
 
-    def _install(self, fit: dict[str, Any] | None) -> None:
-        """Adopt a finished refit: its components, the abundances of the points it covered, then
-        the online step for points that arrived while it ran."""
-        if fit is None:
+    def _install(self, fit: dict[str, Any]) -> None:
+        """Adopt a finished refit (daemon thread): its components and statistics, the online step
+        for the spectra stored since its snapshot, then every abundance rederived. A refit older
+        than the installed one is dropped."""
+        self._refit_pending = False
+        b = self.buffers
+        if fit["n"] < int(b.last_fit_n[0]):
             return
-        n = fit["n"]
-        self.online.h, self.online.a, self.online.b = fit["h"], fit["a"], fit["b"]
-        self._write_points(slice(0, n), fit["w"])
+        h, a, bb = fit["h"].copy(), fit["a"].copy(), fit["b"].copy()
+        x, pos = self.stored()
+        later = ~np.isin(pos, fit["pos"])
+        if later.any():
+            online_step(x[later], h, a, bb, self.free)
+        b.components[...], b.nmf_a[...], b.nmf_b[...] = h, a, bb
+        b.last_fit_n[0] = fit["n"]
         if fit["weights"] is not None:
-            self.results.point_weight[self.store.pos[:n]] = fit["weights"]
-        self._publish_components()
-        self.results.unmixing_fits[0] += 1
-        self.results.refit_sweeps[0] = fit["info"].iterations
-        self.refit_log.append((n, fit["info"]))  # one entry per installed refit (a few per run: growth is geometric)
-        self.results.refit_relative_change[0] = fit["info"].rel_change
-        if self.store.n > n:
-            self._online(slice(n, self.store.n))
+            b.point_weight[fit["pos"]] = fit["weights"]
+        b.unmixing_fits[0] += 1
+        b.refit_sweeps[0] = fit["info"].iterations
+        b.refit_relative_change[0] = fit["info"].rel_change
+        self.refit_log.append((fit["n"], fit["info"]))  # one entry per installed refit (geometric growth: a few)
+        self.results()
 
 
 def pure_pixel_refinement(x: np.ndarray, w: np.ndarray, h: np.ndarray, free: np.ndarray, threshold: float,

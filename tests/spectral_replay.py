@@ -86,11 +86,11 @@ def replay(consumers_yaml: str, data: SpectralMap, *, order: np.ndarray | None =
 
 
 def _settle(router: Router, store: RunStore, uid: str, timeout: float) -> None:
+    """Wait until the router is idle and every background job of the run's consumers (refits on
+    the daemon's pool) has been installed."""
     assert router.wait_idle(timeout), "router did not finish in time"
     deadline = time.monotonic() + timeout
     for slot in store.get(uid).slots:
-        for name in ("refitter", "pca_refitter"):
-            refitter = getattr(slot.consumer, name, None)
-            while refitter is not None and refitter.busy:
-                assert time.monotonic() < deadline, f"{slot.name}.{name} still fitting"
-                time.sleep(0.01)
+        while slot.jobs:
+            assert time.monotonic() < deadline, f"{slot.name}: background jobs still running"
+            time.sleep(0.01)

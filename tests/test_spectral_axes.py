@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from beamlens.consumers.base import NotApplicable, RunInfo
+from beamlens.consumers.base import NotApplicable, RunInfo, SignalInfo
 from beamlens.consumers.spectral.preprocess import Preprocessor, PreprocessParams, axis_kind_of, signal_axis
 from beamlens.consumers.unmixing import UnmixingConsumer, UnmixingParams
 from beamlens.daemon.sim.datasets import SpectralMap
@@ -71,15 +71,16 @@ def test_normalisations_and_their_defaults():
 
 def test_edge_step_on_a_diffraction_axis_sits_out_and_references_need_their_axis_kind():
     d = descriptor("det_tth", np.linspace(10, 50, 40))
+    info = SignalInfo("pattern", "event", (40,), "float64", descriptor=d)
     c = UnmixingConsumer(UnmixingParams(n_components=2, preprocess={"normalize": "edge_step"}), RunInfo("u", (4,), {}))
     with pytest.raises(NotApplicable, match="energy axis"):
-        c.descriptor(d)
+        c.signal(info)
     refs = [{"path": "xasdatalibrary/Hansel2001_goethite_xanes_003.xdi"}]
     c = UnmixingConsumer(UnmixingParams(n_components=1, references=refs), RunInfo("u", (4,), {}))
     with pytest.raises(NotApplicable, match="references are on a energy axis; this run's axis is two_theta"):
-        c.descriptor(d)
+        c.signal(info)
     c = UnmixingConsumer(UnmixingParams(n_components=2), RunInfo("u", (4,), {}))
-    c.descriptor(d)
+    c.signal(info)
     assert c.lib_names == []  # the Fe K-edge library is an energy library: no matching on 2-theta
 
 

@@ -60,31 +60,35 @@ def test_incremental_pca_matches_batch_pca():
 
 def test_mlle_fits_run_off_the_router_thread_when_threaded(monkeypatch):
     threads: list[str] = []
-    real = embedding_module.fit_manifold
+    real = embedding_module.embed
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(embedding_module, "fit_manifold", recording)
+    monkeypatch.setattr(embedding_module, "embed", recording)
     r = replay(embedding_yaml(final_refit="false", refit_in_process="false"), reaction_path_map(seed=2))
-    assert threads and all(name.startswith("beamlens-embedding-") for name in threads), threads
+    # on the daemon's job pool, never on the router thread
+    assert threads and all(name.startswith("beamlens-pool") for name in threads), threads
     assert int(r.get("emb", "embedding_fits")[0]) >= 1
     assert np.isfinite(r.get("emb", "progress")).all()  # every point mapped, in sample or out of sample
 
 
-def test_mlle_refits_run_in_a_worker_process_that_ends_with_the_run():
+def test_mlle_refits_run_in_a_worker_process_that_ends_with_its_job(monkeypatch):
+    """With ``refit_in_process`` each pool job computes its fit in a worker process of its own
+    (another pid), and that process is gone when the job has returned: none outlives the run."""
+    pids: list[int] = []
+    real = embedding_module.in_worker
+
+    def recording(fn, *args):
+        pids.append(real(os.getpid))  # the worker this job would use: a process other than ours
+        return real(fn, *args)
+
+    monkeypatch.setattr(embedding_module, "in_worker", recording)
     data = reaction_path_map(seed=2)
-    r = replay(embedding_yaml(final_refit="false"), data, stop=False, settle_after=120)
-    consumer = r.consumer("emb")
-    refitter = consumer.refitter
-    assert refitter.process and refitter.fits_done >= 1
-    pid = refitter.worker_pid
-    assert pid is not None and pid != os.getpid()
-    assert pid in {p.pid for p in multiprocessing.active_children()}
-    r.router.stop()  # closes the open run (incomplete): the consumer's stop ends its worker
-    assert refitter.worker_pid is None
-    assert pid not in {p.pid for p in multiprocessing.active_children()}
+    r = replay(embedding_yaml(final_refit="false"), data, settle_after=120)
+    assert pids and os.getpid() not in pids
+    assert not {p.pid for p in multiprocessing.active_children()} & set(pids)
     assert int(r.get("emb", "embedding_fits")[0]) >= 1
     assert np.isfinite(r.get("emb", "progress")).all()
 

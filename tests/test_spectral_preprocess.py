@@ -100,16 +100,16 @@ def test_a_reference_that_does_not_cover_the_window_sits_the_run_out(steel):
 
 
 def test_energy_axis_from_config_when_the_descriptor_has_none(steel):
-    from beamlens.consumers.base import Results, RunInfo
+    from beamlens.consumers.base import Buffers, RunInfo, SignalInfo
     from beamlens.consumers.unmixing import UnmixingConsumer, UnmixingParams
 
     descriptor = {"data_keys": {"spectrum": {"dtype": "array", "shape": [400], "source": "sim"}}, "configuration": {}}
+    info = SignalInfo("spectrum", "event", (400,), "float64", descriptor=descriptor)
     bare = UnmixingConsumer(UnmixingParams(n_components=2), RunInfo("u", (4,), {}))
-    bare.descriptor(descriptor)
-    assert bare.energy is None and [s.axis for s in bare.result_buffers() if s.name == "components"] == ["pixel"]
+    specs = bare.signal(info)
+    assert bare.energy is None and [s.axis for s in specs if s.name == "components"] == ["pixel"]
     assert bare.run.axes["pixel"][1] == "px" and bare.prep.mode == "max"  # no axis: channel index, max-normalised
     given = UnmixingConsumer(UnmixingParams(n_components=2, preprocess={"energy_range": (7070, 7240)}), RunInfo("u", (4,), {}))
-    given.descriptor(descriptor)
+    given.buffers = Buffers.allocate(given.signal(info), 4)
     np.testing.assert_allclose(given.energy, steel.energy)
-    given.results = Results({s.name: s.allocate(4) for s in given.result_buffers()})
     assert given.run.axes["energy"][1] == "eV"

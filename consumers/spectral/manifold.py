@@ -81,9 +81,19 @@ def _fix_signs(y: np.ndarray, edge: np.ndarray) -> np.ndarray:
     return y
 
 
-def fit_manifold(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_components: int = 2,
-                 n_pca: int = 10, reg: float = 1e-3) -> ManifoldModel:
-    """Fit the embedding to spectra ``x`` ``(n, c)`` with edge energies ``edge`` ``(n,)`` (eV).
+def _projection(x: np.ndarray, n_pca: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean (c,), components (p, c), scores (n, p))`` of the top ``n_pca`` principal components."""
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:min(n_pca, len(vt))]
+    return mean, comps, (x - mean) @ comps.T
+
+
+def embed(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_components: int = 2, n_pca: int = 10,
+          reg: float = 1e-3) -> np.ndarray:
+    """mLLE coordinates ``(n, n_components)`` float64 of spectra ``x`` ``(n, c)`` with edge energies
+    ``edge`` ``(n,)`` (eV): signed (see the module docstring) and scaled to [0, 1]. Deterministic:
+    the same rows in the same order give the same coordinates.
 
     Raises:
         ValueError: fewer than ``n_neighbors + 1`` spectra, or ``n_neighbors < n_components``.
@@ -91,21 +101,38 @@ def fit_manifold(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_co
     n = len(x)
     if n <= n_neighbors:
         raise ValueError(f"mLLE with {n_neighbors} neighbours needs more than {n_neighbors} spectra, got {n}")
-    mean = x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    comps = vt[:min(n_pca, len(vt))]
-    z = (x - mean) @ comps.T
+    z = _projection(x, n_pca)[2]
     lle = LocallyLinearEmbedding(n_neighbors=n_neighbors, n_components=n_components, method="modified",
                                  eigen_solver="dense", reg=reg, random_state=0)
     y = _fix_signs(lle.fit_transform(z), edge)
     lo, hi = y.min(axis=0), y.max(axis=0)
-    y = (y - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return (y - lo) / np.where(hi > lo, hi - lo, 1.0)
+
+
+def model_from(x: np.ndarray, y: np.ndarray, *, n_neighbors: int = 12, n_pca: int = 10, reg: float = 1e-3) -> ManifoldModel:
+    """The out-of-sample model of an embedding: fitted spectra ``x`` ``(n, c)`` and their
+    coordinates ``y`` ``(n, d)`` (from :func:`embed`); everything else (projection, k-d tree,
+    leave-one-out residuals) is recomputed from them, so a model rebuilt from stored buffers
+    equals the one made at the fit."""
+    mean, comps, z = _projection(x, n_pca)
     tree = cKDTree(z)
     idx = tree.query(z, n_neighbors + 1)[1][:, 1:]  # leave each point out
     w = barycenter_weights(z, z[idx], reg)
     loo = np.linalg.norm(x - np.einsum("nk,nkc->nc", w, x[idx]), axis=1)
     baseline = float(np.median(loo)) or 1.0
     return ManifoldModel(mean, comps, tree, z, x, y, n_neighbors, reg, baseline, loo / baseline)
+
+
+def fit_manifold(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_components: int = 2,
+                 n_pca: int = 10, reg: float = 1e-3) -> ManifoldModel:
+    """Fit the embedding to spectra ``x`` ``(n, c)`` with edge energies ``edge`` ``(n,)`` (eV):
+    :func:`embed`, then :func:`model_from`.
+
+    Raises:
+        ValueError: fewer than ``n_neighbors + 1`` spectra, or ``n_neighbors < n_components``.
+    """
+    y = embed(x, edge, n_neighbors=n_neighbors, n_components=n_components, n_pca=n_pca, reg=reg)
+    return model_from(x, y, n_neighbors=n_neighbors, n_pca=n_pca, reg=reg)
 
 
 def transform(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,11 +12,12 @@ abundances and ``H >= 0`` ``(k, n_channels)`` component spectra (Lee & Seung, Na
   E92-A, 708 (2009); Gillis & Glineur, Neural Comput. 24, 1085 (2012)), with rows of ``H`` that may
   be held fixed (known standards: the constrained NMF of Maffettone et al., Appl. Phys. Rev. 8,
   041410 (2021)) and optional per-point weights on the ``H`` update.
-- :class:`OnlineNMF`: the streaming form (Mairal, Bach, Ponce & Sapiro, JMLR 11, 19 (2010)): each
+- :func:`online_step`: the streaming form (Mairal, Bach, Ponce & Sapiro, JMLR 11, 19 (2010)): each
   new spectrum gets its abundances by NNLS against the current ``H``, is added to the sufficient
   statistics ``A = Σ w wᵀ`` (k, k) and ``B = Σ w x`` (k, n_channels), and one HALS sweep updates
   ``H`` from ``A`` and ``B`` alone: the cost per spectrum is ``O(k² n_channels)``, independent of
-  the number of points seen. Periodic batch refits (:func:`fit_nmf`, on all points, vertex
+  the number of points seen; :func:`solve_components` solves the ``H`` update to convergence from
+  ``A`` and ``B`` (after merging the statistics of two parts of a run, which add). Periodic batch refits (:func:`fit_nmf`, on all points, vertex
   initialised) re-anchor it; the consumer runs them off the event path.
 """
 from __future__ import annotations
@@ -286,46 +287,44 @@ def tail_scale(h: np.ndarray, tail_fraction: float = 0.2) -> np.ndarray:
     return np.where(s > EPS, s, np.maximum(h.max(axis=1), EPS))
 
 
-@dataclass
-class OnlineNMF:
-    """Streaming NMF state (see the module docstring).
+def online_step(x: np.ndarray, h: np.ndarray, a: np.ndarray, b: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """One online NMF step (Mairal et al. 2010) for new spectra ``x`` ``(n, c)``, in place.
 
-    Attributes:
-        h: ``(k_total, c)`` current components (known ones first), or None before initialisation.
-        free: bool ``(k_total,)`` learned rows.
-        a: ``(k, k)`` Σ w wᵀ; b: ``(k, c)`` Σ w x — the sufficient statistics of the ``H`` update.
-        forget: factor applied to ``a`` and ``b`` before each new batch (1: all points weigh the same).
+    Abundances by NNLS against the current components ``h`` ``(K, c)``; they are added to the
+    sufficient statistics ``a = Σ w wᵀ`` ``(K, K)`` and ``b = Σ w x`` ``(K, c)``, and one HALS sweep
+    updates the free rows of ``h`` from ``a`` and ``b`` alone (``O(K² c)``, independent of the points
+    seen). With no free row (reference mode) only the abundances are computed.
+
+    Returns:
+        ``(n, K)`` float64 abundances in the components before the sweep.
     """
+    w = abundances(x, h)
+    if free.any():
+        a += w.T @ w
+        b += w.T @ x
+        _update_h(h, a, b, free)
+    return w
 
-    h: np.ndarray | None
-    free: np.ndarray
-    a: np.ndarray | None = None
-    b: np.ndarray | None = None
-    forget: float = 1.0
 
-    def reset(self, w: np.ndarray, x: np.ndarray, h: np.ndarray) -> None:
-        """Adopt a batch solution ``(W, H)`` of spectra ``x`` and rebuild the statistics."""
-        self.h = h.copy()
-        self.a = w.T @ w
-        self.b = w.T @ x
+def solve_components(h: np.ndarray, a: np.ndarray, b: np.ndarray, free: np.ndarray, *, n_iter: int = 1000,
+                     tol: float = 1e-9) -> int:
+    """The dictionary update of online NMF solved to convergence, in place: the free rows of ``h``
+    ``(K, c)`` minimising ``½ tr(H a Hᵀ) - tr(bᵀ H)`` over ``H >= 0`` (the part of ``Σ ||x - w H||²``
+    that depends on ``H``), by HALS sweeps from ``h`` until no entry moves by more than ``tol`` of
+    the largest (or ``n_iter`` sweeps). With ``a`` positive definite the minimiser is unique, so the
+    result depends on the statistics, not on the start: merged statistics (sums of the parts'
+    ``a`` and ``b``) give the components of all the parts' points together.
 
-    def partial_fit(self, x: np.ndarray) -> np.ndarray:
-        """Abundances of new spectra ``x`` ``(n, c)`` by NNLS, then one HALS sweep of ``H``.
-
-        Returns:
-            ``(n, k)`` abundances in the components before the sweep.
-
-        Raises:
-            RuntimeError: before :meth:`reset` (no components yet).
-        """
-        if self.h is None or self.a is None:
-            raise RuntimeError("OnlineNMF has no components yet")
-        w = abundances(x, self.h)
-        if self.free.any():
-            self.a = self.forget * self.a + w.T @ w
-            self.b = self.forget * self.b + w.T @ x
-            _update_h(self.h, self.a, self.b, self.free)
-        return w
+    Returns:
+        sweeps made.
+    """
+    it = 0
+    for it in range(1, n_iter + 1):
+        before = h.copy()
+        _update_h(h, a, b, free)
+        if np.abs(h - before).max() <= tol * max(float(np.abs(h).max()), EPS):
+            break
+    return it
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -345,11 +345,13 @@ class Preprocessor:
         """Channels per preprocessed spectrum."""
         return int(self.window.sum())
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, e0: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Preprocess a page.
 
         Args:
             x: float ``(n, c)`` raw spectra.
+            e0: edge energy (eV) of the run's edge normalisation, when known (a consumer keeps it
+                in a buffer); else :attr:`e0`, found on the first page that needs it.
 
         Returns:
             ``(y, ok, no_edge)``: ``y`` float64 ``(n, n_out)`` (rows where ``ok`` is False are
@@ -359,6 +361,8 @@ class Preprocessor:
         x = np.array(x, dtype=np.float64)
         ok = repair_nonfinite(x, self.params.max_nonfinite_fraction)
         no_edge = np.zeros(len(x), dtype=bool)
+        if e0 is not None:
+            self.e0 = e0
         if self.mode in ("pre_edge", "edge") and ok.any():
             x, no_edge = self._normalize(x, ok)
             ok &= ~no_edge
