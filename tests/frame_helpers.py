@@ -73,7 +73,7 @@ def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
     with SimulatedMicroscope(n_frames=n_frames, rate_hz=None, seed=seed) as scope:
         daemon = make_daemon(daemon_yaml(
             [frame_source_yaml("stem", "array-1.0", scope.address)],
-            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
+            consumers="  - {name: defects, class: defects, params: {fit_after: 8}}\n"))
         scope.start()
         scope.join(60)
         wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n_frames, timeout=120)

@@ -13,7 +13,6 @@ from beamlens.daemon.metrics import Metrics
 from beamlens.daemon.results import RunStore
 from beamlens.daemon.router import Router
 from beamlens.daemon.sim.datasets import corroding_steel_map
-from defects_helpers import make_consumer
 from helpers import map_run_documents
 
 CONSUMERS = """
@@ -69,22 +68,3 @@ def test_router_restart_resumes_every_spectral_consumer(tmp_path):
     for consumer, buffer in [("pca", "score_1"), ("embedding", "progress"), ("unmixing", "abundance_1")]:
         assert np.isfinite(store.snapshot(uid, consumer, buffer).data).all(), (consumer, buffer)
     assert not list((tmp_path / "state").glob("*.ckpt"))
-
-
-def test_defects_consumer_round_trip_gives_the_uninterrupted_result():
-    from beamlens.models.stem_sim import Movie, MovieParams
-
-    frames = np.array([f for f, _ in Movie(MovieParams(), seed=3).frames(24)])
-    whole, info = make_consumer(frames.shape[1:], len(frames), fit_after=20, background=False)
-    whole.frames(frames, np.arange(len(frames)), info)
-    whole.stop({})
-
-    first, info = make_consumer(frames.shape[1:], len(frames), fit_after=20, background=False)
-    first.frames(frames[:12], np.arange(12), info)
-    state = pickle.dumps(first)
-    resumed = pickle.loads(state)
-    resumed.restored(RunInfo(uid="test", nav_shape=(24,), start_doc={}), Results(first.results.__dict__))
-    resumed.frames(frames[12:], np.arange(12, 24), info)
-    resumed.stop({})
-    for name in ("counts", "total", "transition_matrix", "diffusion"):
-        np.testing.assert_array_equal(np.nan_to_num(resumed.results[name]), np.nan_to_num(whole.results[name]), err_msg=name)
