@@ -37,6 +37,7 @@ end of a series in the same way.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ from beamlens.models.defect_net import MODELS, DefectNet, find_defects, load_car
 
 from .base import BadData, Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .tracking import DefectTracker, diffusion, transition_matrix
+
+log = logging.getLogger(__name__)
 
 #: Series-metadata keys read, in order, for the time between frames when ``frame_time_s`` is not set.
 FRAME_TIME_KEYS = ("frame_time_s", "frame_time", "frame_period_s")
@@ -343,16 +346,22 @@ class DefectsConsumer(Consumer):
         b.density_map[...] = b.map_counts / (b.frames_analysed[0] * p.map_bin_px**2)
 
     def finish(self) -> None:
-        """End of the series: classify the frames still held, if they have enough defects."""
+        """End of the series: classify the frames still held, if they have enough defects (the fit
+        runs on the daemon's pool; its result is installed, and the held frames analysed, on the
+        daemon's thread)."""
         b = self.buffers
         if "held_n" not in b or b.held_n[0] == 0 or b.pca_k[0] > 0:
             return
-        if not self._fit_held():
+        if not self._enough_held():
             n = int(b.held_frames[:b.held_n[0], 2].sum())
             self.log.info("only %d defects in the series: too few to classify", n)
             self.run.skipped("too_few_defects", int(b.held_n[0]))
             b.held_n[0] = 0
             return
+        self.run.submit(fit_classes, self._held_x(self._no_patches()), self.params, then=self._finished_fit)
+
+    def _finished_fit(self, fit: ClassFit) -> None:
+        self._install(fit, int(self.buffers.held_n[0]))
         self._drain()
         self.results()
 
@@ -378,7 +387,8 @@ class DefectsConsumer(Consumer):
     def _held_full(self) -> None:
         """``hold_frames`` frames held and not enough defects for ``fit_after``: fit on them if
         possible, else drop the oldest held frame (counted)."""
-        if self._fit_held():
+        if self._enough_held():
+            self._first_fit(self._no_patches())
             return
         b = self.buffers
         held = self._held()[1:]
@@ -387,14 +397,14 @@ class DefectsConsumer(Consumer):
             self._hold(*item)
         self.run.skipped("too_few_defects", 1)
 
-    def _fit_held(self) -> bool:
-        """Fit on the held defects alone if they are at least ``n_classes`` and ``pca_components``."""
+    def _enough_held(self) -> bool:
+        """Whether the held defects alone are enough to fit on (``n_classes`` and ``pca_components``)."""
         b, p = self.buffers, self.params
         n = int(b.held_frames[:b.held_n[0], 2].sum())
-        if n < p.n_classes or n < p.pca_components or n < 2:
-            return False
-        self._first_fit(np.empty((0, p.patch_px, p.patch_px), dtype=np.float32))
-        return True
+        return n >= max(p.n_classes, p.pca_components, 2)
+
+    def _no_patches(self) -> np.ndarray:
+        return np.empty((0, self.params.patch_px, self.params.patch_px), dtype=np.float32)
 
     def _drain(self) -> None:
         held = self._held()
@@ -423,38 +433,31 @@ class DefectsConsumer(Consumer):
     def _project(self, patches: np.ndarray) -> np.ndarray:
         """PCA features float64 ``(m, pca_k)`` of float ``(m, p, p)`` patches."""
         b = self.buffers
-        k = int(b.pca_k[0])
-        x = patches.reshape(len(patches), b.pca_mean.shape[0]).astype(np.float64)
-        return (x - b.pca_mean) @ b.pca_components[:k].T
+        return project(patches.reshape(len(patches), -1), b.pca_mean, b.pca_components[:int(b.pca_k[0])])
+
+    def _held_x(self, current: np.ndarray) -> np.ndarray:
+        """float64 ``(n, p * p)``: the held patches, oldest first, then ``current`` (``(m, p, p)``)."""
+        d = self.params.patch_px ** 2
+        return np.concatenate([q.reshape(-1, d) for *_, q in self._held()] + [current.reshape(-1, d)]).astype(np.float64)
 
     def _first_fit(self, current: np.ndarray) -> None:
         """Fit PCA and the mixture on the held patches plus ``current`` (float32 ``(m, p, p)``, the
-        patches of the frame being processed), and start the reservoir with their features."""
+        patches of the frame being processed), now."""
+        self._install(fit_classes(self._held_x(current), self.params), int(self.buffers.held_n[0]) + (len(current) > 0))
+
+    def _install(self, fit: ClassFit, frames: int) -> None:
+        """Write a fit into the buffers and start the reservoir with the features it was fitted on."""
         b, p = self.buffers, self.params
-        held = self._held()
-        d = p.patch_px * p.patch_px
-        x = np.concatenate([q.reshape(-1, d) for *_, q in held] + [current.reshape(-1, d)]).astype(np.float64)
-        pca = PCA(n_components=min(p.pca_components, len(x), x.shape[1]), random_state=p.seed).fit(x)
-        k = pca.n_components_
+        k = len(fit.pca_components)
         b.pca_k[0] = k
-        b.pca_mean[...] = pca.mean_
+        b.pca_mean[...] = fit.pca_mean
         b.pca_components[...] = np.nan
-        b.pca_components[:k] = pca.components_
-        feats = self._project(x.reshape(len(x), p.patch_px, p.patch_px))
-        gmm = GaussianMixture(p.n_classes, covariance_type="full", reg_covar=1e-3, n_init=2, random_state=p.seed,
-                              warm_start=True)
-        self._fit_gmm(gmm, feats)
-        c = p.patch_px // 2
-        centre = x.reshape(len(x), p.patch_px, p.patch_px)[:, c - 1:c + 1, c - 1:c + 1].mean(axis=(1, 2))
-        labels = gmm.predict(feats)
-        order = np.argsort([centre[labels == j].mean() if (labels == j).any() else np.inf for j in range(p.n_classes)])
-        for attr in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
-            setattr(gmm, attr, getattr(gmm, attr)[order])
-        self._store_gmm(gmm)
-        keep = feats[-p.reservoir:]
+        b.pca_components[:k] = fit.pca_components
+        self._store_gmm(fit.gmm)
+        keep = fit.feats[-p.reservoir:]
         b.reservoir[:len(keep), :k] = keep
         b.reservoir_n[0] = len(keep)
-        self.log.info("defect classes fitted on %d defects (%d frames)", len(x), len(held) + (len(current) > 0))
+        self.log.info("defect classes fitted on %d defects (%d frames)", len(fit.feats), frames)
 
     def _gmm(self) -> GaussianMixture:
         """The mixture rebuilt from its buffers (scikit-learn's fitted attributes), ready to predict
@@ -524,16 +527,68 @@ class DefectsConsumer(Consumer):
         b.frames_since_fit[0] += 1
         if b.frames_since_fit[0] >= p.refit_every and b.reservoir_n[0] >= 2 * k:
             gmm = self._gmm()  # warm start from the current parameters: labels stay put
-            self._fit_gmm(gmm, b.reservoir[:b.reservoir_n[0], :int(b.pca_k[0])])
+            _fit_gmm(gmm, b.reservoir[:b.reservoir_n[0], :int(b.pca_k[0])])
             self._store_gmm(gmm)
             b.frames_since_fit[0] = 0
 
-    def _fit_gmm(self, gmm: GaussianMixture, feats: np.ndarray) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gmm.fit(feats)
-        if not gmm.converged_:
-            self.log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
+
+
+@dataclass(frozen=True)
+class ClassFit:
+    """PCA and mixture fitted on a set of patches (:func:`fit_classes`).
+
+    Attributes:
+        pca_mean: float64 ``(p * p,)`` mean patch.
+        pca_components: float64 ``(k, p * p)`` principal axes, k <= ``pca_components``.
+        gmm: the fitted mixture, components numbered by increasing mean patch-centre intensity.
+        feats: float64 ``(n, k)`` PCA features of the patches fitted on, in their order.
+    """
+
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    gmm: GaussianMixture
+    feats: np.ndarray
+
+
+def fit_classes(x: np.ndarray, params: DefectsParams) -> ClassFit:
+    """First fit of the defect classes: PCA (``pca_components``) of the patches, then a full-covariance
+    Gaussian mixture of ``n_classes`` (scikit-learn, two initialisations, ``seed``), renumbered so
+    that class 0 has the darkest mean patch centre (the central 2 x 2 px). Pure: safe on a pool.
+
+    Args:
+        x: float64 ``(n, p * p)`` z-scored patches, ``n >= max(n_classes, 2)``.
+        params: the consumer's parameters.
+
+    Returns:
+        :class:`ClassFit`.
+    """
+    p = params
+    pca = PCA(n_components=min(p.pca_components, len(x), x.shape[1]), random_state=p.seed).fit(x)
+    feats = project(x, pca.mean_, pca.components_)
+    gmm = GaussianMixture(p.n_classes, covariance_type="full", reg_covar=1e-3, n_init=2, random_state=p.seed,
+                          warm_start=True)
+    _fit_gmm(gmm, feats)
+    c = p.patch_px // 2
+    centre = x.reshape(len(x), p.patch_px, p.patch_px)[:, c - 1:c + 1, c - 1:c + 1].mean(axis=(1, 2))
+    labels = gmm.predict(feats)
+    order = np.argsort([centre[labels == j].mean() if (labels == j).any() else np.inf for j in range(p.n_classes)])
+    for attr in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+        setattr(gmm, attr, getattr(gmm, attr)[order])
+    return ClassFit(pca.mean_, pca.components_, gmm, feats)
+
+
+def project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """PCA features ``(x - mean) @ components.T``, float64 ``(n, k)``, of float ``(n, d)`` rows,
+    for a float64 ``(d,)`` mean and ``(k, d)`` principal axes."""
+    return (np.asarray(x, dtype=np.float64) - mean) @ components.T
+
+
+def _fit_gmm(gmm: GaussianMixture, feats: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(feats)
+    if not gmm.converged_:
+        log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
 
 
 def _bin_mean(frame: np.ndarray, f: int) -> np.ndarray:

@@ -261,3 +261,29 @@ def test_newest_frame_and_its_defects_for_the_live_page(movie):
     # the defects drawn on it are those of the same (last) frame
     np.testing.assert_array_equal(consumer.buffers.frame_defects, consumer.buffers.positions[len(frames) - 1])
     assert np.isfinite(consumer.buffers.frame_defects[:, 0]).sum() > 0
+
+
+def test_frames_held_at_the_end_are_classified_by_a_fit_on_the_daemon_pool(movie):
+    """A series that ends before ``fit_after`` defects: finish() hands the fit to ``run.submit``
+    (the daemon's pool) and the held frames are analysed when its callback is installed."""
+    _, frames, _ = movie
+    jobs = []
+    consumer, info = make_consumer(frames.shape[1:], 4, fit_after=4000)
+    consumer.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
+    feed(consumer, info, frames[:4], batch=2, finish=False)
+    b = consumer.buffers
+    assert b.held_n[0] == 4 and np.isnan(b.total).all() and np.isnan(b.diffusion).all()
+    consumer.finish()
+    (job, args, then), = jobs
+    assert b.held_n[0] == 4 and np.isnan(b.total).all()  # nothing is written until the fit is installed
+    with ThreadPoolExecutor(1) as pool:
+        fit = pool.submit(job, *args).result()
+    then(fit)
+    assert b.held_n[0] == 0 and b.frames_analysed[0] == 4 and np.isfinite(b.total).all()
+    np.testing.assert_array_equal(b.counts.sum(axis=1), b.total)
+    assert b.diffusion_steps.sum() > 0
+
+    inline, info = make_consumer(frames.shape[1:], 4, fit_after=4000)  # without a daemon submit runs inline
+    feed(inline, info, frames[:4], batch=2)
+    for name in inline.buffers:
+        np.testing.assert_array_equal(inline.buffers[name], b[name], err_msg=name)
