@@ -79,4 +79,17 @@ def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
         scope.start()
         scope.join(60)
         wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n_frames, timeout=120)
+        # frames are counted when handed over; the consumer's stage may still be running on the pool
+        wait_for(lambda: frames_analysed(daemon) == n_frames, timeout=20)
         return daemon, list(scope.truth)
+
+
+def frames_analysed(daemon) -> int:
+    """Frames of the newest run with a defect count in the ``defects`` consumer's ``total`` map."""
+    runs = daemon.store.summaries()
+    if not runs:
+        return 0
+    try:
+        return int(np.isfinite(daemon.store.snapshot(runs[0]["uid"], "defects", "total").data).sum())
+    except KeyError:
+        return 0
