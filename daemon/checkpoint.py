@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +241,8 @@ class Checkpointer:
         except OSError:
             log.exception("checkpoint %s could not be moved aside", path.name)
 
-    def load_all(self, newest: int | None = None) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray]]]:
+    def load_all(self, newest: int | None = None, refused: Callable[[Path, str], None] | None = None,
+                 ) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray]]]:
         """Read every checkpoint in the directory, oldest first: ``(path, state, arrays)``. Unusable
         ones are refused (:meth:`refuse`). With ``newest``, only the ``newest`` most recent are
         read; older ones are moved aside as ``*.ckpt.old`` (more open runs than the daemon keeps,
@@ -259,6 +260,8 @@ class Checkpointer:
                 state, arrays = read_checkpoint(path)
             except (CheckpointError, OSError) as exc:
                 self.refuse(path, str(exc))
+                if refused is not None:
+                    refused(path, str(exc))
                 continue
             out.append((path, state, arrays))
         return out

@@ -17,6 +17,8 @@ import numpy as np
 from beamlens.consumers.base import Buffers, BufferSpec, Consumer, RunInfo, SignalInfo
 
 
+__all__ = ["LIVE_STATUSES", "BufferSnapshot", "BufferSpec", "ConsumerSlot", "RunState", "RunStore"]
+
 LIVE_STATUSES = ("open", "finishing")
 """Statuses of runs not closed yet: ``finishing`` runs have all their data and wait for their
 consumers' final background jobs."""

@@ -131,7 +131,10 @@ class Supervisor:
     def restore_checkpoints(self) -> None:
         """Resume the runs checkpointed in the state directory (the newest ``limits.max_open_runs``)."""
         assert self.checkpointer is not None
-        for path, state, arrays in self.checkpointer.load_all(newest=self.table.limits.max_open_runs):
+        def refused(path: Path, reason: str) -> None:
+            self.metrics.checkpoints.labels("restore", "failed").inc()
+
+        for path, state, arrays in self.checkpointer.load_all(newest=self.table.limits.max_open_runs, refused=refused):
             try:
                 run = self.restore(state, arrays)
             except CheckpointError as exc:

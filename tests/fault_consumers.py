@@ -85,6 +85,8 @@ class Counting(FirstSignal):
 class SlowFinishParams(ConsumerParams):
     fit_s: float = Field(2.0, ge=0)
     """How long the final fit runs on the daemon's pool, s."""
+    data_key: str | None = None
+    """Only this signal (default: the first offered)."""
 
 
 class SlowFinish(FirstSignal):
@@ -97,6 +99,11 @@ class SlowFinish(FirstSignal):
     params: SlowFinishParams
     release = threading.Event()
     fits_started: list[float] = []
+
+    def signal(self, info):
+        if self.params.data_key not in (None, info.name):
+            raise NotApplicable(f"not {self.params.data_key!r}")
+        return super().signal(info)
 
     def buffer_specs(self, info):
         return [BufferSpec("total", "nav"), BufferSpec("fitted", "single", (1,))]
