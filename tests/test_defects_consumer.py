@@ -287,3 +287,21 @@ def test_frames_held_at_the_end_are_classified_by_a_fit_on_the_daemon_pool(movie
     feed(inline, info, frames[:4], batch=2)
     for name in inline.buffers:
         np.testing.assert_array_equal(inline.buffers[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("split", [0, 1, 6])
+def test_checkpoint_in_the_daemon_format_resumes_to_the_uninterrupted_result(movie, tmp_path, split):
+    """The same round trip through the daemon's checkpoint writer and reader (``.npz`` + JSON,
+    layouts checked): after 0 batches, while frames are held (1), and after the first fit (6)."""
+    from partitions import assert_buffers_equal, checkpoint_round_trip
+
+    from defects_helpers import frame_signal
+
+    _, frames, _ = movie
+    frames = frames[:20]
+    info = frame_signal(frames.shape[1:], len(frames))
+    batches = [frame_batch(info, frames[a:a + 2], a) for a in range(0, len(frames), 2)]
+    whole, resumed = checkpoint_round_trip(DefectsConsumer, {"fit_after": 30, "refit_every": 5}, [info], batches,
+                                           len(frames), tmp_path / "defects.ckpt", split=split)
+    assert whole.buffers.frames_analysed[0] == len(frames)
+    assert_buffers_equal(whole, resumed, private=True)
