@@ -126,7 +126,7 @@ consumers:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=8, help="frames per consumer.frames() call")
+    ap.add_argument("--batch", type=int, default=8, help="frames per batch (stage + process)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (both paths)")
     ap.add_argument("--size", type=int, default=256, help="frame side, px")
     ap.add_argument("--rounds", type=int, default=5)

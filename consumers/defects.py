@@ -592,11 +592,11 @@ def _fit_gmm(gmm: GaussianMixture, feats: np.ndarray) -> None:
 
 
 def _bin_mean(frame: np.ndarray, f: int) -> np.ndarray:
-    """Block means of ``f x f`` px (edge blocks over the pixels they have)."""
+    """Block means of ``f x f`` px (edge blocks over the pixels they have), float64. Warning-free
+    (no ``warnings.catch_warnings``, which is not thread-safe): it runs in concurrent stages."""
     rows, cols = frame.shape
     pr, pc = -rows % f, -cols % f
-    padded = np.pad(np.asarray(frame, dtype=np.float64), ((0, pr), (0, pc)), constant_values=np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f), axis=(1, 3))
-
+    padded = np.pad(np.asarray(frame, dtype=np.float64), ((0, pr), (0, pc)))
+    ones = np.pad(np.ones((rows, cols)), ((0, pr), (0, pc)))
+    shape = (padded.shape[0] // f, f, padded.shape[1] // f, f)
+    return padded.reshape(shape).sum(axis=(1, 3)) / ones.reshape(shape).sum(axis=(1, 3))
