@@ -33,7 +33,9 @@ most ``hold_frames`` frames. They are analysed as soon as the mixture is fitted;
 is reached first (frames with few defects), the mixture is fitted on the defects held if there are
 at least ``n_classes`` and ``pca_components``, else the oldest held frame is dropped and counted
 (skipped, reason ``too_few_defects``). :meth:`DefectsConsumer.finish` fits on what is held at the
-end of a series in the same way.
+end of a series in the same way (on the daemon's pool, through ``run.submit``). Held frames keep
+their nav index: an open-ended series whose rolling window moves on while frames are still held
+(possible only with ``hold_frames`` near ``limits.open_ended_max_points``) would place them wrongly.
 """
 from __future__ import annotations
 
