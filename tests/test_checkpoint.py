@@ -192,3 +192,24 @@ def test_untampered_checkpoint_resumes_with_private_buffers(tmp_path):
     np.testing.assert_array_equal(store.snapshot(uid, "stats", "total").data.ravel(), spectra.sum(1))
     counting = next(s for s in run.slots if s.name == "counting")
     assert counting.buffers.events[0] == 40 and "events" not in counting.arrays  # private, kept, not published
+
+
+def test_a_run_whose_consumers_sat_out_on_the_memory_budget_resumes(tmp_path):
+    """Signals taken by a consumer whose buffers were refused count as not taken: the checkpoint
+    restores (nothing to bind for it) and the consumer still sits out."""
+    spectra, docs, uid, half = _half_run(tmp_path)
+    consumers = "consumers:\n  - {name: greedy, class: 'fault_consumers:Greedy', params: {mib: 100000}}\n"
+    router, store, _ = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
+    submit(router, docs[:half])
+    router.stop()
+    assert store.get(uid).limited == "refused"
+    router, store, metrics = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
+    try:
+        assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
+        submit(router, docs[half:])
+        assert store.wait_finished(uid, 60)
+    finally:
+        router.stop()
+    run = store.get(uid)
+    assert run.status == "success" and run.events_done == 40
+    assert run.slots[0].inactive_reason == "memory budget exceeded" and not run.slots[0].signals
