@@ -3,14 +3,15 @@ threads, frames and batch size, measured side by side in one run (alternating ro
 round of each; the bare figure is the faster of onnxruntime's spin-waiting default and the daemon's
 no-spinning setting); the shipped int8 network (``defect_net_int8.onnx``) runs bare in the same rounds, for
 the int8/fp32 speed-up. The consumer is measured twice: driven directly as the daemon drives a frame
-consumer (``series`` -> buffers -> ``frames`` batches -> ``stop``), and inside a running daemon,
+consumer (``signal`` -> buffers -> per batch ``stage`` on a pool of ``--stage-workers`` threads,
+at most that many batches ahead, and ``process`` in batch order -> ``finish``), and inside a running daemon,
 the frames arriving as array-1.0 messages over a ZeroMQ socket (receive, decode, frame queue,
 router, consumer); the daemon figure is timed from the first batch processed to the last, so the
 model load at series start is left out as it is for the bare loop.
 
 Prints one JSON line per figure::
 
-    python benchmarks/defects.py --frames 200 --batch 8 --threads 2 --size 256 [--no-background]
+    python benchmarks/defects.py --frames 200 --batch 8 --threads 2 --size 256 [--stage-workers 1]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import time
 
 import numpy as np
 
-from beamlens.consumers.base import Results, RunInfo, SeriesInfo
+from beamlens.consumers.base import Batch, Buffers, RunInfo, SeriesInfo, SignalInfo
 from beamlens.consumers.defects import DefectsConsumer
 from beamlens.models.defect_net import MODELS, DefectNet, load_card, load_session, normalise
 from beamlens.models.stem_sim import DynamicsParams, LatticeParams, Movie, MovieParams
@@ -33,20 +34,45 @@ def movie_frames(n: int, size: int, seed: int = 7) -> np.ndarray:
     return np.stack([img for img, _ in Movie(params, seed=seed).frames(n)])
 
 
-def run_consumer(frames: np.ndarray, batch: int, threads: int, background: bool = True) -> float:
-    """Seconds to push all frames through a fresh consumer (model load excluded, as at run start)."""
-    consumer = DefectsConsumer(DefectsConsumer.Params(threads=threads, providers=["CPUExecutionProvider"],
-                                                      background=background),
+def run_consumer(frames: np.ndarray, batch: int, threads: int, stage_workers: int = 1) -> float:
+    """Seconds to push all frames through a fresh consumer (model load excluded, as at run start):
+    ``stage`` of the next batches on a pool of ``stage_workers`` threads (0: inline) while
+    ``process`` takes the current one, in order, as the daemon does."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    consumer = DefectsConsumer(DefectsConsumer.Params(threads=threads, providers=["CPUExecutionProvider"]),
                                RunInfo(uid="bench", nav_shape=(len(frames),), start_doc={}))
-    info = SeriesInfo(source="bench", series_id="1", sig_shape=frames.shape[1:], dtype=str(frames.dtype),
-                      n_frames=len(frames), meta={"frame_time_s": 0.5})
-    consumer.series(info)
-    consumer.results = Results({s.name: s.allocate(len(frames)) for s in consumer.result_buffers()})
+    series = SeriesInfo(source="bench", series_id="1", sig_shape=frames.shape[1:], dtype=str(frames.dtype),
+                        n_frames=len(frames), meta={"frame_time_s": 0.5})
+    info = SignalInfo("bench", "frame", frames.shape[1:], str(frames.dtype), "counts", series=series)
+    consumer.buffers = Buffers.allocate(consumer.signal(info), len(frames))
     consumer.net.probability(frames[:batch])  # warm-up at the batch shape, as the bare loop gets
+    batches = [Batch(info, frames[a:a + batch], np.arange(a, min(a + batch, len(frames))),
+                     np.arange(a, min(a + batch, len(frames))) + 1, np.zeros(len(frames[a:a + batch])))
+               for a in range(0, len(frames), batch)]
+
+    def handle(b: Batch, staged) -> None:
+        if consumer.process(b, staged):
+            consumer.results()
+
     t0 = time.perf_counter()
-    for a in range(0, len(frames), batch):
-        consumer.frames(frames[a:a + batch], np.arange(a, min(a + batch, len(frames))), info)
-    consumer.stop({})
+    if stage_workers == 0:
+        for b in batches:
+            handle(b, consumer.stage(b))
+    else:
+        with ThreadPoolExecutor(stage_workers) as pool:
+            ahead: deque = deque()
+            for b in batches:
+                ahead.append((b, pool.submit(consumer.stage, b)))
+                if len(ahead) > stage_workers:
+                    done, future = ahead.popleft()
+                    handle(done, future.result())
+            while ahead:
+                done, future = ahead.popleft()
+                handle(done, future.result())
+    consumer.finish()
+    consumer.results()
     return time.perf_counter() - t0
 
 
@@ -60,7 +86,7 @@ def run_bare(session, tiles: np.ndarray, batch_tiles: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_daemon(frames: np.ndarray, batch: int, threads: int, background: bool = True) -> float:
+def run_daemon(frames: np.ndarray, batch: int, threads: int) -> float:
     """Frames/s of the defects consumer inside a running daemon fed over ZeroMQ (array-1.0)."""
     from beamlens.daemon.app import Daemon
     from beamlens.daemon.config import load_config
@@ -74,8 +100,7 @@ sources:
   frames:
     - {{name: stem, format: array-1.0, address: "{emu.address}", max_batch: {batch}}}
 consumers:
-  - {{name: defects, class: defects, params: {{threads: {threads}, providers: [CPUExecutionProvider],
-      background: {str(background).lower()}}}}}
+  - {{name: defects, class: defects, params: {{threads: {threads}, providers: [CPUExecutionProvider]}}}}
 """, environ={})
         daemon = Daemon(config)
         daemon.start()
@@ -101,12 +126,12 @@ consumers:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=8, help="frames per consumer.frames() call")
+    ap.add_argument("--batch", type=int, default=8, help="frames per batch (stage + process)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (both paths)")
     ap.add_argument("--size", type=int, default=256, help="frame side, px")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-background", dest="background", action="store_false",
-                    help="post-process in the calling thread (consumer param background=false)")
+    ap.add_argument("--stage-workers", type=int, default=1,
+                    help="threads staging batches ahead of process() in the direct measurement (0: inline)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     frames = movie_frames(args.frames, args.size)
@@ -123,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
                         spinning=False)
     consumer_s, bare_s, daemon_fps, int8_s, fp32_s = [], [], [], [], []
     for _ in range(args.rounds):
-        consumer_s.append(run_consumer(frames, args.batch, args.threads, args.background))
+        consumer_s.append(run_consumer(frames, args.batch, args.threads, args.stage_workers))
         bare_s.append(run_bare(net.session, tiles, args.batch * per))
-        daemon_fps.append(run_daemon(frames, args.batch, args.threads, args.background))
+        daemon_fps.append(run_daemon(frames, args.batch, args.threads))
         # int8 vs fp32 with the daemon's session settings (no spin-waiting), back to back
         fp32_s.append(run_bare(fp32_quiet, tiles, args.batch * per))
         int8_s.append(run_bare(int8, tiles, args.batch * per))
@@ -136,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     fps_b = len(frames) / min(min(bare_s), min(fp32_s))
     fps_d = max(daemon_fps)
     common = {"frames": args.frames, "frame_px": args.size, "batch": args.batch, "threads": args.threads,
-              "tiles_per_frame": per, "background": args.background}
+              "tiles_per_frame": per, "stage_workers": args.stage_workers}
     for figure, value, unit, target in (
         ("consumer_frames_per_second", fps_c, "frames/s", None),
         ("bare_onnxruntime_frames_per_second", fps_b, "frames/s", None),

@@ -75,8 +75,24 @@ def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
     with SimulatedMicroscope(n_frames=n_frames, rate_hz=None, seed=seed) as scope:
         daemon = make_daemon(daemon_yaml(
             [frame_source_yaml("stem", "array-1.0", scope.address)],
-            consumers="  - {name: defects, class: defects, params: {fit_after: 8, background: false}}\n"))
+            consumers="  - {name: defects, class: defects, params: {fit_after: 8}}\n",
+            # the simulator renders each frame as it sends it: on a loaded machine beside the network
+            # a frame can take longer than the 0.25 s default, which would close the series early
+            router="{series_quiet_s: 5.0}"))
         scope.start()
         scope.join(60)
         wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n_frames, timeout=120)
+        # frames are counted when handed over; the consumer's stage may still be running on the pool
+        wait_for(lambda: frames_analysed(daemon) == n_frames, timeout=20)
         return daemon, list(scope.truth)
+
+
+def frames_analysed(daemon) -> int:
+    """Frames of the newest run with a defect count in the ``defects`` consumer's ``total`` map."""
+    runs = daemon.store.summaries()
+    if not runs:
+        return 0
+    try:
+        return int(np.isfinite(daemon.store.snapshot(runs[0]["uid"], "defects", "total").data).sum())
+    except KeyError:
+        return 0

@@ -41,7 +41,7 @@ def test_consumer_runs_the_int8_network_when_configured():
         consumer, info = make_consumer(frames.shape[1:], len(frames), precision=precision, fit_after=20)
         assert consumer.model_sha256 == load_card(MODELS[precision][1])["sha256"]
         feed(consumer, info, frames)
-        results[precision] = consumer.results.total.copy()
+        results[precision] = consumer.buffers.total.copy()
     np.testing.assert_allclose(results["int8"], results["fp32"], atol=1)  # a defect more or less per frame at most
 
 

@@ -54,7 +54,9 @@ def test_rejects_bad_arguments():
 def test_microscope_frames_through_zmq_into_the_defects_consumer(ctx):
     """Sender -> real ZMQ socket -> array-1.0 decoding as any receiver does -> consumer: the counts
     found follow the simulator's ground truth (the daemon's frame source does the decoding there)."""
-    from defects_helpers import make_consumer
+    from defects_helpers import end, make_consumer, process
+
+    from beamlens.consumers.base import Batch
 
     n = 8
     with SimulatedMicroscope(MovieParams(), seed=11, n_frames=n, rate_hz=None, context=ctx) as scope:
@@ -69,10 +71,11 @@ def test_microscope_frames_through_zmq_into_the_defects_consumer(ctx):
             frame = np.frombuffer(payload, dtype=np.dtype(header["type"]).newbyteorder("<")).reshape(header["shape"])
             if consumer is None:
                 consumer, info = make_consumer(tuple(header["shape"]), n, header["frame_time_s"], fit_after=20)
-            consumer.frames(frame[None], np.array([header["frame"]]), info)
-        consumer.stop({})
+            k = np.array([header["frame"]], dtype=np.int64)
+            process(consumer, Batch(info, frame[None], k, k + 1, np.zeros(1)))
+        end(consumer)
         scope.join(10)
         pull.close()
     true_counts = np.array([len(t.ids) for t in scope.truth])
-    assert np.abs(consumer.results.total - true_counts).max() <= 2
+    assert np.abs(consumer.buffers.total - true_counts).max() <= 2
     assert consumer.tracker.dt == scope.frame_time_s

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from beamlens.consumers.defects import DefectsConsumer
-from beamlens.consumers.base import RunInfo, SeriesInfo
+from beamlens.consumers.base import RunInfo
 from scipy import ndimage
 
 from beamlens.models.defect_net import (CARD_PATH, MODEL_PATH, ModelIntegrityError, Tiling, find_defects, load_card,
                                         load_session, sha256_file)
+
+from defects_helpers import frame_signal
 
 
 def test_shipped_model_matches_its_card():
@@ -38,7 +40,7 @@ def test_tampered_model_is_refused(tmp_path):
         load_session(bad, load_card(tmp_path / "defect_net.json"))
     consumer = DefectsConsumer(DefectsConsumer.Params(model=str(bad)), RunInfo("u", (1,), {}))
     with pytest.raises(ModelIntegrityError):
-        consumer.series(SeriesInfo("sim", "1", (256, 256), "uint16"))
+        consumer.signal(frame_signal((256, 256), None))
 
 
 def test_unavailable_providers_are_refused():
