@@ -68,7 +68,7 @@ def default_kernel() -> Kernel:
     """The kernel used without a population prior, on MinMax-normalised y and scaled x:
     SE (the paper's) + a linear trend (so a forecast follows the local slope) + white noise."""
     return (ConstantKernel(0.1, (1e-4, 1e2)) * RBF(0.3, (1e-2, 1e2))
-            + ConstantKernel(0.1, (1e-4, 1e2)) * DotProduct(0.5, (1e-3, 1e2))
+            + ConstantKernel(0.1, (1e-4, 1e2)) * DotProduct(1.0, "fixed")
             + WhiteKernel(1e-3, (1e-8, 1e-1)))
 
 
