@@ -105,3 +105,16 @@ class StatsConsumer(Consumer):
         b = self.buffers
         with np.errstate(divide="ignore", invalid="ignore"):
             b.total_norm[...] = np.where(b.monitor != 0, b.total / b.monitor, np.nan)
+
+
+class FrameStatsParams(StatsParams):
+    signal: Literal["any", "event", "frame"] = "frame"
+    """Detector frames by default (see :class:`FrameStatsConsumer`)."""
+
+
+class FrameStatsConsumer(StatsConsumer):
+    """``frame_stats``: the name configs used before ``stats`` took frames too; ``stats`` with
+    ``signal: frame`` by default (same buffers, same maps)."""
+
+    name = "frame_stats"
+    Params = FrameStatsParams

@@ -37,7 +37,7 @@ BUILTIN_CONSUMERS: dict[str, str] = {
     "pca": "beamlens.consumers.pca:PCAConsumer",
     "embedding": "beamlens.consumers.embedding:EmbeddingConsumer",
     "unmixing": "beamlens.consumers.unmixing:UnmixingConsumer",
-    "frame_stats": "beamlens.consumers.frame_stats:FrameStatsConsumer",
+    "frame_stats": "beamlens.consumers.stats:FrameStatsConsumer",  # old name: stats with signal: frame
     "defects": "beamlens.consumers.defects:DefectsConsumer",
 }
 
@@ -241,7 +241,7 @@ class RouterConfig(Strict):
     blas_threads: int = Field(1, ge=1, le=64, description="threads each BLAS call may use; 1 avoids oversubscription with the daemon's own threads")
     strict: bool = Field(False, description="re-raise consumer exceptions (tests only)")
     series_end_grace_s: float = Field(5.0, ge=0, description="a RunStop waits this long for an attached frame series to end")
-    series_quiet_s: float = Field(0.25, ge=0, description="a series without end messages (array-1.0) counts as finished for a RunStop once no frame came for this long")
+    series_quiet_s: float = Field(0.25, ge=0, description="a series without end messages (array-1.0) counts as finished for a RunStop once no frame came for this long; a frame-only series closes its run after this long without a frame (at least series_end_grace_s for formats that announce their end)")
     series_start_grace_s: float = Field(0.5, ge=0, description="with frame sources configured, the RunStop of a run with no frame series yet waits this long for one to start")
     frames_in_flight: int = Field(2, gt=0, description="decoded frame batches per source queued for the consumers, at most")
     stall_timeout_s: float = Field(60.0, gt=0, description="/health/live fails (and the systemd watchdog stops) when the router has not come round for this long")
@@ -251,6 +251,8 @@ class RouterConfig(Strict):
     midway_hold_s: float = Field(2.0, ge=0, description="events of an unknown descriptor wait this long for it, then one is built from them (joining a run mid-way)")
     midway_max_descriptors: int = Field(8, gt=0, description="unknown descriptors whose events are held at once; events of more are rejected")
     midway_max_events: int = Field(10_000, gt=0, description="events held per unknown descriptor; at the limit a descriptor is built from them at once")
+    pool_workers: int | None = Field(None, ge=1, le=256, description="threads of the daemon's pool for consumers' stages and background jobs (default: the CPUs this process may use, os.sched_getaffinity)")
+    finish_timeout_s: float = Field(600.0, gt=0, description="a finishing run waits at most this long for its consumers' background jobs (final fits), then closes with what is installed")
 
 
 class StateConfig(Strict):

@@ -19,13 +19,21 @@ frame-specific part of the routing:
   that announces its end has ended, for at most ``router.series_end_grace_s``. A series that starts
   in that window, from a source whose barrier has not come back, still belongs to the held run.
 
+- **Frame-only series end.** A frame-only run closes when its series ends (DECTRIS end message),
+  when the announced frame count has arrived, or after ``router.series_quiet_s`` without a frame
+  whatever the format (array-1.0 has no end message; a series that announces its end waits at
+  least ``series_end_grace_s`` for it, so a slow exposure is not cut).
+
 Router listeners (sinks) are told of each batch as ``("frames", run, {"seq_num": [k + 1, ...],
 "source": name})`` after the consumers have seen it, so derived documents and Tiled follow frame
 runs point by point as they follow event pages.
 
-Frame consumers (``inputs = "frames"``) get ``series(info)``, then ``result_buffers()`` (once per
-run; nav buffers sized by the run), then ``frames(frames, positions, info)`` batches, and ``stop``.
-Calls go through the router's ``_call`` (error counting, quarantine, strict mode).
+Each series is a signal (:func:`beamlens.daemon.signals.frame_signal`, named after its source),
+offered to the run's consumers that analyse that source (config ``frame_sources``); frames reach
+those that took it as :class:`~beamlens.consumers.base.Batch` es (out-of-scan frames dropped and
+counted once, ``frame_outside_scan``). Everything goes through the public API of the
+:class:`~beamlens.daemon.runtable.RunTable`; the document router sees this module only through its
+stop gate (:meth:`FrameRouter.park_stop`, :attr:`FrameRouter.waiting`, :meth:`FrameRouter.expire`).
 """
 from __future__ import annotations
 
@@ -33,16 +41,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from beamlens.consumers.base import SeriesInfo
+from beamlens.consumers.base import SeriesInfo, SignalInfo
 
+from .config import RouterConfig
 from .frames import FrameBarrier, FrameBatch, SeriesEnd, SeriesEvent, SeriesStart
 from .placement import flat_positions
 from .results import RunState
-
-if TYPE_CHECKING:
-    from .router import Router
+from .runtable import RunTable, synthetic_stop
+from .signals import frame_batch, frame_signal
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ class SeriesState:
     frame_only: bool
     has_end: bool = True
     frames_done: int = 0
+    signal: SignalInfo | None = None
+    """The series' signal (None until its frame shape is known)."""
     last_frame: float = field(default_factory=time.monotonic)
     """Monotonic time of the series' start or newest frame (end-less formats settle on quiet)."""
 
@@ -75,11 +85,18 @@ class HeldStop:
 
 
 class FrameRouter:
-    """The frame half of :class:`~beamlens.daemon.router.Router` (called from its thread only)."""
+    """Routes frame-source items to runs (router thread only).
 
-    def __init__(self, router: Router):
-        self.router = router
-        self.metrics = router.metrics
+    Args:
+        table: the run table (runs, signals, delivery, finishing).
+        config: the router section of the config (grace and quiet periods).
+    """
+
+    def __init__(self, table: RunTable, config: RouterConfig):
+        self.table = table
+        self.config = config
+        self.metrics = table.metrics
+        table.on_closed.append(self.run_finished)
         self._current: dict[str, SeriesState] = {}
         self._frame_only: set[str] = set()
         self._parked: dict[str, HeldStop] = {}
@@ -89,8 +106,9 @@ class FrameRouter:
 
     @property
     def waiting(self) -> bool:
-        """True while a RunStop waits for a series end (the router then polls :meth:`expire`)."""
-        return bool(self._parked)
+        """True while a RunStop waits for the frame path or a frame-only series is open (the
+        router then polls :meth:`expire`)."""
+        return bool(self._parked) or bool(self._frame_only)
 
     def handle(self, item: FrameBatch | SeriesEvent | FrameBarrier) -> None:
         if isinstance(item, FrameBatch):
@@ -119,7 +137,7 @@ class FrameRouter:
         run = self._pick_run(source, s)
         frame_only = run is None
         if run is None:
-            run = self.router._start(self._frame_only_start(source, s), source, rate_limited=False)
+            run = self.table.open(self._frame_only_start(source, s), source, rate_limited=False)
             if run is None:
                 return
             self._frame_only.add(run.uid)
@@ -129,15 +147,15 @@ class FrameRouter:
         self.metrics.frame_series.labels(source, "no" if frame_only else "yes").inc()
         log.info("frame series %s of %s (%s, %s, %s frames) -> %s run %s", s.series_id, source, info.sig_shape,
                  info.dtype, s.n_frames or "?", "frame-only" if frame_only else "Bluesky", run.uid)
-        new_slots = []
-        for slot in self._frame_slots(run, source):
-            self.router._call(run, slot, "series", info)
-            if slot.active and not slot.specs and self.router.declare_buffers(run, slot):
-                new_slots.append(slot)
-        self.router.allocate_slots(run, new_slots)
+        if info.sig_shape and info.dtype:
+            self._offer(state)
+
+    def _offer(self, state: SeriesState) -> None:
+        state.signal = frame_signal(state.info)
+        self.table.offer(state.run, [state.signal], frame_source=state.source)
 
     def _pick_run(self, source: str, s: SeriesStart) -> RunState | None:
-        runs = self.router.open_runs
+        runs = self.table.runs
         if s.run_uid is not None and s.run_uid in runs:
             return runs[s.run_uid]
         now = time.monotonic()
@@ -165,14 +183,14 @@ class FrameRouter:
         del self._current[source]
         self._series_done(state, "success")
 
-    def _series_done(self, state: SeriesState, status: str) -> None:
+    def _series_done(self, state: SeriesState, status: str, reason: str = "frame series ended") -> None:
         run = state.run
         log.info("frame series %s of %s done: %d frames analysed", state.info.series_id, state.source, state.frames_done)
-        if run.uid not in self.router.open_runs:
+        if run.uid not in self.table.runs:
             return
         if state.frame_only:
             self._frame_only.discard(run.uid)
-            self.router._finish(run, status, self._stop_doc(run, status, "frame series ended"))
+            self.table.finish(run, status, synthetic_stop(run, status, reason))
         else:
             self._finish_if_settled(run.uid)
 
@@ -184,17 +202,31 @@ class FrameRouter:
             self.metrics.frames_dropped.labels(batch.source, "stale_series").inc(n)
             return
         run = state.run
-        if run.uid not in self.router.open_runs:
+        if run.uid not in self.table.runs:
             self.metrics.frames_dropped.labels(batch.source, "run_closed").inc(n)
             return
+        if state.signal is None:  # the series header did not tell the frame shape; the frames do
+            state.info = SeriesInfo(source=state.info.source, series_id=state.info.series_id,
+                                    sig_shape=tuple(batch.data.shape[1:]), dtype=batch.data.dtype.name,
+                                    n_frames=state.info.n_frames, meta=state.info.meta)
+            self._offer(state)
         positions = flat_positions(batch.numbers + 1, run.nav_shape, run.snaking)
         outside = int((positions < 0).sum())
         if outside:
             self.metrics.bad_messages.labels(batch.source, "frame_outside_scan").inc(outside)
-        positions = self.router.place(run, positions)
-        self.router._call_all(run, "frames", batch.data, positions, state.info, inputs="frames",
-                              frame_source=batch.source)
-        self.router._notify("frames", run, {"seq_num": (batch.numbers + 1).tolist(), "source": batch.source})
+        positions = self.table.place(run, positions)
+        inside = positions >= 0
+        slots = self.table.takers(run, batch.source)
+        if slots and inside.any():
+            if tuple(batch.data.shape[1:]) != state.signal.sig_shape:
+                for slot in slots:
+                    self.table.dispatcher.skipped(slot, "wrong_shape", int(inside.sum()))
+            else:
+                data, nav, numbers = batch.data, positions, batch.numbers
+                if not inside.all():
+                    data, nav, numbers = data[inside], nav[inside], numbers[inside]
+                self.table.deliver(run, frame_batch(state.signal, data, nav, numbers, batch.received), slots)
+        self.table.notify("frames", run, {"seq_num": (batch.numbers + 1).tolist(), "source": batch.source})
         now = time.time()
         run.frames_done += n
         state.frames_done += n
@@ -203,17 +235,20 @@ class FrameRouter:
         self.metrics.last_event_time.set(now)
         self.metrics.frames_processed.labels(batch.source).inc(n)
         self.metrics.frame_age_seconds.labels(batch.source).observe(now - batch.received)
-        self.router._update_gauges(run)
+        self.table.update_gauges(run)
+        if state.frame_only and state.info.n_frames and state.frames_done >= state.info.n_frames:
+            self._current.pop(state.source, None)
+            self._series_done(state, "success", "announced frame count arrived")
 
     # -- run stop ordering -------------------------------------------------------------------
     def park_stop(self, run: RunState, doc: dict[str, Any]) -> bool:
         """Hold a RunStop until the frame path has caught up with it (see module docstring); True if
         held, False if the run can finish now."""
-        grace = self.router.config.series_end_grace_s
+        grace = self.config.series_end_grace_s
         if grace <= 0 or not (self.sources or self._has_open_series(run)):
             return False
         now = time.monotonic()
-        start_grace = min(grace, self.router.config.series_start_grace_s) if self.sources else 0.0
+        start_grace = min(grace, self.config.series_start_grace_s) if self.sources else 0.0
         self._parked[run.uid] = HeldStop(now + grace, doc, {s.name for s in self.sources}, now + start_grace)
         for source in self.sources:
             source.request_barrier(run.uid)
@@ -222,27 +257,38 @@ class FrameRouter:
 
     def _finish_if_settled(self, uid: str) -> None:
         held = self._parked.get(uid)
-        run = self.router.open_runs.get(uid)
+        run = self.table.runs.get(uid)
         if held is None or run is None or held.waiting_for or self._has_open_series(run):
             return
         if uid not in self._runs_with_series and time.monotonic() < held.series_start_deadline:
             return
         del self._parked[uid]
-        self.router._finish(run, held.doc.get("exit_status", "success"), held.doc)
+        self.table.finish(run, held.doc.get("exit_status", "success"), held.doc, run.stop_source)
 
     def expire(self) -> None:
-        """Finish held runs whose grace period is over (their series' later frames: ``run_closed``)."""
+        """Finish held runs whose grace period is over (their series' later frames: ``run_closed``),
+        and frame-only runs whose series has gone quiet (see module docstring)."""
         now = time.monotonic()
+        for source, st in list(self._current.items()):
+            if not st.frame_only:
+                continue
+            quiet = max(self.config.series_quiet_s, self.config.series_end_grace_s if st.has_end else 0.0)
+            if now - st.last_frame >= quiet:
+                del self._current[source]
+                log.info("frame series %s of %s: no frame for %.2f s; closing its run", st.info.series_id, source,
+                         now - st.last_frame)
+                self._series_done(st, "incomplete" if st.has_end else "success",
+                                  "frame series quiet (router.series_quiet_s)")
         for uid, held in list(self._parked.items()):
             self._finish_if_settled(uid)
             if uid in self._parked and now >= held.deadline:
                 del self._parked[uid]
-                run = self.router.open_runs.get(uid)
+                run = self.table.runs.get(uid)
                 if run is not None:
                     log.warning("frame path of run %s did not settle within the grace period (series open: %s, "
                                 "sources behind: %s); closing the run", uid, self._has_open_series(run),
                                 sorted(held.waiting_for))
-                    self.router._finish(run, held.doc.get("exit_status", "success"), held.doc)
+                    self.table.finish(run, held.doc.get("exit_status", "success"), held.doc, run.stop_source)
 
     def run_finished(self, run: RunState) -> None:
         self._parked.pop(run.uid, None)
@@ -252,14 +298,5 @@ class FrameRouter:
     def _has_open_series(self, run: RunState) -> bool:
         """An attached series is still open: one whose end will be announced, or an end-less one
         (array-1.0) that had a frame within ``series_quiet_s`` (frames may still be in transit)."""
-        quiet_since = time.monotonic() - self.router.config.series_quiet_s
+        quiet_since = time.monotonic() - self.config.series_quiet_s
         return any(st.run is run and (st.has_end or st.last_frame > quiet_since) for st in self._current.values())
-
-    def _frame_slots(self, run: RunState, source: str) -> list:
-        return [slot for slot in run.slots if slot.active and slot.consumer.inputs == "frames"
-                and self.router.takes_frames_from(slot.name, source)]
-
-    @staticmethod
-    def _stop_doc(run: RunState, status: str, reason: str) -> dict[str, Any]:
-        return {"run_start": run.uid, "exit_status": status, "reason": reason, "time": time.time(),
-                "uid": uuid.uuid4().hex, "num_events": {}}

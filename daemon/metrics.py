@@ -82,9 +82,13 @@ class Metrics:
         self.runs_resumed = Counter(
             "beamlens_runs_resumed_total", "Open runs restored from a checkpoint after a restart.", registry=r)
         self.processing_seconds = Histogram(
-            "beamlens_consumer_processing_seconds", "Time a consumer spent on one call: a document, an event page (method "
-            "event_page) or a batch of detector frames (method frames).",
+            "beamlens_consumer_processing_seconds", "Time a consumer spent on one call on the router thread (method "
+            "signal, process, results, finish, then, start, descriptor, stop) or one job on the daemon's pool (stage, submit).",
             ["consumer", "method"], buckets=PROCESSING_BUCKETS, registry=r)
+        self.consumer_jobs = Counter(
+            "beamlens_consumer_jobs_total", "Background jobs of consumers on the daemon's pool (method stage: per-batch "
+            "stages; submit: run.submit jobs such as refits), by consumer, method and outcome (ok, failed, cancelled: "
+            "the run ended first).", ["consumer", "method", "outcome"], registry=r)
         self.queue_depth = Gauge(
             "beamlens_queue_depth", "Items waiting in a daemon queue.", ["queue"], registry=r)
         self.run_progress = Gauge(

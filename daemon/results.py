@@ -8,54 +8,100 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from beamlens.consumers.base import BufferSpec, Consumer, Results, RunInfo
+from beamlens.consumers.base import Buffers, BufferSpec, Consumer, RunInfo, SignalInfo
+
+
+LIVE_STATUSES = ("open", "finishing")
+"""Statuses of runs not closed yet: ``finishing`` runs have all their data and wait for their
+consumers' final background jobs."""
 
 
 @dataclass
 class ConsumerSlot:
-    """One consumer instance inside one run, with its buffers and failure count."""
+    """One consumer instance inside one run: the signals it took, its buffers (the consumer's
+    :class:`~beamlens.consumers.base.Buffers`, private ones included) and its failure count.
+
+    :attr:`specs` and :attr:`arrays` are the *published* buffers (sinks read these); the private
+    state buffers are in :attr:`buffers` only.
+    """
 
     name: str
     consumer: Consumer
-    specs: dict[str, BufferSpec] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    signals: list[SignalInfo] = field(default_factory=list)
+    """Signals the consumer accepted, in the order they were offered (checkpoints replay them)."""
     failures: int = 0
     quarantined: bool = False
     inactive_reason: str | None = None
+    refused_only: bool = False
+    """``inactive_reason`` says only that no signal was taken so far: a later signal (a frame
+    series) is still offered."""
     busy_s: float = 0.0
-    """Recent processing time, decayed by the router (to find the slowest consumer)."""
+    """Recent processing time (router thread and pool jobs), decayed by the supervisor (to find
+    the slowest consumer)."""
+    staged: deque = field(default_factory=deque)
+    """Batches whose ``stage`` runs on the pool, in batch order: ``[batch, job, nav_offset]``."""
+    jobs: int = 0
+    """Pool jobs of this slot in flight (stages and ``run.submit`` jobs)."""
+    finished: bool = False
+    """``finish()`` has been called."""
 
     @property
     def active(self) -> bool:
         return not self.quarantined and self.inactive_reason is None
 
-    def allocate(self, nav_capacity: int) -> None:
-        self.arrays = {name: spec.allocate(nav_capacity) for name, spec in self.specs.items()}
-        self.consumer.results = Results(self.arrays)
+    @property
+    def offerable(self) -> bool:
+        """Whether new signals are offered to it."""
+        return not self.quarantined and (self.inactive_reason is None or self.refused_only)
+
+    @property
+    def buffers(self) -> Buffers:
+        return self.consumer.buffers
+
+    @property
+    def specs(self) -> dict[str, BufferSpec]:
+        """Published (non-private) buffer specs by name."""
+        return {n: s for n, s in self.consumer.buffers.specs.items() if not s.private}
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Published (non-private) buffers by name."""
+        b = self.consumer.buffers
+        return {n: b[n] for n, s in b.specs.items() if not s.private and n in b}
+
+    def takes(self, signal: str) -> bool:
+        return any(s.name == signal for s in self.signals)
+
+    def allocate(self, specs: list[BufferSpec], nav_capacity: int) -> None:
+        """Bind fresh arrays for ``specs`` (``nav_capacity`` points for nav buffers)."""
+        for spec in specs:
+            self.consumer.buffers.bind(spec.name, spec.allocate(nav_capacity), spec)
 
     def grow_nav(self, nav_capacity: int) -> None:
-        """Enlarge ``nav`` buffers of a run of unknown length to ``nav_capacity`` points."""
-        for name, spec in self.specs.items():
-            if spec.kind == "nav" and len(self.arrays[name]) < nav_capacity:
+        """Enlarge ``nav`` buffers of a run of unknown length to ``nav_capacity`` points (router
+        thread; background results are installed there too, so no write is lost)."""
+        b = self.consumer.buffers
+        for name, spec in list(b.specs.items()):
+            if spec.kind == "nav" and len(b[name]) < nav_capacity:
                 new = spec.allocate(nav_capacity)
-                old = self.arrays[name]
+                old = b[name]
                 new[: len(old)] = old
-                self.arrays[name] = new
-        self.consumer.results = Results(self.arrays)
+                b.bind(name, new, spec)
 
     def roll_nav(self, shift: int) -> None:
         """Move the window of ``nav`` buffers ``shift`` points on (a run of unknown length at its
         point limit): the oldest ``shift`` points are forgotten, the newest slots refilled (NaN/0)."""
-        for name, spec in self.specs.items():
+        b = self.consumer.buffers
+        for name, spec in b.specs.items():
             if spec.kind != "nav":
                 continue
-            arr = self.arrays[name]
+            arr = b[name]
             fill = np.nan if arr.dtype.kind == "f" else 0
             if shift >= len(arr):
                 arr[...] = fill
@@ -65,7 +111,7 @@ class ConsumerSlot:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays.values())
+        return sum(int(a.nbytes) for a in self.consumer.buffers.values())
 
 
 def _shift_down(arr: np.ndarray, shift: int, chunk_bytes: int = 4 * 2**20) -> None:
@@ -91,7 +137,7 @@ class RunState:
     snaking: tuple[bool, ...]
     info: RunInfo
     joined_midway: bool = False
-    status: str = "open"  # open | success | abort | fail | incomplete
+    status: str = "open"  # open | finishing | success | abort | fail | incomplete | suspended
     opened: float = field(default_factory=time.time)
     closed: float | None = None
     last_event: float | None = None
@@ -101,7 +147,12 @@ class RunState:
     primary_descriptors: set[str] = field(default_factory=set)
     descriptor_shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: list[ConsumerSlot] = field(default_factory=list)
+    signals: dict[str, SignalInfo] = field(default_factory=dict)
+    """Event signals of the run's primary stream (from its first primary descriptor), by data key."""
     buffers_allocated: bool = False
+    """The primary descriptor's event signals have been offered (and buffers allocated)."""
+    finishing: dict[str, Any] | None = None
+    """While ``status == "finishing"``: ``{"status", "doc", "source", "deadline"}`` of the close."""
     last_activity: float = field(default_factory=time.time)
     """Unix time of the last document or frame of this run (for the run timeout)."""
     descriptor_streams: dict[str, str] = field(default_factory=dict)
@@ -253,10 +304,10 @@ class RunStore:
         ``keep`` runs or ``keep_bytes`` of result buffers."""
         with self._lock:
             self._runs[run.uid] = run
-            finished = [uid for uid, r in self._runs.items() if r.status != "open"]
+            finished = [uid for uid, r in self._runs.items() if r.status not in LIVE_STATUSES]
             for uid in finished[: max(0, len(finished) - self.keep)]:
                 del self._runs[uid]
-            finished = [r for r in self._runs.values() if r.status != "open"]
+            finished = [r for r in self._runs.values() if r.status not in LIVE_STATUSES]
             held = sum(r.nbytes for r in finished)
             for r in finished:
                 if held <= self.keep_bytes:
@@ -275,7 +326,7 @@ class RunStore:
         if they do not fit even then (open runs are never dropped here)."""
         with self._lock:
             used = sum(r.nbytes for r in self._runs.values())
-            for r in [r for r in self._runs.values() if r.status != "open"]:
+            for r in [r for r in self._runs.values() if r.status not in LIVE_STATUSES]:
                 if used + needed <= budget:
                     break
                 used -= r.nbytes
@@ -283,10 +334,10 @@ class RunStore:
             return used + needed <= budget
 
     def wait_finished(self, uid: str, timeout: float) -> bool:
-        """Block until run ``uid`` is known and no longer open; False on timeout."""
+        """Block until run ``uid`` is known and closed (neither open nor finishing); False on timeout."""
         def finished() -> bool:
             run = self._runs.get(uid)
-            return run is not None and run.status != "open"
+            return run is not None and run.status not in LIVE_STATUSES
         with self._lock:
             return self._lock.wait_for(finished, timeout)
 
@@ -298,7 +349,7 @@ class RunStore:
 
     def open_runs(self) -> list[RunState]:
         with self._lock:
-            return [r for r in self._runs.values() if r.status == "open"]
+            return [r for r in self._runs.values() if r.status in LIVE_STATUSES]
 
     def runs(self) -> list[RunState]:
         """Every run held, newest first."""

@@ -1,45 +1,59 @@
 """Consumers that misbehave on purpose, for fault-injection tests (importable as
-``fault_consumers:Flaky`` from a test config: the tests folder is on sys.path)."""
+``fault_consumers:Flaky`` from a test config: the tests folder is on sys.path). Written against the
+consumer contract (:mod:`beamlens.consumers.base`): each takes the run's first signal it is
+offered and declares its state as buffers."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 from pydantic import Field
 
-from beamlens.consumers.base import BufferSpec, Consumer, ConsumerParams
+from beamlens.consumers.base import Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
+
+
+class FirstSignal(Consumer):
+    """Takes the first signal offered (any kind), refuses the rest."""
+
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        if getattr(self, "key", None) is not None:
+            raise NotApplicable(f"already taking {self.key!r}")
+        self.key = info.name
+        return self.buffer_specs(info)
+
+    def buffer_specs(self, info: SignalInfo) -> list[BufferSpec]:
+        return []
 
 
 class FlakyParams(ConsumerParams):
     every: int = Field(10, ge=1)
 
 
-class Flaky(Consumer):
-    """Raises on every ``every``-th EventPage; otherwise counts the points it saw."""
+class Flaky(FirstSignal):
+    """Raises on every ``every``-th batch; otherwise marks the points it saw."""
 
     name = "flaky"
     Params = FlakyParams
     params: FlakyParams
 
-    def start(self, doc):
-        self.pages = 0
+    def buffer_specs(self, info):
+        return [BufferSpec("seen", "nav"), BufferSpec("batches", "single", (1,), dtype="int64", private=True)]
 
-    def result_buffers(self):
-        return [BufferSpec("seen", "nav")]
-
-    def event_page(self, doc, positions):
-        self.pages += 1
-        if self.pages % self.params.every == 0:
-            raise RuntimeError(f"deliberate failure on page {self.pages}")
-        self.results.seen[positions[positions >= 0]] = 1.0
+    def process(self, batch, staged=None):
+        b = self.buffers
+        b.batches[0] += 1
+        if b.batches[0] % self.params.every == 0:
+            raise RuntimeError(f"deliberate failure on batch {b.batches[0]}")
+        b.seen[batch.nav_index] = 1.0
 
 
 class SleepyParams(ConsumerParams):
     seconds_per_page: float = 0.02
 
 
-class Sleepy(Consumer):
-    """Sleeps on every EventPage: a consumer far slower than the data."""
+class Sleepy(FirstSignal):
+    """Sleeps on every batch: a consumer far slower than the data."""
 
     name = "sleepy"
     Params = SleepyParams
@@ -48,25 +62,75 @@ class Sleepy(Consumer):
     spans: list[tuple[float, float]] = []
     """(monotonic start, end) of every sleep, for tests that reason about when the router hung."""
 
-    def event_page(self, doc, positions):
+    def process(self, batch, staged=None):
         t0 = time.monotonic()
         time.sleep(self.params.seconds_per_page)
         Sleepy.spans.append((t0, time.monotonic()))
 
 
-class Counting(Consumer):
-    """Keeps a running sum per point in plain attributes (checkpoint/resume tests)."""
+class Counting(FirstSignal):
+    """A running sum per point and a count of the points seen, both buffers (checkpoint/resume tests)."""
 
     name = "counting"
 
-    def start(self, doc):
-        self.events = 0
+    def buffer_specs(self, info):
+        return [BufferSpec("total", "nav"), BufferSpec("events", "single", (1,), dtype="int64", private=True, merge="sum")]
 
-    def result_buffers(self):
-        return [BufferSpec("total", "nav")]
+    def process(self, batch: Batch, staged=None):
+        x = np.asarray(batch.data, dtype=np.float64).reshape(len(batch), -1)
+        self.buffers.total[batch.nav_index] = x.sum(axis=1)
+        self.buffers.events[0] += len(batch)
 
-    def event_page(self, doc, positions):
-        key = next(iter(doc["data"]))
-        x = np.asarray(doc["data"][key], dtype=float).reshape(len(positions), -1)
-        self.results.total[positions] = x.sum(axis=1)
-        self.events += len(positions)
+
+class SlowFinishParams(ConsumerParams):
+    fit_s: float = Field(2.0, ge=0)
+    """How long the final fit runs on the daemon's pool, s."""
+
+
+class SlowFinish(FirstSignal):
+    """A consumer whose final fit (submitted in ``finish``) runs far longer than the router's
+    stall timeout: ``total`` per point as it goes, ``fitted`` (the sum of all totals) only when the
+    final fit is installed. ``release`` ends every running fit at once (test teardown)."""
+
+    name = "slow_finish"
+    Params = SlowFinishParams
+    params: SlowFinishParams
+    release = threading.Event()
+    fits_started: list[float] = []
+
+    def buffer_specs(self, info):
+        return [BufferSpec("total", "nav"), BufferSpec("fitted", "single", (1,))]
+
+    def process(self, batch: Batch, staged=None):
+        self.buffers.total[batch.nav_index] = np.asarray(batch.data, dtype=np.float64).reshape(len(batch), -1).sum(axis=1)
+
+    def finish(self):
+        if "total" in self.buffers:
+            self.run.submit(self._fit, self.buffers.total.copy(), then=self._install)
+
+    def _fit(self, total: np.ndarray) -> float:
+        SlowFinish.fits_started.append(time.monotonic())
+        SlowFinish.release.wait(self.params.fit_s)
+        return float(np.nansum(total))
+
+    def _install(self, value: float) -> None:
+        self.buffers.fitted[0] = value
+
+
+class StagedSum(FirstSignal):
+    """A consumer with a per-batch stage on the pool (frame sums, as an inference would be): the
+    stage computes each point's sum off the router thread, ``process`` writes it. For no-lost-point
+    tests on open-ended series whose buffers grow while stages are in flight."""
+
+    name = "staged_sum"
+    has_stage = True
+
+    def buffer_specs(self, info):
+        return [BufferSpec("total", "nav"), BufferSpec("points", "single", (1,), dtype="int64", merge="sum")]
+
+    def stage(self, batch: Batch) -> np.ndarray:
+        return np.asarray(batch.data, dtype=np.float64).reshape(len(batch), -1).sum(axis=1)
+
+    def process(self, batch: Batch, staged=None):
+        self.buffers.total[batch.nav_index] = staged
+        self.buffers.points[0] += len(batch)

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from beamlens.consumers.base import BufferSpec, Consumer, ConsumerParams, SeriesInfo
+from beamlens.consumers.base import Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from beamlens.daemon.app import Daemon
 
 
@@ -36,31 +36,33 @@ class SlowParams(ConsumerParams):
 
 
 class SlowFrameConsumer(Consumer):
-    """Sleeps ``seconds_per_frame`` per frame and records which frame numbers (positions) it saw."""
+    """Sleeps ``seconds_per_frame`` per frame and marks which frames (positions) it saw."""
 
     name = "slow"
     Params = SlowParams
     params: SlowParams
-    inputs = "frames"
 
-    def series(self, info: SeriesInfo) -> None:
-        self.seen: list[int] = []
-
-    def result_buffers(self) -> list[BufferSpec]:
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        if info.kind != "frame" or "seen" in self.buffers:
+            raise NotApplicable("takes the first frame series only")
         return [BufferSpec("seen", "nav", description="1 where a frame was analysed")]
 
-    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
-        time.sleep(self.params.seconds_per_frame * len(frames))
-        self.results.seen[positions[positions >= 0]] = 1.0
+    def process(self, batch: Batch, staged: object = None) -> None:
+        time.sleep(self.params.seconds_per_frame * len(batch))
+        self.buffers.seen[batch.nav_index] = 1.0
 
 
 class FailingFrameConsumer(Consumer):
-    """Raises on every frame batch (isolation tests)."""
+    """Takes frame series and raises on every frame batch (isolation tests)."""
 
     name = "failing"
-    inputs = "frames"
 
-    def frames(self, frames: np.ndarray, positions: np.ndarray, info: SeriesInfo) -> None:
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        if info.kind != "frame":
+            raise NotApplicable("frames only")
+        return []
+
+    def process(self, batch: Batch, staged: object = None) -> None:
         raise RuntimeError("deliberate failure")
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import h5py
 import numpy as np
 from event_model import compose_run
 
-from beamlens.consumers.base import BufferSpec, Consumer
+from beamlens.consumers.base import Batch, BufferSpec, Consumer, NotApplicable, SignalInfo
 from beamlens.daemon import __version__
 from beamlens.daemon.documents import Document
 from beamlens.daemon.sinks.runfiles import remove_stale_partials
@@ -42,12 +41,13 @@ class ChecksumConsumer(Consumer):
     WEIGHTS = np.linspace(0.0, 1.0, NE)
     model_sha256 = hashlib.sha256(WEIGHTS.tobytes()).hexdigest()
 
-    def result_buffers(self) -> list[BufferSpec]:
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        if info.name != "det_spectrum":
+            raise NotApplicable("takes det_spectrum only")
         return [BufferSpec("projection", "nav", units="OD", description="spectrum . weights")]
 
-    def event_page(self, doc: Mapping[str, Any], positions: np.ndarray) -> None:
-        x = np.asarray(doc["data"]["det_spectrum"], dtype=float)
-        self.results.projection[positions] = x @ self.WEIGHTS
+    def process(self, batch: Batch, staged: Any = None) -> None:
+        self.buffers.projection[batch.nav_index] = batch.data @ self.WEIGHTS
 
 
 def config_yaml(directory: Path) -> str:
