@@ -593,8 +593,8 @@ class RunTable:
                     continue
                 gauge = self.metrics.science[spec.metric]
                 for i, value in enumerate(np.ravel(slot.buffers[name])):
-                    if np.isfinite(value):
-                        gauge.labels(slot.name, str(i)).set(float(value))
+                    if not np.isnan(value):  # +Inf is a value (a forecast beyond its horizon)
+                        gauge.labels(slot.name, spec.labels[i] if i < len(spec.labels) else str(i)).set(float(value))
 
     def notify(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
         """Tell every listener (sink) ``(name, run, doc)``, each under isolation."""
