@@ -285,6 +285,23 @@ class TrendModel:
         self._fit(optimise)
         return optimise
 
+    def set_data(self, x: np.ndarray, y: np.ndarray, optimise: bool) -> None:
+        """Replace the points by the last ``window`` of ``(x, y)`` (float ``(n,)``, x increasing,
+        finite) and fit: with hyper-parameter optimisation, or conditioned on them with the kernel
+        as it is (a kernel restored from saved hyper-parameters).
+
+        Raises:
+            ValueError: no points, or x and y of different lengths.
+        """
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if x.shape != y.shape or x.ndim != 1 or not len(x):
+            raise ValueError(f"x and y must be 1-D, non-empty and of equal length (got {x.shape}, {y.shape})")
+        self.x, self.y = x[-self.window:], y[-self.window:]
+        self.gp = None
+        self._fit(optimise and self.prior is None)
+        if not optimise:
+            self.since_refit = 0
+
     def _fit(self, optimise: bool) -> None:
         if optimise or self.gp is None:
             u = self.u(self.x)
