@@ -20,7 +20,10 @@ Published buffers, per series ``<name>``: ``<name>_x``, ``<name>_value`` (nav: t
 ``<name>_points`` (single ``(2, window)``: the x and value conditioned on, NaN-padded); for all
 series together ``threshold``, ``prior_runs`` (earlier runs in the prior, 0: none), ``crossing``, ``crossing_pessimistic``, ``crossing_optimistic``
 (single ``(n_series,)``, x units, ``inf`` when not within the horizon; the first two exported as
-``beamlens_forecast_crossing{series=...}`` and ``beamlens_forecast_crossing_pessimistic{...}``).
+``beamlens_forecast_crossing{series=...}`` and ``beamlens_forecast_crossing_pessimistic{...}``),
+``remaining`` (crossing minus the latest x) and ``alert_within`` (the series' ``alert_within``),
+exported as ``beamlens_forecast_remaining`` / ``beamlens_forecast_alert_within`` for the shipped
+``ForecastCrossesThreshold`` alert.
 Not mergeable (refits depend on the order of points).
 """
 from __future__ import annotations
@@ -59,6 +62,8 @@ class SeriesConfig(BaseModel):
     refit_every: int = Field(5, ge=1)
     horizon: float | None = Field(None, description="forecast up to this x (default: the prior's extent, "
                                                     "else twice the window's span ahead)")
+    alert_within: float | None = Field(None, gt=0, description="the ForecastCrossesThreshold alert fires when the "
+                                                               "forecast crossing is this close ahead (x units)")
 
     @field_validator("key")
     @classmethod
@@ -154,7 +159,11 @@ class TrendsConsumer(Consumer):
                              metric="forecast_crossing_pessimistic", labels=names,
                              description="forecast x where the pessimistic 2-sigma bound reaches the threshold"),
                   BufferSpec("crossing_optimistic", "single", extra_shape=(n,), merge=None,
-                             description="forecast x where the optimistic 2-sigma bound reaches the threshold")]
+                             description="forecast x where the optimistic 2-sigma bound reaches the threshold"),
+                  BufferSpec("remaining", "single", extra_shape=(n,), merge=None, metric="forecast_remaining",
+                             labels=names, description="crossing minus the latest x (x units)"),
+                  BufferSpec("alert_within", "single", extra_shape=(n,), merge=None, metric="forecast_alert_within",
+                             labels=names, description="alert when the crossing is this close ahead (x units)")]
         return specs
 
     # -- priors (on the daemon's pool) ---------------------------------------------------------
@@ -232,6 +241,7 @@ class TrendsConsumer(Consumer):
         b, i = self.buffers, [t.name for t in self.params.series].index(s.name)
         x, y = self._points(s)
         b.threshold[i] = np.nan if s.threshold is None else s.threshold
+        b.alert_within[i] = np.nan if s.alert_within is None else s.alert_within
         if len(x) < 2:
             return
         prior = self.priors.get(s.name)
@@ -256,6 +266,7 @@ class TrendsConsumer(Consumer):
         if s.threshold is not None:
             c = model.crossing(s.threshold, s.direction, horizon=horizon)
             b.crossing[i], b.crossing_pessimistic[i], b.crossing_optimistic[i] = c.mean, c.pessimistic, c.optimistic
+            b.remaining[i] = c.mean - float(x[-1])
         b.prior_runs[i] = 0 if prior is None else prior.n_series  # last: readers wait on it
 
     def stop(self, doc) -> None:

@@ -32,10 +32,15 @@ SCIENCE_GAUGES: dict[str, str] = {
                          "its threshold (trends consumer); +Inf when not within the forecast horizon.",
     "forecast_crossing_pessimistic": "Forecast x at which the pessimistic 2-sigma bound of a trended series reaches its "
                                      "threshold (the early end of the forecast band); +Inf when not within the horizon.",
+    "forecast_remaining": "Forecast crossing x of a trended series minus its latest x (x units, e.g. cycles to go); "
+                          "+Inf when not within the horizon.",
+    "forecast_alert_within": "The series' alert_within (x units): ForecastCrossesThreshold fires when "
+                             "beamlens_forecast_remaining drops below it.",
 }
 #: Name of the gauge label that carries a buffer's ``labels`` (default ``index``).
 SCIENCE_GAUGE_LABEL: dict[str, str] = {"image_feature": "feature", "forecast_crossing": "series",
-                                       "forecast_crossing_pessimistic": "series"}
+                                       "forecast_crossing_pessimistic": "series", "forecast_remaining": "series",
+                                       "forecast_alert_within": "series"}
 
 #: Label values known before anything happens; :meth:`Metrics.declare` exports each counter at 0 for
 #: them, so that ``increase()``/``rate()`` see the first burst (a series born at its first increment
