@@ -128,7 +128,8 @@ class Prior:
         mean: float64 ``(n,)`` mean curve of the earlier series, normalised y units.
         kernel: fitted kernel (hyper-parameters fixed) for the deviation from ``mean``.
         y_range: ``(lo, hi)`` of the MinMax normalisation, value units.
-        x_max: the largest x (value units) covered by the earlier series; forecasts end there.
+        x_max: the x (value units) up to which at least half the earlier series have points;
+            forecasts end there.
         n_series: how many earlier series it was learned from.
     """
 
@@ -429,7 +430,9 @@ def learn_prior(series: Sequence[tuple[np.ndarray, np.ndarray]], *, log_x: bool 
     ally = np.concatenate([y for _, y in clean])
     lo, hi = float(ally.min()), float(ally.max())
     span = (hi - lo) or 1.0
-    x_max = float(max(x[-1] for x, _ in clean))
+    # the mean curve (and the forecast horizon) ends where fewer than half the series still have
+    # points: beyond, the average of the few longest series jumps as others drop out
+    x_max = float(np.median([x[-1] for x, _ in clean]))
     x_min = float(min(x[0] for x, _ in clean))
     grid = np.linspace(u(x_min), u(x_max), n_grid)
     norm = [(x, (y - lo) / span) for x, y in clean]

@@ -453,6 +453,7 @@ class RunTable:
             return
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
+            self.guard("then", self.update_gauges, run)  # a refit's results reach /metrics now, not at the next event
 
     def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> None:
         while slot.staged and getattr(slot.staged[0][1], "installed", False):

@@ -101,9 +101,8 @@ consumers:
                     assert crossing == pytest.approx(expect.mean, rel=1e-3)
                     assert pess == pytest.approx(expect.pessimistic, rel=1e-3)
                     assert abs(crossing - truth) < 250
-                    metrics = scrape(daemon.http.url)
-                    got = metrics[("beamlens_forecast_crossing", (("consumer", "trends"), ("series", "capacity")))]
-                    assert got == pytest.approx(crossing, rel=1e-6)
+                    label = ("beamlens_forecast_crossing", (("consumer", "trends"), ("series", "capacity")))
+                    wait_for(lambda c=crossing: scrape(daemon.http.url).get(label) == pytest.approx(c, rel=1e-6), 30)
         beamline.publisher("stop", bundle.compose_stop())
         wait_run_finished(daemon, uid)
     with TrendStore(store_path) as store:
