@@ -28,35 +28,28 @@ Not mergeable (refits depend on the order of points).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
+from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .trend_model import Prior, TrendModel, learn_prior
 from .trend_store import TrendStore, check_series_key
 
 N_GRID = 200
 
 
-class SeriesConfig(BaseModel):
-    """One trended series."""
+class ForecastConfig(BaseModel):
+    """How one series is forecast (shared by the trends and features consumers)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9_]{1,40}$", description="label of the series (buffers, gauges)")
-    key: str = Field(description="value: 'primary/<data key>'; also the trend-store series key")
-    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s)")
-    threshold: float | None = Field(None, description="forecast the crossing of this value (after relative_to_first)")
+    threshold: float | None = Field(None, description="forecast the crossing of this value")
     direction: Literal["below", "above"] = "below"
-    relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
-    scope: Literal["run", "all"] = "run"
-    prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
-    min_prior_runs: int = Field(3, ge=2, description="earlier runs needed for a prior")
-    prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
-                                                        "default threshold -/+ 0.25 of the value range")
     log_x: bool = False
     window: int = Field(50, ge=2, le=2000)
     refit_every: int = Field(5, ge=1)
@@ -64,6 +57,19 @@ class SeriesConfig(BaseModel):
                                                     "else twice the window's span ahead)")
     alert_within: float | None = Field(None, gt=0, description="the ForecastCrossesThreshold alert fires when the "
                                                                "forecast crossing is this close ahead (x units)")
+
+
+class SeriesConfig(ForecastConfig):
+    """One trended series of event data keys (threshold after ``relative_to_first``)."""
+
+    key: str = Field(description="value: 'primary/<data key>'; also the trend-store series key")
+    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s)")
+    relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
+    scope: Literal["run", "all"] = "run"
+    prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
+    min_prior_runs: int = Field(3, ge=2, description="earlier runs needed for a prior")
+    prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
+                                                        "default threshold -/+ 0.25 of the value range")
 
     @field_validator("key")
     @classmethod
@@ -102,6 +108,83 @@ class TrendsParams(ConsumerParams):
         return self
 
 
+def forecast_specs(cfgs: Sequence[ForecastConfig]) -> list[BufferSpec]:
+    """The buffers of forecasts of ``cfgs``: per series ``<name>_forecast`` (single ``(4, N_GRID)``:
+    x, mean, lower, upper), ``<name>_points`` (single ``(2, window)``), private ``<name>_theta`` and
+    ``<name>_since``; for all together ``threshold``, ``prior_runs``, ``crossing``,
+    ``crossing_pessimistic``, ``crossing_optimistic``, ``remaining``, ``alert_within``
+    (single ``(n,)``, gauges labelled by series name where bound to a metric)."""
+    specs = []
+    for s in cfgs:
+        specs += [BufferSpec(f"{s.name}_forecast", "single", extra_shape=(4, N_GRID), merge=None,
+                             description=f"{s.name} forecast: x, mean, lower, upper (mean -/+ 2 sigma)"),
+                  BufferSpec(f"{s.name}_points", "single", extra_shape=(2, s.window), merge=None,
+                             description=f"{s.name} points the forecast is conditioned on: x, value"),
+                  BufferSpec(f"{s.name}_theta", "single", extra_shape=(16,), private=True, merge=None,
+                             description="log hyper-parameters of the last refit"),
+                  BufferSpec(f"{s.name}_since", "single", extra_shape=(1,), private=True, merge=None,
+                             description="points since the last refit")]
+    n, names = len(cfgs), tuple(s.name for s in cfgs)
+    specs += [BufferSpec("threshold", "single", extra_shape=(n,), merge=None, description="threshold of each series"),
+              BufferSpec("prior_runs", "single", extra_shape=(n,), merge=None,
+                         description="earlier runs the forecast's prior was learned from (0: none)"),
+              BufferSpec("crossing", "single", extra_shape=(n,), merge=None, metric="forecast_crossing", labels=names,
+                         description="forecast x where the mean reaches the threshold (inf: not within the horizon)"),
+              BufferSpec("crossing_pessimistic", "single", extra_shape=(n,), merge=None,
+                         metric="forecast_crossing_pessimistic", labels=names,
+                         description="forecast x where the pessimistic 2-sigma bound reaches the threshold"),
+              BufferSpec("crossing_optimistic", "single", extra_shape=(n,), merge=None,
+                         description="forecast x where the optimistic 2-sigma bound reaches the threshold"),
+              BufferSpec("remaining", "single", extra_shape=(n,), merge=None, metric="forecast_remaining",
+                         labels=names, description="crossing minus the latest x (x units)"),
+              BufferSpec("alert_within", "single", extra_shape=(n,), merge=None, metric="forecast_alert_within",
+                         labels=names, description="alert when the crossing is this close ahead (x units)")]
+    return specs
+
+
+def count_points(buffers: Buffers, cfg: ForecastConfig, n: int) -> None:
+    """Count ``n`` new points of ``cfg`` towards its next refit."""
+    since = buffers[f"{cfg.name}_since"]
+    since[0] = np.nan_to_num(since[0]) + n
+
+
+def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: ForecastConfig, x: np.ndarray,
+                    y: np.ndarray, prior: Prior | None = None) -> None:
+    """Fit ``(x, y)`` (float ``(n,)``, x increasing) of series ``s`` and write its forecast buffers
+    (:func:`forecast_specs`): hyper-parameters re-optimised once ``refit_every`` points were
+    counted since the last refit (:func:`count_points`) or none are saved, else the saved ones
+    (``<name>_theta``); with a prior, its fixed hyper-parameters. Fewer than 2 points: only the
+    threshold is written."""
+    b, i = buffers, [t.name for t in cfgs].index(s.name)
+    b.threshold[i] = np.nan if s.threshold is None else s.threshold
+    b.alert_within[i] = np.nan if s.alert_within is None else s.alert_within
+    if len(x) < 2:
+        return
+    model = TrendModel(log_x=s.log_x, window=s.window, refit_every=s.refit_every, prior=prior)
+    theta = b[f"{s.name}_theta"]
+    n_theta = len(model.kernel.theta)
+    since = b[f"{s.name}_since"]
+    optimise = prior is None and (np.isnan(theta[0]) or since[0] >= s.refit_every)
+    if prior is None and not optimise:
+        model.kernel = model.kernel.clone_with_theta(theta[:n_theta])
+    model.set_data(x, y, optimise=optimise)
+    if optimise:
+        theta[:] = np.nan
+        theta[:n_theta] = model.kernel_.theta
+        since[0] = 0
+    horizon = s.horizon if s.horizon is not None else model.horizon()
+    f = model.forecast(np.linspace(float(model.x[0]), max(horizon, float(model.x[-1])), N_GRID))
+    b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper])
+    pts = b[f"{s.name}_points"]
+    pts[...] = np.nan
+    pts[0, :len(model.x)], pts[1, :len(model.y)] = model.x, model.y
+    if s.threshold is not None:
+        c = model.crossing(s.threshold, s.direction, horizon=horizon)
+        b.crossing[i], b.crossing_pessimistic[i], b.crossing_optimistic[i] = c.mean, c.pessimistic, c.optimistic
+        b.remaining[i] = c.mean - float(x[-1])
+    b.prior_runs[i] = 0 if prior is None else prior.n_series  # last: readers wait on it
+
+
 class TrendsConsumer(Consumer):
     """See the module docstring."""
 
@@ -133,37 +216,14 @@ class TrendsConsumer(Consumer):
         if not first:
             return []
         specs = []
-        n = len(self.params.series)
         for s in self.params.series:
             specs += [BufferSpec(f"{s.name}_x", "nav", description=f"x ({s.x}) of {s.key}"),
                       BufferSpec(f"{s.name}_value", "nav", description=s.key),
-                      BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store"),
-                      BufferSpec(f"{s.name}_forecast", "single", extra_shape=(4, N_GRID), merge=None,
-                                 description=f"{s.key} forecast: x, mean, lower, upper (mean -/+ 2 sigma)"),
-                      BufferSpec(f"{s.name}_points", "single", extra_shape=(2, s.window), merge=None,
-                                 description=f"{s.key} points the forecast is conditioned on: x, value"),
-                      BufferSpec(f"{s.name}_theta", "single", extra_shape=(16,), private=True, merge=None,
-                                 description="log hyper-parameters of the last refit"),
-                      BufferSpec(f"{s.name}_since", "single", extra_shape=(1,), private=True, merge=None,
-                                 description="points since the last refit")]
+                      BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store")]
             if s.scope == "run" and s.prior == "earlier_runs" and self.store is not None:
                 self.priors[s.name] = None
                 self.run.submit(self._learn_prior, s, then=lambda prior, s=s: self._install_prior(s, prior))
-        names = tuple(s.name for s in self.params.series)
-        specs += [BufferSpec("threshold", "single", extra_shape=(n,), merge=None, description="threshold of each series"),
-                  BufferSpec("prior_runs", "single", extra_shape=(n,), merge=None,
-                             description="earlier runs the forecast's prior was learned from (0: none)"),
-                  BufferSpec("crossing", "single", extra_shape=(n,), merge=None, metric="forecast_crossing", labels=names,
-                             description="forecast x where the mean reaches the threshold (inf: not within the horizon)"),
-                  BufferSpec("crossing_pessimistic", "single", extra_shape=(n,), merge=None,
-                             metric="forecast_crossing_pessimistic", labels=names,
-                             description="forecast x where the pessimistic 2-sigma bound reaches the threshold"),
-                  BufferSpec("crossing_optimistic", "single", extra_shape=(n,), merge=None,
-                             description="forecast x where the optimistic 2-sigma bound reaches the threshold"),
-                  BufferSpec("remaining", "single", extra_shape=(n,), merge=None, metric="forecast_remaining",
-                             labels=names, description="crossing minus the latest x (x units)"),
-                  BufferSpec("alert_within", "single", extra_shape=(n,), merge=None, metric="forecast_alert_within",
-                             labels=names, description="alert when the crossing is this close ahead (x units)")]
+        specs += forecast_specs(self.params.series)
         return specs
 
     # -- priors (on the daemon's pool) ---------------------------------------------------------
@@ -215,7 +275,7 @@ class TrendsConsumer(Consumer):
                 if self.store is not None:
                     self.store.add(s.key, self.run.uid, new + 1, b[f"{s.name}_x"][new], b[f"{s.name}_value"][new])
                 b[f"{s.name}_stored"][new] = 1.0
-                b[f"{s.name}_since"][0] = np.nan_to_num(b[f"{s.name}_since"][0]) + len(new)
+                count_points(b, s, len(new))
                 touched.append(s)
         for s in touched:
             self._update(s)
@@ -238,36 +298,8 @@ class TrendsConsumer(Consumer):
 
     def _update(self, s: SeriesConfig) -> None:
         """Fit the series' points and write its forecast buffers (daemon thread)."""
-        b, i = self.buffers, [t.name for t in self.params.series].index(s.name)
         x, y = self._points(s)
-        b.threshold[i] = np.nan if s.threshold is None else s.threshold
-        b.alert_within[i] = np.nan if s.alert_within is None else s.alert_within
-        if len(x) < 2:
-            return
-        prior = self.priors.get(s.name)
-        model = TrendModel(log_x=s.log_x, window=s.window, refit_every=s.refit_every, prior=prior)
-        theta = b[f"{s.name}_theta"]
-        n_theta = len(model.kernel.theta)
-        since = b[f"{s.name}_since"]
-        optimise = prior is None and (np.isnan(theta[0]) or since[0] >= s.refit_every)
-        if prior is None and not optimise:
-            model.kernel = model.kernel.clone_with_theta(theta[:n_theta])
-        model.set_data(x, y, optimise=optimise)
-        if optimise:
-            theta[:] = np.nan
-            theta[:n_theta] = model.kernel_.theta
-            since[0] = 0
-        horizon = s.horizon if s.horizon is not None else model.horizon()
-        f = model.forecast(np.linspace(float(model.x[0]), max(horizon, float(model.x[-1])), N_GRID))
-        b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper])
-        pts = b[f"{s.name}_points"]
-        pts[...] = np.nan
-        pts[0, :len(model.x)], pts[1, :len(model.y)] = model.x, model.y
-        if s.threshold is not None:
-            c = model.crossing(s.threshold, s.direction, horizon=horizon)
-            b.crossing[i], b.crossing_pessimistic[i], b.crossing_optimistic[i] = c.mean, c.pessimistic, c.optimistic
-            b.remaining[i] = c.mean - float(x[-1])
-        b.prior_runs[i] = 0 if prior is None else prior.n_series  # last: readers wait on it
+        update_forecast(self.buffers, self.params.series, s, x, y, self.priors.get(s.name))
 
     def stop(self, doc) -> None:
         if self._store is not None:
