@@ -23,11 +23,18 @@ and ``cycle`` (the series header's ``x_key`` field, e.g. the cycle number, when 
 ``latest`` (the newest frame's features, exported as ``beamlens_image_feature{feature=...}``).
 Mergeable: per-frame values merge by fill; ``segmentation`` and ``latest`` follow the frame with the
 highest nav index (a private ``newest`` buffer records which).
+
+With ``forecasts``, each named feature is trended against the header's x (the cycle number) and
+forecast as the ``trends`` consumer does (:func:`beamlens.consumers.trends.update_forecast`; the
+same ``<name>_forecast``, ``crossing``… buffers and ``beamlens_forecast_*`` gauges); with a
+``store`` the series spans runs — an electrode imaged once per cycle, one series (run) per cycle.
+Forecast buffers are written per frame (a merged partial shows the forecast of its own last frame).
 """
 from __future__ import annotations
 
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -36,6 +43,8 @@ from skimage.measure import label, regionprops
 from skimage.morphology import disk, remove_small_objects
 
 from .base import Batch, BufferSpec, Buffers, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals
+from .trend_store import TrendStore
+from .trends import ForecastConfig, count_points, forecast_specs, update_forecast
 
 PORE, PARTICLE, LAYER = 0, 1, 2
 PHASE_CODES = {"pore": PORE, "particle": PARTICLE, "layer": LAYER}
@@ -77,6 +86,24 @@ def phase_features(phases: np.ndarray, pixel_size: float = 1.0, min_particle_px:
     }
 
 
+Feature = Literal["void_area", "void_fraction", "mean_particle_area", "particle_count", "surface_layer_area",
+                  "surface_layer_thickness", "mean_pore_diameter"]
+assert get_args(Feature) == FEATURES
+
+
+class FeatureForecast(ForecastConfig):
+    """A forecast of one feature against the series header's x (``x_key``, e.g. the cycle number)."""
+
+    feature: Feature
+    name: str = Field("", pattern=r"^[a-z0-9_]{0,40}$", description="label (default: the feature's name)")
+
+    @model_validator(mode="after")
+    def _name(self) -> FeatureForecast:
+        if not self.name:
+            self.name = self.feature
+        return self
+
+
 class FeaturesParams(ConsumerParams):
     data_key: str | None = None
     """Frame source name or 2-D event data key to analyse; default: the first 2-D array signal."""
@@ -95,11 +122,19 @@ class FeaturesParams(ConsumerParams):
     pixel_size_key: str = "pixel_size_um"
     x_key: str = "cycle"
     """Series header field copied into the ``cycle`` nav buffer (the x of trends), if present."""
+    forecasts: list[FeatureForecast] = Field(default_factory=list, max_length=len(FEATURES))
+    """Features to trend and forecast against the header's x (GP, as the trends consumer does)."""
+    store: Path | None = None
+    """Trend-store file: each frame's features are stored (``features/<feature>``) and the forecasts
+    use every stored frame of the key, across runs (one series per cycle) and restarts; null:
+    only this run's frames."""
 
     @model_validator(mode="after")
     def _check(self) -> FeaturesParams:
         if sorted(self.phase_order) != ["layer", "particle", "pore"]:
             raise ValueError(f"phase_order must name pore, particle and layer once each (got {list(self.phase_order)})")
+        if len({f.name for f in self.forecasts}) != len(self.forecasts):
+            raise ValueError("forecast names must be unique")
         if self.thresholds is not None and not self.thresholds[0] < self.thresholds[1]:
             raise ValueError(f"thresholds must increase (got {list(self.thresholds)})")
         return self
@@ -176,6 +211,8 @@ class FeaturesConsumer(Consumer):
             BufferSpec("newest", "single", extra_shape=(1,), private=True, merge=None,
                        description="nav index of the frame in segmentation"),
         ]
+        if p.forecasts:
+            specs += forecast_specs(p.forecasts)
         return specs
 
     def process(self, batch: Batch, staged: object = None) -> bool:
@@ -196,7 +233,31 @@ class FeaturesConsumer(Consumer):
             if not pos < b.newest[0]:  # NaN (nothing yet) or a later frame
                 b.newest[0] = pos
                 b.segmentation[...] = phases
+            if p.forecasts and math.isfinite(self.x_value):
+                self._forecast(int(pos), f)
         return True
+
+    def _forecast(self, pos: int, features: dict[str, float]) -> None:
+        """Store the frame's features and update each forecast (see :class:`FeaturesParams`)."""
+        b, p = self.buffers, self.params
+        store = TrendStore(p.store) if p.store is not None else None
+        try:
+            for cfg in p.forecasts:
+                key = f"features/{cfg.feature}"
+                if store is not None:
+                    store.add(key, self.run.uid, [pos + 1], [self.x_value], [features[cfg.feature]])
+                    runs = store.runs(key)
+                    x = np.concatenate([r.x for r in runs])
+                    y = np.concatenate([r.value for r in runs])
+                else:
+                    ok = np.isfinite(b.cycle) & np.isfinite(b[cfg.feature])
+                    x, y = b.cycle[ok], b[cfg.feature][ok]
+                o = np.argsort(x, kind="stable")
+                count_points(b, cfg, 1)
+                update_forecast(b, p.forecasts, cfg, x[o], y[o])
+        finally:
+            if store is not None:
+                store.close()
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
         super().merge(dest, src)

@@ -19,8 +19,8 @@ def frame_signal(shape, meta=None, name="sem"):
     return SignalInfo(name=name, kind="frame", sig_shape=shape, dtype="uint8", units="counts", series=series)
 
 
-def run_consumer(frames, params=None, meta=None):
-    consumer = FeaturesConsumer(params or FeaturesParams(), RunInfo(uid="r", nav_shape=(len(frames),), start_doc={}))
+def run_consumer(frames, params=None, meta=None, uid="r"):
+    consumer = FeaturesConsumer(params or FeaturesParams(), RunInfo(uid=uid, nav_shape=(len(frames),), start_doc={}))
     info = frame_signal(frames.shape[1:], meta)
     specs = consumer.signal(info)
     consumer.buffers = Buffers.allocate(specs, len(frames))
@@ -103,3 +103,25 @@ def test_partitions_merge_to_the_sequential_result(movie):
     assert np.isfinite(seq.buffers.void_fraction).all()
     for label, m in merged.items():
         assert_buffers_equal(seq, m, label=label, private=True)
+
+
+def test_feature_forecast_across_runs_one_series_per_cycle(tmp_path):
+    """The demo's shape: one frame series (one run) per cycle, the cycle in its header; the store
+    joins them into one trend, whose forecast holds the later frames' true mean particle area."""
+    gen = ElectrodeGenerator(seed=4)
+    params = FeaturesParams(store=tmp_path / "trends.sqlite", forecasts=[
+        {"feature": "mean_particle_area", "threshold": 0.4, "log_x": True, "refit_every": 2, "horizon": 3000}])
+    cycles = [0, 50, 100, 200, 300, 400, 600, 800, 1000]
+    for c in cycles:
+        img, _ = gen.frame(c)
+        consumer = run_consumer(img[None], params, meta={"pixel_size_um": gen.pixel_size_um, "cycle": c}, uid=f"cycle-{c}")
+    b = consumer.buffers
+    np.testing.assert_allclose(b.mean_particle_area_points[0, :len(cycles)], cycles)
+    fx, mean, lower, upper = b.mean_particle_area_forecast
+    for c in (1500, 2000):
+        true = gen.frame(c)[1].mean_particle_area
+        k = np.searchsorted(fx, c)
+        assert lower[k] <= true <= upper[k], (c, lower[k], true, upper[k])
+    assert 1000 < b.crossing[0] < 2500 and b.crossing_pessimistic[0] <= b.crossing[0]
+    with pytest.raises(ValueError, match="unique"):
+        FeaturesParams(forecasts=[{"feature": "void_area"}, {"feature": "void_area"}])
