@@ -88,6 +88,8 @@ class BufferSpec:
             (``"energy"``), published with its values when the consumer sets ``run.axes``.
         metric: name of a science gauge in ``beamlens.daemon.metrics.SCIENCE_GAUGES`` that the daemon
             keeps equal to this ``single`` buffer (one sample per element, labelled by index).
+        labels: with ``metric``, the gauge's label value of each element (feature or series names)
+            instead of its index.
         private: state kept, checkpointed and merged but not published (sufficient statistics,
             stored spectra).
         merge: how :meth:`Consumer.merge` combines this buffer of two partial results by default:
@@ -107,6 +109,7 @@ class BufferSpec:
     metric: str | None = None
     private: bool = False
     merge: MergeRule | None | Literal["default"] = "default"
+    labels: tuple[str, ...] = ()
 
     @property
     def merge_rule(self) -> MergeRule | None:

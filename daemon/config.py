@@ -39,6 +39,8 @@ BUILTIN_CONSUMERS: dict[str, str] = {
     "unmixing": "beamlens.consumers.unmixing:UnmixingConsumer",
     "frame_stats": "beamlens.consumers.stats:FrameStatsConsumer",  # old name: stats with signal: frame
     "defects": "beamlens.consumers.defects:DefectsConsumer",
+    "features": "beamlens.consumers.features:FeaturesConsumer",
+    "trends": "beamlens.consumers.trends:TrendsConsumer",
 }
 
 

@@ -25,7 +25,22 @@ SCIENCE_GAUGES: dict[str, str] = {
     "unmixing_refit_relative_change_ratio": "Relative loss decrease in the last HALS sweep of the latest unmixing refit (at most tol: converged).",
     "defects": "Defects detected in the newest frame, by class.",
     "defect_density_per_square_pixel": "Defects per px^2 in the newest frame.",
+    "image_feature": "Features of the newest micrograph by feature (features consumer): void_area, mean_particle_area, "
+                     "surface_layer_area (um^2, or px^2 without a pixel size), surface_layer_thickness, "
+                     "mean_pore_diameter (um or px), void_fraction (0..1), particle_count.",
+    "forecast_crossing": "Forecast x (the series' x units, e.g. cycles) at which the GP mean of a trended series reaches "
+                         "its threshold (trends consumer); +Inf when not within the forecast horizon.",
+    "forecast_crossing_pessimistic": "Forecast x at which the pessimistic 2-sigma bound of a trended series reaches its "
+                                     "threshold (the early end of the forecast band); +Inf when not within the horizon.",
+    "forecast_remaining": "Forecast crossing x of a trended series minus its latest x (x units, e.g. cycles to go); "
+                          "+Inf when not within the horizon.",
+    "forecast_alert_within": "The series' alert_within (x units): ForecastCrossesThreshold fires when "
+                             "beamlens_forecast_remaining drops below it.",
 }
+#: Name of the gauge label that carries a buffer's ``labels`` (default ``index``).
+SCIENCE_GAUGE_LABEL: dict[str, str] = {"image_feature": "feature", "forecast_crossing": "series",
+                                       "forecast_crossing_pessimistic": "series", "forecast_remaining": "series",
+                                       "forecast_alert_within": "series"}
 
 #: Label values known before anything happens; :meth:`Metrics.declare` exports each counter at 0 for
 #: them, so that ``increase()``/``rate()`` see the first burst (a series born at its first increment
@@ -155,7 +170,7 @@ class Metrics:
             "beamlens_result_buffer_bytes", "Bytes of result buffers held by open and kept runs (counted against limits.memory_budget_mib).",
             registry=r)
         self.science = {
-            name: Gauge(f"beamlens_{name}", doc, ["consumer", "index"], registry=r)
+            name: Gauge(f"beamlens_{name}", doc, ["consumer", SCIENCE_GAUGE_LABEL.get(name, "index")], registry=r)
             for name, doc in SCIENCE_GAUGES.items()
         }
         # -- HTTP server -----------------------------------------------------------------------

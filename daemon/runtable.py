@@ -462,6 +462,7 @@ class RunTable:
             return job.method == "stage"
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
+            self.guard("then", self.update_gauges, run)  # a refit's results reach /metrics now, not at the next event
         return True
 
     def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> list[int]:
@@ -607,8 +608,8 @@ class RunTable:
                     continue
                 gauge = self.metrics.science[spec.metric]
                 for i, value in enumerate(np.ravel(slot.buffers[name])):
-                    if np.isfinite(value):
-                        gauge.labels(slot.name, str(i)).set(float(value))
+                    if not np.isnan(value):  # +Inf is a value (a forecast beyond its horizon)
+                        gauge.labels(slot.name, spec.labels[i] if i < len(spec.labels) else str(i)).set(float(value))
 
     def notify(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
         """Tell every listener (sink) ``(name, run, doc)``, each under isolation."""

@@ -75,7 +75,7 @@ def test_rule_unit_tests_pass():
 
 def test_every_alert_has_a_firing_and_a_silent_case():
     required = {"BeamlensDown", "AcquisitionStalled", "AnalysisLagging", "FramesDropped", "ConsumerFailing",
-                "HighReconstructionError", "HighDefectDensity"}
+                "HighReconstructionError", "HighDefectDensity", "ForecastCrossesThreshold"}
     rules = alerts()
     assert required <= set(rules)
     fires, silent = set(), set()

@@ -1,0 +1,310 @@
+"""``trends``: declared figures trended across points, runs and restarts, with Gaussian-process
+forecasts of when each will cross its threshold.
+
+Each declared series (:class:`SeriesConfig`) names an event data key of the primary stream as its
+value (``key: primary/capacity``) and another one, ``seq_num`` or ``time`` as its x
+(``x: primary/cycle``). Every point (an event with both readings) is stored in the trend store
+(:mod:`beamlens.consumers.trend_store`, one SQLite file, e.g. under the daemon's state directory),
+and after each new point the series is regressed with :class:`~beamlens.consumers.trend_model.TrendModel`
+(the paper's SE kernel, MinMax-normalised y, optional log x, a window of the last ``window`` points,
+hyper-parameters re-optimised every ``refit_every`` points and kept in a private buffer in between).
+
+Two scopes: ``run`` — the series is this run's points (a cell's capacity check-ups in one run);
+with ``prior: earlier_runs`` the earlier runs of the same series in the store (earlier cells) give a
+population prior (:func:`~beamlens.consumers.trend_model.learn_prior`), learned on the daemon's pool
+when the run starts, never from the run itself. ``all`` — the series spans runs (a detector's dark
+level run after run, an electrode imaged once per cycle): every stored point of the key.
+
+Published buffers, per series ``<name>``: ``<name>_x``, ``<name>_value`` (nav: the run's points),
+``<name>_forecast`` (single ``(4, n_grid)``: x, mean, lower, upper = mean ∓ 2σ, value units),
+``<name>_points`` (single ``(2, window)``: the x and value conditioned on, NaN-padded); for all
+series together ``threshold``, ``prior_runs`` (earlier runs in the prior, 0: none), ``crossing``, ``crossing_pessimistic``, ``crossing_optimistic``
+(single ``(n_series,)``, x units, ``inf`` when not within the horizon; the first two exported as
+``beamlens_forecast_crossing{series=...}`` and ``beamlens_forecast_crossing_pessimistic{...}``),
+``remaining`` (crossing minus the latest x) and ``alert_within`` (the series' ``alert_within``),
+exported as ``beamlens_forecast_remaining`` / ``beamlens_forecast_alert_within`` for the shipped
+``ForecastCrossesThreshold`` alert.
+Not mergeable (refits depend on the order of points).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
+from .trend_model import Prior, TrendModel, learn_prior
+from .trend_store import TrendStore, check_series_key
+
+N_GRID = 200
+
+
+class ForecastConfig(BaseModel):
+    """How one series is forecast (shared by the trends and features consumers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,40}$", description="label of the series (buffers, gauges)")
+    threshold: float | None = Field(None, description="forecast the crossing of this value")
+    direction: Literal["below", "above"] = "below"
+    log_x: bool = False
+    window: int = Field(50, ge=2, le=2000)
+    refit_every: int = Field(5, ge=1)
+    horizon: float | None = Field(None, description="forecast up to this x (default: the prior's extent, "
+                                                    "else twice the window's span ahead)")
+    alert_within: float | None = Field(None, gt=0, description="the ForecastCrossesThreshold alert fires when the "
+                                                               "forecast crossing is this close ahead (x units)")
+
+
+class SeriesConfig(ForecastConfig):
+    """One trended series of event data keys (threshold after ``relative_to_first``)."""
+
+    key: str = Field(description="value: 'primary/<data key>'; also the trend-store series key")
+    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s)")
+    relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
+    scope: Literal["run", "all"] = "run"
+    prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
+    min_prior_runs: int = Field(3, ge=2, description="earlier runs needed for a prior")
+    prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
+                                                        "default threshold -/+ 0.25 of the value range")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        check_series_key(v)
+        if not v.startswith("primary/") or len(v) <= len("primary/"):
+            raise ValueError("only event data keys of the primary stream ('primary/<data key>') reach consumers")
+        return v
+
+    @field_validator("x")
+    @classmethod
+    def _x(cls, v: str) -> str:
+        if v not in ("seq_num", "time") and (not v.startswith("primary/") or len(v) <= len("primary/")):
+            raise ValueError("x must be 'seq_num', 'time' or 'primary/<data key>'")
+        return v
+
+    @property
+    def value_key(self) -> str:
+        return self.key.split("/", 1)[1]
+
+    @property
+    def x_key(self) -> str | None:
+        return self.x.split("/", 1)[1] if self.x.startswith("primary/") else None
+
+
+class TrendsParams(ConsumerParams):
+    series: list[SeriesConfig] = Field(min_length=1, max_length=32)
+    store: Path | None = Field(None, description="trend-store file (e.g. <state.directory>/trends.sqlite); "
+                                                 "null: no history across runs")
+
+    @model_validator(mode="after")
+    def _unique(self) -> TrendsParams:
+        names = [s.name for s in self.series]
+        if len(set(names)) != len(names):
+            raise ValueError(f"series names must be unique (got {names})")
+        return self
+
+
+def forecast_specs(cfgs: Sequence[ForecastConfig]) -> list[BufferSpec]:
+    """The buffers of forecasts of ``cfgs``: per series ``<name>_forecast`` (single ``(4, N_GRID)``:
+    x, mean, lower, upper), ``<name>_points`` (single ``(2, window)``), private ``<name>_theta`` and
+    ``<name>_since``; for all together ``threshold``, ``prior_runs``, ``crossing``,
+    ``crossing_pessimistic``, ``crossing_optimistic``, ``remaining``, ``alert_within``
+    (single ``(n,)``, gauges labelled by series name where bound to a metric)."""
+    specs = []
+    for s in cfgs:
+        specs += [BufferSpec(f"{s.name}_forecast", "single", extra_shape=(4, N_GRID), merge=None,
+                             description=f"{s.name} forecast: x, mean, lower, upper (mean -/+ 2 sigma)"),
+                  BufferSpec(f"{s.name}_points", "single", extra_shape=(2, s.window), merge=None,
+                             description=f"{s.name} points the forecast is conditioned on: x, value"),
+                  BufferSpec(f"{s.name}_theta", "single", extra_shape=(16,), private=True, merge=None,
+                             description="log hyper-parameters of the last refit"),
+                  BufferSpec(f"{s.name}_since", "single", extra_shape=(1,), private=True, merge=None,
+                             description="points since the last refit")]
+    n, names = len(cfgs), tuple(s.name for s in cfgs)
+    specs += [BufferSpec("threshold", "single", extra_shape=(n,), merge=None, description="threshold of each series"),
+              BufferSpec("prior_runs", "single", extra_shape=(n,), merge=None,
+                         description="earlier runs the forecast's prior was learned from (0: none)"),
+              BufferSpec("crossing", "single", extra_shape=(n,), merge=None, metric="forecast_crossing", labels=names,
+                         description="forecast x where the mean reaches the threshold (inf: not within the horizon)"),
+              BufferSpec("crossing_pessimistic", "single", extra_shape=(n,), merge=None,
+                         metric="forecast_crossing_pessimistic", labels=names,
+                         description="forecast x where the pessimistic 2-sigma bound reaches the threshold"),
+              BufferSpec("crossing_optimistic", "single", extra_shape=(n,), merge=None,
+                         description="forecast x where the optimistic 2-sigma bound reaches the threshold"),
+              BufferSpec("remaining", "single", extra_shape=(n,), merge=None, metric="forecast_remaining",
+                         labels=names, description="crossing minus the latest x (x units)"),
+              BufferSpec("alert_within", "single", extra_shape=(n,), merge=None, metric="forecast_alert_within",
+                         labels=names, description="alert when the crossing is this close ahead (x units)")]
+    return specs
+
+
+def count_points(buffers: Buffers, cfg: ForecastConfig, n: int) -> None:
+    """Count ``n`` new points of ``cfg`` towards its next refit."""
+    since = buffers[f"{cfg.name}_since"]
+    since[0] = np.nan_to_num(since[0]) + n
+
+
+def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: ForecastConfig, x: np.ndarray,
+                    y: np.ndarray, prior: Prior | None = None) -> None:
+    """Fit ``(x, y)`` (float ``(n,)``, x increasing) of series ``s`` and write its forecast buffers
+    (:func:`forecast_specs`): hyper-parameters re-optimised once ``refit_every`` points were
+    counted since the last refit (:func:`count_points`) or none are saved, else the saved ones
+    (``<name>_theta``); with a prior, its fixed hyper-parameters. Fewer than 2 points: only the
+    threshold is written."""
+    b, i = buffers, [t.name for t in cfgs].index(s.name)
+    b.threshold[i] = np.nan if s.threshold is None else s.threshold
+    b.alert_within[i] = np.nan if s.alert_within is None else s.alert_within
+    if len(x) < 2:
+        return
+    model = TrendModel(log_x=s.log_x, window=s.window, refit_every=s.refit_every, prior=prior)
+    theta = b[f"{s.name}_theta"]
+    n_theta = len(model.kernel.theta)
+    since = b[f"{s.name}_since"]
+    optimise = prior is None and (np.isnan(theta[0]) or since[0] >= s.refit_every)
+    if prior is None and not optimise:
+        model.kernel = model.kernel.clone_with_theta(theta[:n_theta])
+    model.set_data(x, y, optimise=optimise)
+    if optimise:
+        theta[:] = np.nan
+        theta[:n_theta] = model.kernel_.theta
+        since[0] = 0
+    horizon = s.horizon if s.horizon is not None else model.horizon()
+    f = model.forecast(np.linspace(float(model.x[0]), max(horizon, float(model.x[-1])), N_GRID))
+    b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper])
+    pts = b[f"{s.name}_points"]
+    pts[...] = np.nan
+    pts[0, :len(model.x)], pts[1, :len(model.y)] = model.x, model.y
+    if s.threshold is not None:
+        c = model.crossing(s.threshold, s.direction, horizon=horizon)
+        b.crossing[i], b.crossing_pessimistic[i], b.crossing_optimistic[i] = c.mean, c.pessimistic, c.optimistic
+        b.remaining[i] = c.mean - float(x[-1])
+    b.prior_runs[i] = 0 if prior is None else prior.n_series  # last: readers wait on it
+
+
+class TrendsConsumer(Consumer):
+    """See the module docstring."""
+
+    name = "trends"
+    Params = TrendsParams
+    params: TrendsParams
+    mergeable = False
+
+    def __init__(self, params, run):
+        super().__init__(params, run)
+        self.taken: set[str] = set()
+        self.priors: dict[str, Prior | None] = {}
+        self._store: TrendStore | None = None
+
+    @property
+    def store(self) -> TrendStore | None:
+        if self._store is None and self.params.store is not None:
+            self._store = TrendStore(self.params.store)
+        return self._store
+
+    def signal(self, info: SignalInfo) -> list[BufferSpec]:
+        if info.kind != "event" or info.sig_shape != ():
+            raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
+        wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
+        if info.name not in wanted:
+            raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
+        first = not self.taken
+        self.taken.add(info.name)
+        if not first:
+            return []
+        specs = []
+        for s in self.params.series:
+            specs += [BufferSpec(f"{s.name}_x", "nav", description=f"x ({s.x}) of {s.key}"),
+                      BufferSpec(f"{s.name}_value", "nav", description=s.key),
+                      BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store")]
+            if s.scope == "run" and s.prior == "earlier_runs" and self.store is not None:
+                self.priors[s.name] = None
+                self.run.submit(self._learn_prior, s, then=lambda prior, s=s: self._install_prior(s, prior))
+        specs += forecast_specs(self.params.series)
+        return specs
+
+    # -- priors (on the daemon's pool) ---------------------------------------------------------
+    def _learn_prior(self, s: SeriesConfig) -> Prior | None:
+        runs = self.store.runs(s.key, exclude_run=self.run.uid)
+        series = [(r.x, self._relative(s, r.value)) for r in runs if len(r.x) >= 2]
+        if len(series) < s.min_prior_runs:
+            return None
+        floor = s.prior_floor
+        if floor is None and s.threshold is not None:
+            ally = np.concatenate([y for _, y in series])
+            span = float(np.nanmax(ally) - np.nanmin(ally))
+            floor = s.threshold - 0.25 * span if s.direction == "below" else s.threshold + 0.25 * span
+        try:
+            return learn_prior(series, log_x=s.log_x, floor=floor, direction=s.direction)
+        except ValueError as exc:
+            self.log.warning("series %s: no prior from %d earlier runs (%s)", s.name, len(series), exc)
+            return None
+
+    def _install_prior(self, s: SeriesConfig, prior: Prior | None) -> None:
+        self.priors[s.name] = prior
+        if prior is not None:
+            self.log.info("series %s: prior from %d earlier runs", s.name, prior.n_series)
+            if f"{s.name}_x" in self.buffers:  # not yet allocated when the job ran inline in signal()
+                self._update(s)
+
+    @staticmethod
+    def _relative(s: SeriesConfig, y: np.ndarray) -> np.ndarray:
+        if not s.relative_to_first or not len(y) or not y[0]:
+            return y
+        return y / y[0]
+
+    # -- points --------------------------------------------------------------------------------
+    def process(self, batch: Batch, staged: object = None) -> bool:
+        b = self.buffers
+        pos = batch.nav_index
+        values = batch.data.astype(np.float64)
+        touched = []
+        for s in self.params.series:
+            if batch.signal.name == s.value_key:
+                b[f"{s.name}_value"][pos] = values
+            if batch.signal.name == s.x_key:
+                b[f"{s.name}_x"][pos] = values
+            if s.x in ("seq_num", "time") and batch.signal.name == s.value_key:
+                b[f"{s.name}_x"][pos] = batch.seq_num if s.x == "seq_num" else batch.time
+            new = pos[np.isfinite(b[f"{s.name}_x"][pos]) & np.isfinite(b[f"{s.name}_value"][pos])
+                      & np.isnan(b[f"{s.name}_stored"][pos])]
+            if len(new):
+                if self.store is not None:
+                    self.store.add(s.key, self.run.uid, new + 1, b[f"{s.name}_x"][new], b[f"{s.name}_value"][new])
+                b[f"{s.name}_stored"][new] = 1.0
+                count_points(b, s, len(new))
+                touched.append(s)
+        for s in touched:
+            self._update(s)
+        return bool(touched)
+
+    def _points(self, s: SeriesConfig) -> tuple[np.ndarray, np.ndarray]:
+        b = self.buffers
+        if s.scope == "all" and self.store is not None:
+            runs = self.store.runs(s.key)
+            if runs:
+                x = np.concatenate([r.x for r in runs])
+                y = np.concatenate([r.value for r in runs])
+                o = np.argsort(x, kind="stable")
+                return x[o], y[o]
+        ok = np.isfinite(b[f"{s.name}_x"]) & np.isfinite(b[f"{s.name}_value"])
+        idx = np.nonzero(ok)[0]  # nav order = arrival order of this run's points
+        x, y = b[f"{s.name}_x"][idx], self._relative(s, b[f"{s.name}_value"][idx])
+        o = np.argsort(x, kind="stable")
+        return x[o], y[o]
+
+    def _update(self, s: SeriesConfig) -> None:
+        """Fit the series' points and write its forecast buffers (daemon thread)."""
+        x, y = self._points(s)
+        update_forecast(self.buffers, self.params.series, s, x, y, self.priors.get(s.name))
+
+    def stop(self, doc) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+__all__ = ["SeriesConfig", "TrendsConsumer", "TrendsParams"]
