@@ -9,6 +9,9 @@ frame-specific part of the routing:
   else to the newest open Bluesky run. With no open run the series becomes a *frame-only run* of
   its own (uid ``<source>-<series id>-<8 hex>``, ``plan_name: frame_series``, nav shape
   ``(n_frames,)`` when announced, else growing), started and stopped like any run so sinks see it.
+  It stops when its series ends, when its announced frame count has arrived, or, for a format
+  without end messages (array-1.0), after ``router.series_quiet_s`` without a frame (later frames
+  of that series are ``stale_series``; raise it above the longest pause of a slow series).
 - **Frame -> map pixel.** Frame number ``k`` (0-based) is placed like event ``seq_num = k + 1``,
   with the run's RunStart ``shape`` and ``snaking`` (:func:`beamlens.daemon.placement.flat_positions`).
 - **Stale frames.** Frames of a series that is not the source's current one (superseded, ended) are
@@ -89,8 +92,9 @@ class FrameRouter:
 
     @property
     def waiting(self) -> bool:
-        """True while a RunStop waits for a series end (the router then polls :meth:`expire`)."""
-        return bool(self._parked)
+        """True while a RunStop waits for a series end, or a frame-only series without end messages
+        is open (the router then polls :meth:`expire`)."""
+        return bool(self._parked) or any(st.frame_only and not st.has_end for st in self._current.values())
 
     def handle(self, item: FrameBatch | SeriesEvent | FrameBarrier) -> None:
         if isinstance(item, FrameBatch):
@@ -204,6 +208,9 @@ class FrameRouter:
         self.metrics.frames_processed.labels(batch.source).inc(n)
         self.metrics.frame_age_seconds.labels(batch.source).observe(now - batch.received)
         self.router._update_gauges(run)
+        if state.frame_only and state.info.n_frames and state.frames_done >= state.info.n_frames:
+            self._current.pop(batch.source, None)  # its announced frame count has arrived
+            self._series_done(state, "success")
 
     # -- run stop ordering -------------------------------------------------------------------
     def park_stop(self, run: RunState, doc: dict[str, Any]) -> bool:
@@ -231,8 +238,14 @@ class FrameRouter:
         self.router._finish(run, held.doc.get("exit_status", "success"), held.doc)
 
     def expire(self) -> None:
-        """Finish held runs whose grace period is over (their series' later frames: ``run_closed``)."""
+        """Close frame-only runs of end-less series (array-1.0) quiet for ``router.series_quiet_s``;
+        finish held runs whose grace period is over (their series' later frames: ``run_closed``)."""
         now = time.monotonic()
+        quiet_since = now - self.router.config.series_quiet_s
+        for source, st in list(self._current.items()):
+            if st.frame_only and not st.has_end and st.last_frame <= quiet_since:
+                del self._current[source]  # an end-less series (array-1.0) that went quiet
+                self._series_done(st, "success")
         for uid, held in list(self._parked.items()):
             self._finish_if_settled(uid)
             if uid in self._parked and now >= held.deadline:
