@@ -96,3 +96,50 @@ def frames_analysed(daemon) -> int:
         return int(np.isfinite(daemon.store.snapshot(runs[0]["uid"], "defects", "total").data).sum())
     except KeyError:
         return 0
+
+
+class GatedMovie:
+    """A simulated microscope movie (array-1.0 over a real ZeroMQ PUSH socket on 127.0.0.1) sent
+    frame by frame when the test says so, each send waiting until the daemon has processed the
+    frame: a movie that streams exactly as slowly as a test needs, without sleeping.
+
+    ``announce``: put ``number_frames_expected`` in the headers (the run then closes at the last
+    frame); without it the series is end-less and closes after ``router.series_quiet_s``.
+    """
+
+    def __init__(self, n_frames: int, seed: int = 5, announce: bool = True):
+        from beamlens.daemon.sim.microscope import SimulatedMicroscope
+
+        self.scope = SimulatedMicroscope(n_frames=n_frames, rate_hz=None, seed=seed)
+        self.address = self.scope.address
+        self.announce = announce
+        self.frames = [image for image, _ in self.scope.movie.frames(n_frames)]
+        self.sent = 0
+
+    def send(self, daemon: Daemon, n: int, source: str = "stem", timeout: float = 60.0) -> None:
+        """Send the next ``n`` frames, one at a time, each once the previous one is processed."""
+        import json
+
+        from beamlens.daemon.sim.microscope import array10_header
+        from helpers import wait_for
+
+        for _ in range(n):
+            index, image = self.sent, self.frames[self.sent]
+            if self.announce:
+                self.scope.send_frame(index, image)
+            else:
+                header = array10_header(image, index, source="beamlens-sim-stem", series_id=self.scope.series_id,
+                                        frame_time_s=self.scope.frame_time_s)
+                self.scope.socket.send_multipart([json.dumps(header).encode(), np.ascontiguousarray(image, dtype="<u2")])
+            self.sent += 1
+            wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source=source) >= self.sent,
+                     timeout=timeout)
+
+    def close(self) -> None:
+        self.scope.close()
+
+    def __enter__(self) -> GatedMovie:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

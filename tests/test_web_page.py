@@ -265,3 +265,105 @@ def test_frame_run_shows_the_newest_frame_with_its_defects(make_daemon, browser_
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("figure[data-key='defects/frame']").screenshot(path=str(ARTIFACTS / "frame.png"))
     assert not errors, errors
+
+
+def _png_pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_frame_run_map_changes_on_the_page_while_the_movie_streams(make_daemon, browser_page):
+    """The demo's microscope movie (array-1.0 over ZeroMQ, defects post-processed in the consumer's
+    worker): the defect-density map and the progress change on the open page while frames
+    arrive, without a reload; two screenshots of the map taken during the movie differ."""
+    from frame_helpers import GatedMovie, daemon_yaml, frame_source_yaml
+    from helpers import wait_for
+
+    page, errors = browser_page
+    n = 24
+    sel = "figure[data-key='defects/density_map'] canvas.map"
+    with GatedMovie(n) as movie:
+        daemon = make_daemon(daemon_yaml([frame_source_yaml("stem", "array-1.0", movie.address)],
+                                         consumers="  - {name: defects, class: defects, params: {fit_after: 8}}\n",
+                                         router="{series_quiet_s: 120}") + "outputs:\n  web: {push_interval_s: 0.1}\n")
+        page.goto(daemon.http.url + "/")
+        page.wait_for_selector("#connection.live", timeout=10_000)
+        page.evaluate("() => { window.__sameDocument = true; }")
+        shots = []
+        for upto in (6, 16):
+            movie.send(daemon, upto - movie.sent)
+            (run,) = daemon.store.runs()
+            wait_js(page, f"document.getElementById('progress-text').textContent.startsWith('{upto} / {n} points')",
+                    timeout=20_000)
+
+            def page_shows_the_map_served() -> bool:  # the map drawn is the API's map now
+                status, body, _ = http_get(f"{daemon.http.url}/api/runs/{run.uid}/defects/density_map.json")
+                data = np.array(json.loads(body)["data"], dtype=float)
+                clim = page.evaluate(f"document.querySelector(\"{sel}\")?.dataset.clim")
+                if not clim:
+                    return False
+                lo, hi = map(float, clim.split(","))
+                return np.isclose(lo, np.nanmin(data), rtol=1e-5) and np.isclose(hi, np.nanmax(data), rtol=1e-5)
+            wait_for(page_shows_the_map_served, timeout=20)
+            assert run.status == "open" and "open" in page.text_content("#run-title")
+            shots.append(_png_pixels(page.locator(sel).screenshot()))
+        movie.send(daemon, n - movie.sent)
+        assert daemon.store.wait_finished(run.uid, 30)
+    wait_js(page, "document.getElementById('progress-text').textContent.includes('success')", timeout=20_000)
+    assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
+    first, second = shots
+    assert first.shape == second.shape
+    changed = np.abs(first - second).sum(axis=-1) > 0
+    assert changed.mean() > 0.01, f"only {changed.mean():.1%} of the map's pixels changed between frames 6 and 16"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_page_frames.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_clicking_a_frame_of_a_frame_run_shows_its_values_and_defects(make_daemon, browser_page):
+    """A frame series is a 1-D run: clicking its per-frame curve picks that frame; the page shows
+    the frame's values as the API gives them and its defects, circled in their class colours."""
+    from frame_helpers import defects_movie_daemon
+
+    page, errors = browser_page
+    n = 12
+    daemon, _ = defects_movie_daemon(make_daemon, n)
+    (run,) = daemon.store.summaries()
+    page.goto(daemon.http.url + "/")
+    sel = "figure[data-key='defects/total'] canvas.plot"
+    wait_js(page, f"document.querySelector(\"{sel}\")?.dataset.geometry", timeout=15_000)
+    wait_js(page, "document.getElementById('progress-text').textContent.includes('success')", timeout=15_000)
+    canvas = page.locator(sel)
+    g = json.loads(canvas.get_attribute("data-geometry"))
+    frame = 7
+    x = g["L"] + (frame - g["x0"]) / (g["x1"] - g["x0"]) * (g["W"] - g["L"] - g["R"])  # CSS px in the canvas
+    canvas.click(position={"x": x, "y": 100})  # scrolled into view by Playwright
+    page.wait_for_selector("figure.point-card[data-list='positions'] canvas", timeout=10_000)
+    assert f"Values at [{frame}]" in page.text_content("#point")
+
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{run['uid']}/defects/point?nav={frame}")
+    point = json.loads(body)
+    assert status == 200 and point["nav"] == [frame]
+    total = daemon.store.snapshot(run["uid"], "defects", "total").data[frame]
+    assert point["values"]["total"]["value"] == total
+    rows = point["lists"]["positions"]["rows"]
+    positions = daemon.store.snapshot(run["uid"], "defects", "positions").data[frame]
+    assert len(rows) == total and np.allclose(rows, positions[:len(rows)])
+    cells = {r.split("\t")[0]: r.split("\t")[1] for r in page.locator("#point table tr").all_inner_texts()}
+    assert float(cells["defects/total"].split()[0]) == total
+    assert page.get_attribute("figure.point-card[data-list='positions'] canvas", "data-rows") == str(int(total))
+    legend = page.text_content("figure.point-card[data-list='positions'] .legend")
+    counts = daemon.store.snapshot(run["uid"], "defects", "counts").data[frame]
+    for k, c in enumerate(counts):
+        if c:
+            assert f"class {k}: {int(c)}" in legend
+    # the picked frame is marked on the curve; the density map (a frame-shaped image) picks nothing
+    assert page.locator("figure[data-key='defects/density_map'] canvas.map").count() == 1
+    page.locator("figure[data-key='defects/density_map'] canvas.map").click()
+    assert f"Values at [{frame}]" in page.text_content("#point")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_page_frame_click.png"), full_page=True)
+    assert not errors, errors

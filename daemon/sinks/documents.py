@@ -21,6 +21,13 @@ The derived run of consumer ``C`` for raw run ``R``:
   published as EventPages at most every ``event_interval_s``; frames are announced by the router
   (listener name ``"frames"``); points never published by the RunStop (a raster run whose
   detector sent frames but whose RunEngine sent no events) are published before the final maps.
+  A point is published once its consumer has written it (some float ``nav`` buffer is no longer
+  NaN there), not merely once it was announced: consumers may write a batch's results after the
+  router's notification (the defects consumer post-processes a batch in a worker while the
+  network runs on the next one, and holds its first frames until its classes are fitted), and an
+  event carrying NaN would never be corrected. A point still unwritten after
+  :data:`HOLD_S` (a point the consumer skipped) is published as it is; at the RunStop, all are.
+  Every notification of a run (``"results"`` too: buffers changed by background work) flushes.
 - stream ``summary``: the ``sig`` and ``single`` buffers (component spectra, explained variance,
   defect counts) as one event per interval in which they changed; signal axes (energy, eV) in the
   descriptor's ``configuration``. A 2-D buffer of up to 16 rows (``components`` ``(k, n_energy)``)
@@ -62,6 +69,9 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], None]
 EXIT_STATUS = {"success": "success", "abort": "abort", "fail": "fail", "incomplete": "abort"}
+HOLD_S = 10.0
+"""A point announced but not yet written by its consumer is held at most this long (s), then
+published as it is (NaN: a point the consumer skipped)."""
 
 
 def data_key(spec: BufferSpec, source: str, shape: tuple[int, ...], dims: list[str]) -> dict[str, Any]:
@@ -161,7 +171,10 @@ class DerivedRun:
             self.summary = self.bundle.compose_descriptor(name="summary", data_keys=keys,
                                                           configuration=self._axes_configuration())
             emit("descriptor", self.summary.descriptor_doc)
-        self.pending: dict[int, tuple[int, dict[str, float]]] = {}  # raw seq_num -> (flat position, motors)
+        self.pending: dict[int, tuple[int, dict[str, float], float]] = {}
+        """raw seq_num -> (flat position, motor readings, monotonic time queued)."""
+        self.watched = [n for n, s in self.nav.items() if np.dtype(s.dtype).kind == "f"]
+        """Float nav buffers: NaN at a point in all of them means the consumer has not written it yet."""
         self.published: set[int] = set()
         self.summary_digests: dict[str, str] = {}
 
@@ -180,19 +193,42 @@ class DerivedRun:
         """Queue points for the next flush: raw ``seq_nums`` at flat ``positions`` ``(n,)`` int64
         (``-1``: outside the map, skipped), with the raw events' motor readings ``{motor: (n,)}``."""
         motors = motors or {}
+        queued = time.monotonic()
         for i, (seq, pos) in enumerate(zip(seq_nums, positions.tolist())):
             if pos >= 0:
                 self.pending.pop(int(seq), None)
-                self.pending[int(seq)] = (pos, {m: float(v[i]) for m, v in motors.items() if m in self.motors})
+                self.pending[int(seq)] = (pos, {m: float(v[i]) for m, v in motors.items() if m in self.motors}, queued)
 
-    def flush(self) -> None:
-        """Publish the points gathered since the last flush and the summary, if it changed."""
+    def written(self, positions: np.ndarray) -> np.ndarray:
+        """Which of flat ``positions`` ``(n,)`` int64 the consumer has written: ``(n,)`` bool, True
+        where some float nav buffer is not NaN (all True for a consumer without float nav buffers)."""
+        done = np.zeros(len(positions), dtype=bool) if self.watched else np.ones(len(positions), dtype=bool)
+        for name in self.watched:
+            arr = self.slot.arrays[name]
+            inside = positions < len(arr)
+            values = arr[positions[inside]].reshape(int(inside.sum()), -1)
+            done[inside] |= ~np.isnan(values).all(axis=1)
+        return done
+
+    def _due(self, final: bool) -> list[int]:
+        """The pending seq_nums to publish now: written ones, those held :data:`HOLD_S`, or all."""
+        if final:
+            return list(self.pending)
+        seqs = list(self.pending)
+        positions = np.fromiter((self.pending[s][0] for s in seqs), dtype=np.int64, count=len(seqs))
+        late = time.monotonic() - HOLD_S
+        done = self.written(positions)
+        return [s for s, ok in zip(seqs, done.tolist()) if ok or self.pending[s][2] <= late]
+
+    def flush(self, final: bool = False) -> None:
+        """Publish the gathered points the consumer has written (every one if ``final``) and the
+        summary, if it changed."""
         now = time.time()
-        if self.points is not None and self.pending:
-            seqs = list(self.pending)
-            positions = np.fromiter((p for p, _ in self.pending.values()), dtype=np.int64, count=len(seqs))
-            readings = [r for _, r in self.pending.values()]
-            self.pending = {}
+        seqs = self._due(final) if self.points is not None and self.pending else []
+        if seqs:
+            due = [self.pending.pop(s) for s in seqs]
+            positions = np.fromiter((p for p, _, _ in due), dtype=np.int64, count=len(seqs))
+            readings = [r for _, r, _ in due]
             self.published.update(positions.tolist())
             data: dict[str, list[Any]] = {"nav_index": positions.tolist()}
             for m in self.motors:
@@ -220,11 +256,11 @@ class DerivedRun:
         shape = self.run.published_nav_shape
         n = int(np.prod(shape))
         if self.points is not None:
-            queued = {p for p, _ in self.pending.values()}
+            queued = {p for p, _, _ in self.pending.values()}
             rest = [p for p in range(n) if p not in self.published and p not in queued]
             if rest:
                 self.add_points(_seq_nums_of(np.asarray(rest, dtype=np.int64), shape, self.run.snaking), np.asarray(rest))
-        self.flush()
+        self.flush(final=True)
         rows = {name: s for name, s in self.maps.items() if len(shape) - 1 + len(s.extra_shape) <= 1}
         if rows and n:
             # the final maps, one event per row of the slowest scan axis (each value at most 1-D:
@@ -333,15 +369,18 @@ class DocumentsSink:
                     motors[m] = values
             for d in derived.values():
                 d.add_points(doc["seq_num"], positions, motors)
-            now = time.monotonic()
-            if now - self._last_flush.get(run.uid, 0.0) >= self.config.event_interval_s:
-                self._last_flush[run.uid] = now
-                for d in derived.values():
-                    d.flush()
-        elif name == "stop":
+        if name == "stop":
             reason = doc.get("reason") or ""
             for d in self._derived.pop(run.uid, {}).values():
                 d.finish(run.status, reason)
             self._last_flush.pop(run.uid, None)
             self._motors.pop(run.uid, None)
             self._scan_ids.pop(run.uid, None)
+            return
+        # any other notification (event_page, frames, results: buffers written by background work)
+        # may have brought results of points announced earlier
+        now = time.monotonic()
+        if now - self._last_flush.get(run.uid, 0.0) >= self.config.event_interval_s:
+            self._last_flush[run.uid] = now
+            for d in derived.values():
+                d.flush()

@@ -6,7 +6,13 @@ The router thread only marks runs as touched (a set insert under a lock, nothing
 the run summaries, a health status read from the Prometheus registry, and a 64-bit BLAKE2 digest of
 every buffer of every touched run. Each browser connection remembers the digests it was last sent
 and is told only which buffers changed since (``changed`` event); it then fetches those buffers'
-JSON. So a 150 x 150 run streaming at kHz costs the page at most one small message per interval and
+JSON.
+
+A run counts as touched when the router notified anything of it since the last refresh (``"results"``
+included: buffers changed by background work), and, while it is open, for :data:`SETTLE_S` after
+its last document or frame: consumers may write a batch's results after the notification (the
+defects consumer post-processes in a worker), and the last batch of a movie must still reach the
+page when no further frame comes to announce it. Unchanged buffers cost only their digest. So a 150 x 150 run streaming at kHz costs the page at most one small message per interval and
 one fetch per changed buffer, however fast events arrive.
 """
 from __future__ import annotations
@@ -91,9 +97,20 @@ def axes_json(start_doc: dict[str, Any], nav_shape: tuple[int, ...], units: dict
     return json_safe(out)
 
 
+#: Open runs are re-examined for this long after their last document or frame (s), for results
+#: their consumers write after the router's notification.
+SETTLE_S = 10.0
+
 #: Buffers whose published part is larger are not hashed on each push: they count as changed
 #: whenever their run was touched (see :meth:`~beamlens.daemon.results.RunStore.digest`).
 DIGEST_MAX_BYTES = 8 * 2**20
+
+
+def settling(store: RunStore, settle_s: float = SETTLE_S) -> set[str]:
+    """Uids of open runs that had a document or frame within ``settle_s`` (their consumers may
+    still be writing results of it)."""
+    since = time.time() - settle_s
+    return {run.uid for run in store.open_runs() if run.last_activity >= since}
 
 
 def buffer_digest(data: np.ndarray) -> str:
@@ -183,6 +200,7 @@ class LiveFeed:
         """
         with self._lock:
             touched, self._touched = self._touched, set()
+        touched |= settling(self.store)
         old = self.state
         runs = self.summaries()  # RunStart values are the wire's: ExtType, numpy, NaN -> JSON-safe
         live_uids = {r["uid"] for r in runs}

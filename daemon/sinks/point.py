@@ -9,6 +9,11 @@ spectra (``score_<i>`` on PCA ``components`` plus the ``mean``; ``abundance_<i>`
 
 The daemon does not keep measured spectra (memory); the model spectrum is what the consumer's
 fit says the point is.
+
+A ``nav`` buffer too large for ``values`` that holds a NaN-padded list of rows per point
+(``(n_rows, n_columns)`` per point, at most :data:`MAX_LIST_COLUMNS` columns: the defects consumer's
+``positions``, row, col and class of each defect of a frame) is answered under ``lists`` as the
+rows that hold a value, so a frame run's click shows that frame's detections.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from .jsonsafe import finite_list, json_safe
 WEIGHT_PREFIXES = ("score", "abundance")
 #: nav buffers with more values per point than this are left out of the answer.
 MAX_VALUES_PER_POINT = 64
+#: nav buffers of ``(n_rows, n_columns)`` per point with at most this many columns are answered as lists of rows.
+MAX_LIST_COLUMNS = 8
 
 
 def parse_nav(text: str, nav_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -46,8 +53,10 @@ def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> di
 
     Returns:
         ``{"run", "consumer", "nav", "nav_shape", "values": {buffer: value or list, units},
+        "lists": {buffer: {"rows": [[...], ...], "units"}},
         "model": None or {"axis", "spectrum" (n,), "components" (k, n), "weights" (k,), "mean"}}``,
-        JSON-safe (NaN -> None).
+        JSON-safe (NaN -> None); ``lists`` holds the rows of list buffers (see the module
+        docstring) that are not all NaN, in buffer order.
 
     Raises:
         KeyError: unknown run or consumer.
@@ -63,12 +72,20 @@ def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> di
     index = parse_nav(nav_text, shape)
     flat = int(np.ravel_multi_index(index, shape))
     values: dict[str, Any] = {}
+    lists: dict[str, Any] = {}
     weights: dict[int, float] = {}
     for name, spec in slot.specs.items():
         if spec.kind != "nav" or name not in slot.arrays:
             continue
         arr = slot.arrays[name]
-        if flat >= len(arr) or int(np.prod(spec.extra_shape)) > MAX_VALUES_PER_POINT:
+        if flat >= len(arr):
+            continue
+        n_values = int(np.prod(spec.extra_shape))
+        if n_values > MAX_VALUES_PER_POINT and len(spec.extra_shape) == 2 and spec.extra_shape[1] <= MAX_LIST_COLUMNS:
+            rows = np.asarray(arr[flat], dtype=np.float64)
+            lists[name] = {"rows": rows[~np.isnan(rows).all(axis=1)].tolist(), "units": spec.units}
+            continue
+        if n_values > MAX_VALUES_PER_POINT:
             continue
         value = np.asarray(arr[flat], dtype=np.float64)
         values[name] = {"value": value.tolist(), "units": spec.units}
@@ -76,7 +93,7 @@ def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> di
         if m and m.group(1) in WEIGHT_PREFIXES and value.ndim == 0:
             weights[int(m.group(2))] = float(value)
     return {"run": run.uid, "consumer": consumer, "nav": list(index), "nav_shape": list(shape),
-            "values": json_safe(values), "model": _model(store, run.uid, slot, weights)}
+            "values": json_safe(values), "lists": json_safe(lists), "model": _model(store, run.uid, slot, weights)}
 
 
 def _model(store: RunStore, uid: str, slot: Any, weights: dict[int, float]) -> dict[str, Any] | None:

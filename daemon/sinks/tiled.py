@@ -17,7 +17,9 @@ Layout under the configured container (``outputs.tiled.path``, default ``beamlen
                                     (:mod:`beamlens.daemon.sinks.axes`), metadata units, dim
 
 **Growing live.** A writer thread wakes every ``write_interval_s``, copies the buffers of every run
-the router touched (documents or frames) from the run store, and writes what changed: a new node
+the router touched (documents, frames or ``"results"``; open runs also for
+:data:`~beamlens.daemon.sinks.live.SETTLE_S` after their last document or frame, for results that
+consumers write after the notification) from the run store, and writes what changed: a new node
 with ``write_array``; a map of known shape by ``ArrayClient.patch`` of the rows (slowest axis) that
 changed; a map of a run of unknown length (frame series without ``n_frames``) by
 ``patch(new_rows, offset=(n_old,), extend=True)``; spectra and scalars by ``patch`` of the whole
@@ -46,6 +48,7 @@ from ..config import TiledOutputConfig
 from ..metrics import Metrics
 from ..results import BufferSnapshot, RunState, RunStore
 from .axes import RunReadings
+from .live import settling
 from .provenance import consumer_provenance
 
 log = logging.getLogger(__name__)
@@ -174,6 +177,7 @@ class TiledSink:
         """One pass: write every touched run's changes (writer thread; also callable from tests)."""
         with self._lock:
             touched, self._touched = self._touched, set()
+        touched |= settling(self.store)
         pending = set(touched)
         try:
             root = self._connect()

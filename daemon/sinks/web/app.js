@@ -147,7 +147,8 @@ class MapCard {
     }
     this.canvas.addEventListener("mousemove", (e) => this.hover(e));
     this.canvas.addEventListener("mouseleave", () => { hideTooltip(); });
-    this.canvas.addEventListener("click", (e) => { const rc = this.cell(e); if (rc) pickPoint(rc); });
+    // a frame-shaped image (sig buffer) is not a scan point: only maps of the scan pick one
+    this.canvas.addEventListener("click", (e) => { const rc = this.cell(e); if (rc && !this.spec.sigImage) pickPoint(rc); });
     this.canvas.addEventListener("keydown", (e) => this.key_(e));
   }
 
@@ -312,7 +313,7 @@ class MapCard {
     const g = this.g;
     const up = g && g.flipY ? -1 : 1, right = g && g.flipX ? -1 : 1;
     const moves = { ArrowUp: [up, 0], ArrowDown: [-up, 0], ArrowLeft: [0, -right], ArrowRight: [0, right] };
-    if (e.key === "Enter" && this.cursor) { pickPoint(this.cursor); return; }
+    if (e.key === "Enter" && this.cursor) { if (!this.spec.sigImage) pickPoint(this.cursor); return; }
     const m = moves[e.key];
     if (!m) return;
     e.preventDefault();
@@ -337,7 +338,8 @@ function hideTooltip() { document.getElementById("tooltip").hidden = true; }
 // -- line plots ------------------------------------------------------------------------------
 function clock(t) { return new Date(t * 1000).toLocaleTimeString([], { hour12: false }); }
 
-function drawPlot(canvas, series, xlabel, ylabel, xfmt = tick) {
+// Returns the plot's geometry {x0, x1, L, R, W} (for clicks); ``marker``: an x drawn as a line.
+function drawPlot(canvas, series, xlabel, ylabel, xfmt = tick, marker = null) {
   const W = 380, H = 230, L = 62, R = 22, T = 10, B = 40;
   const ctx = sizeCanvas(canvas, W, H);
   ctx.clearRect(0, 0, W, H);
@@ -375,6 +377,13 @@ function drawPlot(canvas, series, xlabel, ylabel, xfmt = tick) {
     }
     ctx.stroke();
   });
+  if (marker !== null && Number.isFinite(marker) && marker >= x0 && marker <= x1) {
+    ctx.strokeStyle = "#ff2d2d"; ctx.lineWidth = 1.5;
+    ctx.beginPath(); ctx.moveTo(px(marker), T); ctx.lineTo(px(marker), H - B); ctx.stroke();
+  }
+  const g = { x0, x1, L, R, W };
+  canvas.dataset.geometry = JSON.stringify(g);
+  return g;
 }
 
 class PlotCard {
@@ -386,9 +395,27 @@ class PlotCard {
     this.legend = el("div", { class: "legend" });
     this.current = el("output", { class: "readout" });
     this.fig = el("figure", { class: "card", "data-key": key }, caption(spec, key), this.canvas, this.legend, this.current);
+    this.buffer = null; this.g = null;
+    // a per-point curve of a 1-D run (a frame series: one point per frame) picks the point clicked
+    this.canvas.addEventListener("click", (e) => { const i = this.pointAt(e); if (i !== null) pickPoint([i]); });
   }
 
+  pickable() { return this.kind === "nav" && this.buffer && state.run && state.run.nav_shape.length === 1; }
+
+  // the scan point nearest to a click, or null
+  pointAt(e) {
+    if (!this.pickable() || !this.g) return null;
+    const g = this.g, rect = this.canvas.getBoundingClientRect();
+    const x = g.x0 + ((e.clientX - rect.left) * g.W / rect.width - g.L) / (g.W - g.L - g.R) * (g.x1 - g.x0);
+    const n = this.buffer.shape[0];
+    const i = Math.round(x);
+    return i >= 0 && i < n ? i : null;
+  }
+
+  draw() { if (this.buffer) this.update(this.buffer); }
+
   update(buffer) {
+    this.buffer = buffer;
     const units = this.spec.units;
     const ylabel = units ? `${this.key.split("/")[1]} (${units})` : this.key.split("/")[1];
     let series, xlabel, xfmt = tick;
@@ -413,7 +440,8 @@ class PlotCard {
       series = rows.map((y, i) => ({ x, y, label: rows.length > 1 ? `${i + 1}` : buffer.name }));  // 1-based, as score_1
       this.current.textContent = "";
     }
-    drawPlot(this.canvas, series, xlabel, ylabel, xfmt);
+    const marker = this.pickable() && state.point && state.point.length === 1 ? state.point[0] : null;
+    this.g = drawPlot(this.canvas, series, xlabel, ylabel, xfmt, marker);
     this.legend.replaceChildren(...(series.length > 1 ? series.map((s, k) =>
       el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label)) : []));
     this.canvas.setAttribute("aria-label", `plot of ${this.key}: ${series.length} series against ${xlabel}`);
@@ -481,8 +509,54 @@ function requestFrame(uid, key, card) {
 // beside the components it is made of, and the point's value in every map.
 function pickPoint(rc) {
   state.point = rc;
-  for (const card of state.cards.values()) if (card instanceof MapCard) card.draw();
+  for (const card of state.cards.values()) if (card instanceof MapCard || card instanceof PlotCard) card.draw();
   loadPoint();
+}
+
+// A per-point list of (row, col, class) rows (the defects of one frame, in frame px) drawn as
+// circles in their class colours on the frame's extent (rows down, as the newest-frame card).
+function listCard(consumer, name, list, nav, extent) {
+  const [H, W] = extent;
+  const s = Math.min(300 / W, 300 / H);
+  const canvas = el("canvas", { class: "frame", role: "img", "data-consumer": consumer, "data-list": name,
+    "aria-label": `${consumer}/${name} at point ${nav}: ${list.rows.length} rows` });
+  canvas.dataset.rows = String(list.rows.length);
+  const ctx = sizeCanvas(canvas, W * s, H * s);
+  ctx.fillStyle = "#f4f4f4"; ctx.fillRect(0, 0, W * s, H * s);
+  ctx.strokeStyle = "#4a525c"; ctx.lineWidth = 1; ctx.strokeRect(0.5, 0.5, W * s - 1, H * s - 1);
+  const classes = new Map();
+  ctx.lineWidth = 2;
+  for (const [r, c, k] of list.rows) {
+    if (r === null || c === null) continue;
+    const cls = k === null || k === undefined ? 0 : k;
+    classes.set(cls, (classes.get(cls) || 0) + 1);
+    ctx.strokeStyle = PALETTE[cls % PALETTE.length];
+    ctx.beginPath(); ctx.arc((c + 0.5) * s, (r + 0.5) * s, 4, 0, 2 * Math.PI); ctx.stroke();
+  }
+  const legend = el("div", { class: "legend" }, ...[...classes.keys()].sort().map((k) =>
+    el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), `class ${k}: ${classes.get(k)}`)));
+  return el("figure", { class: "card point-card", "data-consumer": consumer, "data-list": name },
+    el("figcaption", { text: `${consumer}: ${name} at [${nav}]` },
+      el("span", { class: "desc", text: `${list.rows.length} listed${list.units ? ` (${list.units})` : ""}` })),
+    canvas, legend);
+}
+
+// The extent (rows, cols) a consumer's per-point lists are drawn on: its frame picture's shape
+// times the picture's bin when it publishes one, else the largest row/col listed.
+function listExtent(uid, consumer, lists) {
+  const spec = state.run && state.run.consumers[consumer] && state.run.consumers[consumer].buffers.frame;
+  const fallback = () => {
+    let h = 1, w = 1;
+    for (const l of Object.values(lists)) for (const [r, c] of l.rows) { if (r !== null) h = Math.max(h, r + 1); if (c !== null) w = Math.max(w, c + 1); }
+    return [Math.ceil(h), Math.ceil(w)];
+  };
+  if (!spec || spec.extra_shape.length !== 2) return Promise.resolve(fallback());
+  return fetch(`api/runs/${encodeURIComponent(uid)}/${encodeURIComponent(consumer)}/frame_bin.json`)
+    .then((r) => (r.ok ? r.json() : null)).catch(() => null)
+    .then((b) => {
+      const f = b && b.data && b.data[0];
+      return f ? [spec.extra_shape[0] * f, spec.extra_shape[1] * f] : fallback();
+    });
 }
 
 function loadPoint() {
@@ -520,7 +594,14 @@ function loadPoint() {
         canvas.__series = series;
       });
       const table = el("table", { class: "health" }, el("caption", { text: `Values at [${nav}]` }), el("tbody", {}, ...values));
-      box.replaceChildren(el("div", { class: "cards" }, ...cards, el("div", {}, table)));
+      const lists = answers.filter((a) => a && a.lists && Object.values(a.lists).some((l) => l.rows.length && l.rows[0].length >= 2));
+      return Promise.all(lists.map((a) => listExtent(run.uid, a.consumer, a.lists).then((extent) =>
+        Object.entries(a.lists).filter(([, l]) => l.rows.length && l.rows[0].length >= 2)
+          .map(([name, l]) => listCard(a.consumer, name, l, nav, extent)))))
+        .then((listCards) => {
+          if (!state.run || state.run.uid !== run.uid || !state.point || state.point.join(",") !== nav) return;
+          box.replaceChildren(el("div", { class: "cards" }, ...cards, ...listCards.flat(), el("div", {}, table)));
+        });
     });
 }
 
@@ -564,7 +645,7 @@ function selectRun(uid) {
   state.hidden.clear();
   document.getElementById("maps").replaceChildren();
   document.getElementById("plots").replaceChildren();
-  document.getElementById("point").replaceChildren(el("p", { class: "hint", text: "Click a map (or press Enter on it) to see that point." }));
+  document.getElementById("point").replaceChildren(el("p", { class: "hint", text: "Click a map (or press Enter on it), or a per-frame curve of a frame series, to see that point." }));
   renderRuns();
 }
 
