@@ -362,6 +362,30 @@ class LimitsConfig(Strict):
     dead_thread_exit_s: float = Field(10.0, gt=0, description="after a vital thread has died, /health/live is 503 at once and the process exits with status 70 after this long")
 
 
+class ExecutorConfig(Strict):
+    """Where consumers' per-batch stages run: ``local`` (the daemon's own pool) or ``dask`` (the
+    workers of a Dask distributed cluster, :mod:`beamlens.daemon.executors.dask`)."""
+
+    kind: Literal["local", "dask"] = Field("local", description="local: the daemon's pool; dask: a Dask distributed cluster's workers")
+    scheduler: str | None = Field(None, description="the Dask scheduler's address, tcp://host:port (kind dask); the cluster is trusted code execution, keep it on a private network or use tls://")
+    batches_in_flight: int = Field(8, gt=0, le=4096, description="stage batches sent to the cluster and not yet back, at most (back-pressure: the router waits)")
+    submit_timeout_s: float = Field(120.0, gt=0, description="a batch waiting this long for room in flight, or for its result, fails (counted as the consumer's failed stage)")
+    resubmits: int = Field(2, ge=0, le=10, description="times a batch whose worker was lost is sent again (besides the scheduler's own reruns)")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise ValueError(f"scheduler must be tcp://host:port (or tls://, ucx://), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _scheduler_for_dask(self) -> ExecutorConfig:
+        if self.kind == "dask" and not self.scheduler:
+            raise ValueError("executor kind dask needs scheduler: tcp://host:port")
+        return self
+
+
 class Config(Strict):
     """Root of the configuration tree."""
 
@@ -372,6 +396,7 @@ class Config(Strict):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     _ignored_environment: tuple[str, ...] = PrivateAttr(default=())
 

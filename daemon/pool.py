@@ -62,6 +62,8 @@ class Job:
     elapsed: float = 0.0
     finished: bool = False
     cancelled: bool = False
+    remote: bool = False
+    """Runs on the stage executor (its ``future`` is set by :meth:`JobPool.complete`)."""
     installed: bool = False
     """The router thread has taken the result (or discarded it)."""
     future: Future | None = field(default=None, repr=False)
@@ -82,9 +84,20 @@ class JobPool:
         self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.stage_executor: Any = None
+        """Where ``stage`` jobs run instead of these threads (``executor.kind: dask``): an object
+        with ``submit(job, complete)`` that runs the job elsewhere and calls ``complete(job)`` from
+        any thread when its ``result``/``error``/``elapsed`` are set, ``limit`` (stage batches in
+        flight, at most) and ``close()``. None: the threads here."""
 
     def submit(self, job: Job) -> Job:
         """Start ``job`` (queued when every worker is busy)."""
+        if job.method == "stage" and self.stage_executor is not None:
+            with self._lock:
+                self.in_flight += 1
+            job.remote, job.future = True, Future()
+            self.stage_executor.submit(job, self.complete)
+            return job
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="beamlens-pool")
@@ -100,9 +113,18 @@ class JobPool:
             job.error = exc
         finally:
             job.elapsed = time.perf_counter() - t0
+            self.complete(job)
+
+    def complete(self, job: Job) -> None:
+        """Hand a finished job back to the router thread (any thread; the stage executor's too)."""
+        with self._lock:
+            if job.finished:  # a remote job cancelled here and also returned from its executor
+                return
             job.finished = True
-            self._done.put(job)
-            self._wake()
+        if job.remote and job.future is not None and job.future.set_running_or_notify_cancel():
+            job.future.set_result(None)
+        self._done.put(job)
+        self._wake()
 
     def done(self) -> list[Job]:
         """Jobs finished since the last call (router thread), in completion order."""
@@ -134,14 +156,21 @@ class JobPool:
                 continue
             job.cancelled = True
             n += 1
-            if job.future is not None and job.future.cancel():
+            if job.remote:
+                if self.stage_executor is not None:
+                    self.stage_executor.cancel(job)
+                self.complete(job)
+            elif job.future is not None and job.future.cancel():
                 job.finished = True
                 self._done.put(job)  # never ran: the router still takes it back (as cancelled)
         return n
 
     def shutdown(self, wait: bool = False) -> None:
-        """Stop the workers (queued jobs are cancelled)."""
+        """Stop the workers (queued jobs are cancelled) and close the stage executor."""
         with self._lock:
             ex, self._executor = self._executor, None
         if ex is not None:
             ex.shutdown(wait=wait, cancel_futures=True)
+        stage_executor, self.stage_executor = self.stage_executor, None
+        if stage_executor is not None:
+            stage_executor.close()

@@ -43,6 +43,7 @@ from .isolation import RateLimitedLog, guarded
 from .limits import MAX_WIRE_INDEX, MIB, Buckets, fixed_bytes, nav_bytes_per_point
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import nav_shape_from_start, snaking_from_start
+from .executors import stage_executor
 from .pool import Job, JobPool, default_workers
 from .results import ConsumerSlot, RunState, RunStore
 
@@ -91,6 +92,7 @@ class RunTable:
         sources' queues and batches may hold)."""
         self.dispatcher = Dispatcher(metrics, config.router.max_failures_per_run, config.router.strict)
         self.pool = JobPool(config.router.pool_workers or default_workers(), wake)
+        self.pool.stage_executor = stage_executor(config.executor)
         self.rlog = RateLimitedLog(log)
         self.initial_capacity = INITIAL_CAPACITY
         self.runs: dict[str, RunState] = {}
@@ -407,7 +409,8 @@ class RunTable:
             self.dispatcher.call(run, slot, "results")
 
     def _stage(self, run: RunState, slot: ConsumerSlot, batch: Batch) -> None:
-        limit = STAGED_PER_WORKER * self.pool.workers
+        remote = self.pool.stage_executor
+        limit = remote.limit if remote is not None else STAGED_PER_WORKER * self.pool.workers
         while len(slot.staged) >= limit:
             head = slot.staged[0][1]
             if head.future is not None:

@@ -1,0 +1,119 @@
+"""The Dask executor (``executor: {kind: dask}``) with a real ``distributed.LocalCluster`` of worker
+processes over TCP on 127.0.0.1: a defect movie (array-1.0 over real ZeroMQ) analysed with the
+stages on 1 and 2 Dask workers gives the local executor's maps, counts and positions exactly, and a
+worker process killed mid-run loses nothing."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from beamlens.daemon.config import ConfigError, load_config
+from beamlens.daemon.sim.microscope import SimulatedMicroscope
+from frame_helpers import daemon_yaml, frame_source_yaml
+from helpers import wait_for
+
+N = 12
+DEFECTS = ("counts", "total", "positions", "density_map", "diffusion", "diffusion_steps", "transition_matrix",
+           "frame_defects")
+STATS = ("total", "max", "mean")
+_reference: dict[str, np.ndarray] = {}
+
+
+def cluster(n_workers: int) -> LocalCluster:
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, protocol="tcp",
+                        host="127.0.0.1", dashboard_address=None, worker_dashboard_address=None)
+
+
+def run_movie(make_daemon, executor: str = "", during=None) -> dict[str, np.ndarray]:
+    """Stream the movie into a fresh daemon; the maps of its run once it closed. ``during(daemon)``
+    is called while the movie streams (the kill test)."""
+    with SimulatedMicroscope(n_frames=N, rate_hz=None, seed=7) as scope:
+        text = daemon_yaml([frame_source_yaml("stem", "array-1.0", scope.address)],
+                           consumers="  - {name: defects, class: defects, params: {fit_after: 4}}\n"
+                                     "  - {name: stats, class: stats}\n",
+                           router="{series_quiet_s: 5.0}") + executor
+        daemon = make_daemon(text)
+        scope.start()
+        if during is not None:
+            during(daemon)
+        scope.join(60)
+
+        def closed() -> bool:
+            runs = daemon.store.summaries()
+            return bool(runs) and runs[0]["status"] not in ("open", "running", "finishing")
+        wait_for(closed, timeout=180)
+        (run,) = daemon.store.summaries()
+        assert run["status"] == "success" and run["frames_done"] == N
+        out = {f"defects.{b}": daemon.store.snapshot(run["uid"], "defects", b).data for b in DEFECTS}
+        out.update({f"stats.{b}": daemon.store.snapshot(run["uid"], "stats", b).data for b in STATS})
+        failed = daemon.metrics.registry.get_sample_value("beamlens_consumer_failures_total", {"consumer": "defects"})
+        assert not failed
+        return out
+
+
+def reference(make_daemon) -> dict[str, np.ndarray]:
+    """The local executor's maps of the movie (computed once per session)."""
+    if not _reference:
+        _reference.update(run_movie(make_daemon))
+        assert np.nansum(_reference["defects.total"]) > 0
+    return _reference
+
+
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def executor_yaml(address: str, in_flight: int = 4) -> str:
+    return f"executor: {{kind: dask, scheduler: '{address}', batches_in_flight: {in_flight}}}\n"
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_stages_on_dask_workers_equal_the_local_executor(make_daemon, n_workers):
+    want = reference(make_daemon)
+    with cluster(n_workers) as c, Client(c, set_as_default=False) as client:
+        got = run_movie(make_daemon, executor_yaml(c.scheduler_address))
+        # the stages ran on the workers: each worker that took a batch rebuilt the consumer there
+        rebuilt = client.run(lambda: len(__import__("beamlens.daemon.executors.dask", fromlist=["_cache"])._cache))
+        assert sum(rebuilt.values()) >= 1
+    assert_same(got, want)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_loses_nothing(make_daemon):
+    want = reference(make_daemon)
+    killed: list[int] = []
+    with cluster(2) as c, Client(c, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+
+        def kill_a_busy_worker(daemon) -> None:
+            def busy() -> bool:
+                for addr, keys in client.processing().items():
+                    if any(str(k).startswith("beamlens-stage-") for k in keys) and addr in pids:
+                        os.kill(pids[addr], signal.SIGKILL)
+                        killed.append(pids[addr])
+                        return True
+                return False
+            wait_for(busy, timeout=60, interval=0.005)
+
+        got = run_movie(make_daemon, executor_yaml(c.scheduler_address, in_flight=2), during=kill_a_busy_worker)
+    assert killed
+    assert_same(got, want)
+
+
+def test_bad_executor_config_fails_with_its_path():
+    with pytest.raises(ConfigError) as err:
+        load_config(text="executor: {kind: dask}\n", environ={})
+    assert "executor" in str(err.value) and "scheduler" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(text="executor: {kind: dask, scheduler: 'http://127.0.0.1:1'}\n", environ={})
+    assert "executor.scheduler" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(text="executor: {kind: dask, scheduler: 'tcp://127.0.0.1:1', batches_in_flight: 0}\n", environ={})
+    assert "executor.batches_in_flight" in str(err.value)
+    assert load_config(text="", environ={}).executor.kind == "local"
