@@ -370,6 +370,7 @@ class ExecutorConfig(Strict):
     scheduler: str | None = Field(None, description="the Dask scheduler's address, tcp://host:port (kind dask); the cluster is trusted code execution, keep it on a private network or use tls://")
     batches_in_flight: int = Field(8, gt=0, le=4096, description="stage batches sent to the cluster and not yet back, at most (back-pressure: the router waits)")
     submit_timeout_s: float = Field(120.0, gt=0, description="a batch waiting this long for room in flight, or for its result, fails (counted as the consumer's failed stage)")
+    partitions: list[str] = Field(default_factory=list, description="mergeable consumers (by name, without a stage) whose process also runs on the workers, one partition per batch, merged on the daemon with the consumer's merge()")
     resubmits: int = Field(2, ge=0, le=10, description="times a batch whose worker was lost is sent again (besides the scheduler's own reruns)")
 
     @field_validator("scheduler")

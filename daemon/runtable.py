@@ -43,7 +43,7 @@ from .isolation import RateLimitedLog, guarded
 from .limits import MAX_WIRE_INDEX, MIB, Buckets, fixed_bytes, nav_bytes_per_point
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import nav_shape_from_start, snaking_from_start
-from .executors import stage_executor
+from .executors import Partial, merge_partial, stage_executor
 from .pool import Job, JobPool, default_workers
 from .results import ConsumerSlot, RunState, RunStore
 
@@ -399,7 +399,7 @@ class RunTable:
         for slot in (slots if slots is not None else self.takers(run, batch.signal.name)):
             if not slot.active:
                 continue
-            if slot.consumer.has_stage:
+            if slot.consumer.has_stage or self._partitioned(slot):
                 self._stage(run, slot, batch)
             else:
                 self._process(run, slot, batch, None)
@@ -407,6 +407,12 @@ class RunTable:
     def _process(self, run: RunState, slot: ConsumerSlot, batch: Batch, staged: Any) -> None:
         if self.dispatcher.call(run, slot, "process", batch, staged, points=len(batch)) is True and slot.active:
             self.dispatcher.call(run, slot, "results")
+
+    def _partitioned(self, slot: ConsumerSlot) -> bool:
+        """Whether ``slot``'s batches are processed as partitions on the stage executor (a
+        mergeable consumer named in ``executor.partitions``)."""
+        remote = self.pool.stage_executor
+        return remote is not None and slot.name in remote.partitions and slot.consumer.mergeable
 
     def _stage(self, run: RunState, slot: ConsumerSlot, batch: Batch) -> None:
         remote = self.pool.stage_executor
@@ -416,7 +422,8 @@ class RunTable:
             if head.future is not None:
                 wait_futures([head.future])
             self.poll()
-        job = self._start_job(run, Job(run.uid, slot, "stage", slot.consumer.stage, (batch,)))
+        job = Job(run.uid, slot, "stage", slot.consumer.stage, (batch,), partial=not slot.consumer.has_stage)
+        job = self._start_job(run, job)
         slot.staged.append([batch, job, run.nav_offset])
 
     # -- background jobs ---------------------------------------------------------------------
@@ -475,6 +482,10 @@ class RunTable:
             batch, job, offset = slot.staged.popleft()
             if job.error is not None or job.cancelled or not slot.active:
                 continue
+            if job.partial:
+                self._merge_partial(run, slot, job.result, run.nav_offset - offset)
+                written += batch.seq_num.tolist()
+                continue
             if run.nav_offset != offset:  # the window rolled on meanwhile
                 idx = batch.nav_index - (run.nav_offset - offset)
                 keep = idx >= 0
@@ -484,6 +495,14 @@ class RunTable:
             self._process(run, slot, batch, job.result)
             written += batch.seq_num.tolist()
         return written
+
+    def _merge_partial(self, run: RunState, slot: ConsumerSlot, partial: Partial, shift: int) -> None:
+        """Fold a partition's partial buffers into the run's instance (``merge``, then ``results``
+        when its ``process`` asked), on this thread, charged and isolated like ``process``."""
+        rows = partial.rows - shift if shift else None
+        if self.dispatcher.run_guarded(run, slot, "merge", merge_partial, slot.consumer, partial, rows) is True \
+                and slot.active:
+            self.dispatcher.call(run, slot, "results")
 
     # -- finish ------------------------------------------------------------------------------
     def finish(self, run: RunState, status: str, doc: dict[str, Any], source: str | None = None) -> None:

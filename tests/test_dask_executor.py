@@ -50,8 +50,12 @@ def run_movie(make_daemon, executor: str = "", during=None) -> dict[str, np.ndar
         assert run["status"] == "success" and run["frames_done"] == N
         out = {f"defects.{b}": daemon.store.snapshot(run["uid"], "defects", b).data for b in DEFECTS}
         out.update({f"stats.{b}": daemon.store.snapshot(run["uid"], "stats", b).data for b in STATS})
-        failed = daemon.metrics.registry.get_sample_value("beamlens_consumer_failures_total", {"consumer": "defects"})
-        assert not failed
+        for name in ("defects", "stats"):
+            assert not daemon.metrics.registry.get_sample_value("beamlens_consumer_failures_total", {"consumer": name})
+            jobs = daemon.metrics.registry.get_sample_value("beamlens_consumer_jobs_total",
+                                                            {"consumer": name, "method": "stage", "outcome": "ok"})
+            # defects' stage always goes through the job path; stats only as partitions (executor dask)
+            out[f"jobs.{name}"] = np.array([jobs or 0.0])
         daemon.stop()  # before the cluster goes: the daemon's client disconnects cleanly
         return out
 
@@ -66,12 +70,16 @@ def reference(make_daemon) -> dict[str, np.ndarray]:
 
 def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     assert got.keys() == want.keys()
+    assert want["jobs.stats"][0] == 0 and got["jobs.stats"][0] >= 1  # stats ran as partitions on the workers
+    assert got["jobs.defects"][0] >= 1
     for name in want:
+        if name.startswith("jobs."):
+            continue
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def executor_yaml(address: str, in_flight: int = 4) -> str:
-    return f"executor: {{kind: dask, scheduler: '{address}', batches_in_flight: {in_flight}}}\n"
+    return f"executor: {{kind: dask, scheduler: '{address}', batches_in_flight: {in_flight}, partitions: [stats]}}\n"
 
 
 @pytest.mark.parametrize("n_workers", [1, 2])

@@ -43,6 +43,8 @@ import numpy as np
 
 from beamlens.consumers.base import Batch, Consumer, RunInfo, SignalInfo
 
+from . import Partial
+
 log = logging.getLogger(__name__)
 
 WORKER_CACHE = 8
@@ -88,10 +90,11 @@ _cache: OrderedDict[str, Consumer] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def rebuild(spec: ConsumerSpec) -> Consumer:
+def rebuild(spec: ConsumerSpec, nav_size: int = 0, skipped: Callable[[str, int], None] | None = None) -> Consumer:
     """A consumer instance from its description, as a checkpoint restore builds one: the class,
-    ``Params.model_validate``, ``start(doc)``, then ``signal(info)`` for each accepted signal (its
-    buffers allocated with 0 nav points: a stage reads only what ``signal`` set up).
+    ``Params.model_validate``, ``start(doc)``, then ``signal(info)`` for each accepted signal, its
+    buffers allocated with ``nav_size`` nav rows (0 for a stage, which reads only what ``signal``
+    set up; a partition's rows for :func:`run_partial`). ``skipped`` receives its skip reports.
 
     Raises:
         ImportError, AttributeError: the class is not importable on this worker.
@@ -104,12 +107,13 @@ def rebuild(spec: ConsumerSpec) -> Consumer:
     if not (isinstance(obj, type) and issubclass(obj, Consumer)):
         raise TypeError(f"{spec.class_path} is not a beamlens consumer")
     consumer = obj(obj.Params.model_validate(spec.params),
-                   RunInfo(uid=spec.uid, nav_shape=tuple(spec.nav_shape), start_doc=spec.start_doc))
+                   RunInfo(uid=spec.uid, nav_shape=tuple(spec.nav_shape), start_doc=spec.start_doc,
+                           **({"skipped": skipped} if skipped is not None else {})))
     consumer.name = spec.name
     consumer.start(spec.start_doc)
     for info in spec.signals:
         for buf in consumer.signal(info):
-            consumer.buffers.bind(buf.name, buf.allocate(0), buf)
+            consumer.buffers.bind(buf.name, buf.allocate(nav_size), buf)
     return consumer
 
 
@@ -135,6 +139,24 @@ def run_stage(spec: ConsumerSpec, signal: SignalInfo, data: np.ndarray, nav_inde
     return staged, time.perf_counter() - t0
 
 
+def run_partial(spec: ConsumerSpec, signal: SignalInfo, data: np.ndarray, nav_index: np.ndarray,
+                seq_num: np.ndarray, times: np.ndarray) -> tuple[Partial, float]:
+    """The task a worker runs for a partitioned (mergeable) consumer: ``process`` of one batch by a
+    fresh instance whose nav buffers hold only the batch's distinct points. Returns (its
+    :class:`~beamlens.daemon.executors.Partial`, seconds it took)."""
+    t0 = time.perf_counter()
+    rows, local = np.unique(nav_index, return_inverse=True)
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str, n: int) -> None:
+        skipped[reason] = skipped.get(reason, 0) + int(n)
+
+    consumer = rebuild(spec, len(rows), skip)
+    ask = consumer.process(Batch(signal, data, local.astype(np.int64).reshape(-1), seq_num, times))
+    partial = Partial(rows.astype(np.int64), dict(consumer.buffers), skipped, ask is True)
+    return partial, time.perf_counter() - t0
+
+
 LOST = ("KilledWorker", "CommClosedError", "FutureCancelledError")
 """Error types of a batch lost with its worker (sent again), by name (distributed's module paths move)."""
 
@@ -154,6 +176,7 @@ class DaskStageExecutor:
 
         self.config = config
         self.limit = int(config.batches_in_flight)
+        self.partitions = frozenset(config.partitions)
         self.timeout = float(config.submit_timeout_s)
         self.client = Client(config.scheduler, timeout=self.timeout, set_as_default=False)
         self._cond = threading.Condition()
@@ -220,7 +243,8 @@ class DaskStageExecutor:
     def _send(self, job: Any, complete: Callable[[Any], None], attempt: int) -> None:
         """(holding ``_cond``) Submit one batch's stage task."""
         batch: Batch = job.args[0]
-        future = self.client.submit(run_stage, self._spec(job.slot), batch.signal, batch.data, batch.nav_index,
+        task = run_partial if getattr(job, "partial", False) else run_stage
+        future = self.client.submit(task, self._spec(job.slot), batch.signal, batch.data, batch.nav_index,
                                     batch.seq_num, batch.time, key=f"beamlens-stage-{job.slot.name}-{uuid.uuid4().hex}",
                                     pure=False)
         self._flight[id(job)] = (job, future, complete, time.monotonic(), attempt)
