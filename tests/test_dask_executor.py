@@ -126,3 +126,41 @@ def test_bad_executor_config_fails_with_its_path():
         load_config(text="executor: {kind: dask, scheduler: 'tcp://127.0.0.1:1', batches_in_flight: 0}\n", environ={})
     assert "executor.batches_in_flight" in str(err.value)
     assert load_config(text="", environ={}).executor.kind == "local"
+
+
+def test_per_batch_partitions_fold_into_the_sequential_result():
+    """What a worker runs for a partitioned consumer (``run_partial``: a fresh instance with the
+    batch's rows) folded by the daemon's ``merge_partial`` in shuffled order gives the sequential
+    result exactly: stats on spectra normalised by an I0 event field, with NaN spectra skipped."""
+    from beamlens.consumers.stats import StatsConsumer
+    from beamlens.daemon.executors import merge_partial
+    from beamlens.daemon.executors.dask import ConsumerSpec, run_partial
+    from partitions import assert_buffers_equal, event_signal, make_batches, new_instance, run_sequential
+
+    rng = np.random.default_rng(3)
+    n = 40
+    spectra = rng.random((n, 16))
+    spectra[[5, 17]] = np.nan
+    i0 = rng.random(n) + 0.5
+    sig, mon = event_signal("spectrum", (16,)), event_signal("I0")
+    order = rng.permutation(n)  # points arrive out of nav order, some batches mix both signals' points
+    batches = make_batches(sig, spectra[order], order, batch_size=6) + make_batches(mon, i0[order], order, batch_size=9)
+    params = {"normalize_by": "I0"}
+    skips: dict[str, int] = {}
+    want = run_sequential(StatsConsumer, params, [sig, mon], batches, n)
+
+    got, accepted = new_instance(StatsConsumer, params, [sig, mon], n)
+    got.run.skipped = lambda reason, k: skips.__setitem__(reason, skips.get(reason, 0) + k)
+    spec = ConsumerSpec(token="t", class_path="beamlens.consumers.stats:StatsConsumer", name="stats",
+                        params=got.params.model_dump(mode="json"), uid="run", nav_shape=(n,),
+                        start_doc={"uid": "run", "time": 0.0, "num_points": n}, signals=tuple(accepted))
+    for i in rng.permutation(len(batches)):
+        b = batches[i]
+        partial, seconds = run_partial(spec, b.signal, b.data, b.nav_index, b.seq_num, b.time)
+        assert seconds >= 0 and len(partial.rows) == len(set(b.nav_index.tolist()))
+        if merge_partial(got, partial):
+            got.results()
+    got.finish()
+    got.results()
+    assert_buffers_equal(want, got, label="per-batch partitions")
+    assert skips == {"nonfinite": 2}
