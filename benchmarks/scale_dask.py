@@ -6,7 +6,7 @@ per-batch overhead of the Dask path (one batch in flight at a time, Dask minus l
 The stages go through the daemon's own seam (:class:`~beamlens.daemon.pool.JobPool` with or
 without :class:`~beamlens.daemon.executors.dask.DaskStageExecutor`), with the same consumer, ONNX
 threads (``--threads``, per worker), frames and batch size; each figure is the fastest of
-``--rounds`` rounds, the model load (per worker, on its first batch) excluded by a warm-up round.
+``--rounds`` alternating rounds (local 1, local 2, Dask 1, Dask 2 in turn, so load changes hit all alike), the model load (per worker, on its first batch) excluded by a warm-up round.
 On a 2-core machine shared with the daemon, two Dask workers cannot beat the local pool: the figures
 measure the overhead (serialisation, scheduler round trip) that the projection in
 docs/scaling_dask.md uses.
@@ -72,18 +72,13 @@ def stage_all(pool: JobPool, slot: ConsumerSlot, batches: list[Batch], in_flight
     return elapsed
 
 
-def best(pool: JobPool, slot: ConsumerSlot, batches: list[Batch], in_flight: int, rounds: int) -> float:
-    stage_all(pool, slot, batches[:max(2, in_flight)], in_flight)  # warm-up: model load on each worker
-    return min(stage_all(pool, slot, batches, in_flight) for _ in range(rounds))
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="ONNX threads per stage (per worker)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from distributed import LocalCluster
@@ -92,26 +87,32 @@ def main(argv: list[str] | None = None) -> None:
     one = batches[:1] * 8  # one-frame-batch round trips for the overhead: the same batch 8 times
     one = [Batch(b.signal, b.data[:1], b.nav_index[:1], b.seq_num[:1], b.time[:1]) for b in one]
     n = args.frames
-    local = {}
-    for workers in (1, 2):
-        pool = JobPool(workers)
-        local[workers] = best(pool, slot, batches, 2 * workers, args.rounds)
-        if workers == 1:
-            local_serial = best(pool, slot, one, 1, args.rounds)
-        pool.shutdown(wait=True)
-    dask = {}
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, protocol="tcp", host="127.0.0.1",
-                          dashboard_address=None, worker_dashboard_address=None) as cluster:
-            from beamlens.daemon.executors.dask import DaskStageExecutor
+    from beamlens.daemon.executors.dask import DaskStageExecutor
 
-            pool = JobPool(1)
-            pool.stage_executor = DaskStageExecutor(ExecutorConfig(kind="dask", scheduler=cluster.scheduler_address,
-                                                                   batches_in_flight=2 * workers))
-            dask[workers] = best(pool, slot, batches, 2 * workers, args.rounds)
-            if workers == 1:
-                dask_serial = best(pool, slot, one, 1, args.rounds)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None, worker_dashboard_address=None) as c1, \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp", host="127.0.0.1",
+                         dashboard_address=None, worker_dashboard_address=None) as c2:
+        pools = {("local", 1): JobPool(1), ("local", 2): JobPool(2), ("dask", 1): JobPool(1), ("dask", 2): JobPool(1)}
+        for workers, c in ((1, c1), (2, c2)):
+            pools["dask", workers].stage_executor = DaskStageExecutor(
+                ExecutorConfig(kind="dask", scheduler=c.scheduler_address, batches_in_flight=2 * workers))
+        for (_, workers), pool in pools.items():  # warm-up: model load on each worker
+            stage_all(pool, slot, batches[:2 * workers], 2 * workers)
+        times: dict[tuple[str, int], float] = {}
+        serial: dict[str, float] = {}
+        for _ in range(args.rounds):  # alternating rounds, the fastest of each: load changes hit all alike
+            for (kind, workers), pool in pools.items():
+                t = stage_all(pool, slot, batches, 2 * workers)
+                times[kind, workers] = min(t, times.get((kind, workers), t))
+                if workers == 1:
+                    t = stage_all(pool, slot, one, 1)
+                    serial[kind] = min(t, serial.get(kind, t))
+        for pool in pools.values():
             pool.shutdown(wait=True)
+    local = {w: times["local", w] for w in (1, 2)}
+    dask = {w: times["dask", w] for w in (1, 2)}
+    local_serial, dask_serial = serial["local"], serial["dask"]
     emit("local_1_thread_frames_per_s", n / local[1], "frames/s")
     emit("local_2_threads_frames_per_s", n / local[2], "frames/s")
     emit("dask_1_worker_frames_per_s", n / dask[1], "frames/s")
