@@ -417,6 +417,9 @@ class Config(Strict):
             unknown = sorted(set(c.frame_sources or ()) - known)
             if unknown:
                 raise ValueError(f"consumer {c.name}: frame_sources {unknown} are not configured frame sources")
+        unknown = sorted(set(self.executor.partitions) - set(names))
+        if unknown:
+            raise ValueError(f"executor.partitions: {unknown} are not configured consumers")
         return self
 
 

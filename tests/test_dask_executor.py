@@ -125,6 +125,9 @@ def test_bad_executor_config_fails_with_its_path():
     with pytest.raises(ConfigError) as err:
         load_config(text="executor: {kind: dask, scheduler: 'tcp://127.0.0.1:1', batches_in_flight: 0}\n", environ={})
     assert "executor.batches_in_flight" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(text="executor: {kind: dask, scheduler: 'tcp://127.0.0.1:1', partitions: [nope]}\n", environ={})
+    assert "executor.partitions" in str(err.value) and "nope" in str(err.value)
     assert load_config(text="", environ={}).executor.kind == "local"
 
 

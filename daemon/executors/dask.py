@@ -185,7 +185,6 @@ class DaskStageExecutor:
         self.resubmitted = 0
         """Batches sent again after their worker was lost."""
         self.sent = 0
-        self._specs: dict[int, ConsumerSpec] = {}
         self._closed = False
         self._reaper = threading.Thread(target=self._reap, name="beamlens-dask-reaper", daemon=True)
         self._reaper.start()
@@ -231,20 +230,11 @@ class DaskStageExecutor:
         self.client.close()
 
     # -- internals ----------------------------------------------------------------------------
-    def _spec(self, slot: Any) -> ConsumerSpec:
-        key = id(slot)
-        spec = self._specs.get(key)
-        if spec is None or len(spec.signals) != len(slot.signals):
-            spec = self._specs[key] = consumer_spec(slot)
-            if len(self._specs) > 4 * WORKER_CACHE:
-                self._specs.pop(next(iter(self._specs)))
-        return spec
-
     def _send(self, job: Any, complete: Callable[[Any], None], attempt: int) -> None:
         """(holding ``_cond``) Submit one batch's stage task."""
         batch: Batch = job.args[0]
         task = run_partial if getattr(job, "partial", False) else run_stage
-        future = self.client.submit(task, self._spec(job.slot), batch.signal, batch.data, batch.nav_index,
+        future = self.client.submit(task, consumer_spec(job.slot), batch.signal, batch.data, batch.nav_index,
                                     batch.seq_num, batch.time, key=f"beamlens-stage-{job.slot.name}-{uuid.uuid4().hex}",
                                     pure=False)
         self._flight[id(job)] = (job, future, complete, time.monotonic(), attempt)
