@@ -63,10 +63,10 @@ class Job:
     finished: bool = False
     cancelled: bool = False
     remote: bool = False
+    """Runs on the stage executor (its ``future`` is set by :meth:`JobPool.complete`)."""
     partial: bool = False
     """A partition of a mergeable consumer: the executor runs ``process`` on a fresh instance and
     returns its partial buffers (:class:`~beamlens.daemon.executors.Partial`)."""
-    """Runs on the stage executor (its ``future`` is set by :meth:`JobPool.complete`)."""
     installed: bool = False
     """The router thread has taken the result (or discarded it)."""
     future: Future | None = field(default=None, repr=False)

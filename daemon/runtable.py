@@ -39,11 +39,11 @@ from beamlens.consumers.base import Batch, BufferSpec, RunInfo, SignalInfo
 
 from .config import Config
 from .dispatch import Dispatcher, Refused
+from .executors import Partial, merge_partial, stage_executor
 from .isolation import RateLimitedLog, guarded
 from .limits import MAX_WIRE_INDEX, MIB, Buckets, fixed_bytes, nav_bytes_per_point
 from .metrics import SCIENCE_GAUGES, Metrics
 from .placement import nav_shape_from_start, snaking_from_start
-from .executors import Partial, merge_partial, stage_executor
 from .pool import Job, JobPool, default_workers
 from .results import ConsumerSlot, RunState, RunStore
 
