@@ -94,13 +94,22 @@ def test_stages_on_dask_workers_equal_the_local_executor(make_daemon, n_workers)
 
 
 @pytest.mark.slow
-def test_a_killed_worker_process_loses_nothing(make_daemon):
+@pytest.mark.parametrize("allowed_failures", [None, 0])
+def test_a_killed_worker_process_loses_nothing(make_daemon, allowed_failures):
+    """``None``: the scheduler's default reruns take the lost batch; ``0``: the scheduler gives up
+    at once (``KilledWorker``) and the executor sends the batch again itself."""
+    import dask
+
     want = reference(make_daemon)
     killed: list[int] = []
-    with cluster(2) as c, Client(c, set_as_default=False) as client:
+    executors: list = []
+    settings = {} if allowed_failures is None else {"distributed.scheduler.allowed-failures": allowed_failures}
+    with dask.config.set(settings), cluster(2) as c, Client(c, set_as_default=False) as client:
         pids = client.run(os.getpid)
 
         def kill_a_busy_worker(daemon) -> None:
+            executors.append(daemon.router.table.pool.stage_executor)
+
             def busy() -> bool:
                 for addr, keys in client.processing().items():
                     if any(str(k).startswith("beamlens-stage-") for k in keys) and addr in pids:
@@ -112,6 +121,8 @@ def test_a_killed_worker_process_loses_nothing(make_daemon):
 
         got = run_movie(make_daemon, executor_yaml(c.scheduler_address, in_flight=2), during=kill_a_busy_worker)
         assert killed and killed[0] not in client.run(os.getpid).values()  # the nanny started a new worker
+    if allowed_failures == 0:
+        assert executors[0].resubmitted >= 1
     assert_same(got, want)
 
 

@@ -234,9 +234,16 @@ class DaskStageExecutor:
         """(holding ``_cond``) Submit one batch's stage task."""
         batch: Batch = job.args[0]
         task = run_partial if getattr(job, "partial", False) else run_stage
-        future = self.client.submit(task, consumer_spec(job.slot), batch.signal, batch.data, batch.nav_index,
-                                    batch.seq_num, batch.time, key=f"beamlens-stage-{job.slot.name}-{uuid.uuid4().hex}",
-                                    pure=False)
+        try:
+            future = self.client.submit(task, consumer_spec(job.slot), batch.signal, batch.data, batch.nav_index,
+                                        batch.seq_num, batch.time, pure=False,
+                                        key=f"beamlens-stage-{job.slot.name}-{uuid.uuid4().hex}")
+        except Exception as exc:  # the client is closed, an argument does not serialise: this batch fails
+            log.error("stage batch of %s not sent to the Dask cluster: %s", job.slot.name, exc)
+            job.error = exc
+            self._cond.notify_all()
+            complete(job)
+            return
         self._flight[id(job)] = (job, future, complete, time.monotonic(), attempt)
         self.sent += 1
         future.add_done_callback(lambda f, job=job: self._done(job, f))
@@ -260,6 +267,7 @@ class DaskStageExecutor:
                     log.warning("stage batch of %s lost with its worker (%s); sending it again",
                                 job.slot.name, type(exc).__name__ if exc else future.status)
                     self.resubmitted += 1
+                    del self._flight[id(job)]
                     self._send(job, complete, attempt + 1)
                     future.release()
                     return
