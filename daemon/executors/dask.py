@@ -43,7 +43,7 @@ import numpy as np
 
 from beamlens.consumers.base import Batch, Consumer, RunInfo, SignalInfo
 
-from . import Partial
+from .partials import Partial
 
 log = logging.getLogger(__name__)
 
