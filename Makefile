@@ -54,8 +54,10 @@ image:
 	buildah bud --isolation=chroot --layers --format docker --build-arg BASE=$(BASE_IMAGE) \
 		$(if $(HOST_CA),-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) -t $(IMAGE) .
 
-## Run the test suite.
+## Run the test suite: the import layering contracts (import-linter, [tool.importlinter] in
+## pyproject.toml), then pytest.
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 ## Run the test suite three times in a row with every core kept busy by CPU hogs (tests/under_load.py).

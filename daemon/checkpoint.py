@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,12 @@ def restore_consumer(consumer: Consumer, start_doc: Mapping[str, Any], record: M
         saved = dict(record["buffers"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"malformed consumer record ({type(exc).__name__}: {exc})") from None
-    consumer.start(start_doc)
+    try:
+        consumer.start(start_doc)
+    except NotApplicable as exc:  # it sat this run out from its start: consistent only without signals
+        if signals or saved:
+            raise CheckpointError(f"refuses the run at its start now ({exc})") from None
+        return []
     declared: dict[str, BufferSpec] = {}
     for info in signals:
         try:
@@ -241,7 +246,8 @@ class Checkpointer:
         except OSError:
             log.exception("checkpoint %s could not be moved aside", path.name)
 
-    def load_all(self, newest: int | None = None) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray]]]:
+    def load_all(self, newest: int | None = None, refused: Callable[[Path, str], None] | None = None,
+                 ) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray]]]:
         """Read every checkpoint in the directory, oldest first: ``(path, state, arrays)``. Unusable
         ones are refused (:meth:`refuse`). With ``newest``, only the ``newest`` most recent are
         read; older ones are moved aside as ``*.ckpt.old`` (more open runs than the daemon keeps,
@@ -259,6 +265,8 @@ class Checkpointer:
                 state, arrays = read_checkpoint(path)
             except (CheckpointError, OSError) as exc:
                 self.refuse(path, str(exc))
+                if refused is not None:
+                    refused(path, str(exc))
                 continue
             out.append((path, state, arrays))
         return out

@@ -185,6 +185,37 @@ def run_partitions(cls: type[Consumer], params: Any, signals: Sequence[SignalInf
     return seq, merged
 
 
+def checkpoint_round_trip(cls: type[Consumer], params: Any, signals: Sequence[SignalInfo], batches: Sequence[Batch],
+                          nav_size: int, path: Any, split: int | None = None, finish: bool = True,
+                          **kw: Any) -> tuple[Consumer, Consumer]:
+    """The uninterrupted run and one checkpointed after ``split`` batches (default: half) to
+    ``path`` (a file; the daemon's format, :mod:`beamlens.daemon.checkpoint`), restored into a fresh
+    instance as the daemon restores it (``start``, ``signal`` again, layouts checked, arrays bound,
+    ``results()``) and fed the remaining batches.
+
+    Returns:
+        ``(uninterrupted, resumed)``, both finished (``finish()``, ``results()``) when ``finish``.
+    """
+    from beamlens.daemon.checkpoint import FORMAT, consumer_record, read_checkpoint, restore_consumer, write_checkpoint
+
+    split = len(batches) // 2 if split is None else split
+    whole = run_sequential(cls, params, signals, batches, nav_size, finish=finish, **kw)
+    first, accepted = new_instance(cls, params, signals, nav_size, **kw)
+    feed(first, batches[:split], accepted)
+    record, arrays = consumer_record(first, accepted, "s0")
+    write_checkpoint(path, {"format": FORMAT, "slot": record}, arrays)
+    state, arrays = read_checkpoint(path)
+    p = params if not isinstance(params, Mapping) else cls.Params.model_validate(dict(params))
+    start_doc = dict(kw.get("start_doc") or {"uid": kw.get("uid", "run"), "time": 0.0, "num_points": nav_size})
+    resumed = cls(p, RunInfo(uid=kw.get("uid", "run"), nav_shape=(nav_size,), start_doc=start_doc))
+    again = restore_consumer(resumed, start_doc, state["slot"], arrays)
+    feed(resumed, batches[split:], again)
+    if finish:
+        resumed.finish()
+    resumed.results()
+    return whole, resumed
+
+
 def published(c: Consumer) -> dict[str, np.ndarray]:
     """The consumer's non-private buffers."""
     return {n: a for n, a in c.buffers.items() if not c.buffers.specs[n].private}
@@ -218,5 +249,5 @@ def specs_of(c: Consumer) -> dict[str, BufferSpec]:
     return dict(c.buffers.specs)
 
 
-__all__ = ["Buffers", "assert_buffers_equal", "event_signal", "feed", "frame_signal", "make_batches", "new_instance",
+__all__ = ["Buffers", "assert_buffers_equal", "checkpoint_round_trip", "event_signal", "feed", "frame_signal", "make_batches", "new_instance",
            "partition_schemes", "published", "run_merged", "run_partitions", "run_sequential", "specs_of", "subset"]

@@ -1,19 +1,23 @@
-"""Checkpoints: every shipped consumer survives a pickle round trip mid-run and carries on to the same
-result as if it had never stopped; a Router restarted on the same state directory resumes open runs."""
+"""Checkpoints (buffers + versioned JSON, no pickle): a Router restarted on the same state directory
+resumes open runs with every consumer's buffers; an old-format (pickle) or tampered checkpoint is
+refused as a whole, moved aside, and the run is analysed from where it can be (joined mid-run).
+Consumer-level round trips are in each consumer's tests (``tests/partitions.checkpoint_round_trip``)."""
 from __future__ import annotations
 
+import json
+import logging
 import pickle
+import zipfile
 
 import numpy as np
+import pytest
 
-from beamlens.consumers.base import Results, RunInfo
 from beamlens.daemon.config import load_config
 from beamlens.daemon.documents import Document
 from beamlens.daemon.metrics import Metrics
 from beamlens.daemon.results import RunStore
 from beamlens.daemon.router import Router
 from beamlens.daemon.sim.datasets import corroding_steel_map
-from defects_helpers import make_consumer
 from helpers import map_run_documents
 
 CONSUMERS = """
@@ -25,9 +29,9 @@ consumers:
 """
 
 
-def router_on(state_dir, metrics=None):
-    config = load_config(text=CONSUMERS + f"state: {{directory: '{state_dir}', checkpoint_interval_s: 3600}}\n"
-                         "router: {strict: true}\n", environ={})
+def router_on(state_dir, metrics=None, consumers=CONSUMERS, router="{strict: true}"):
+    config = load_config(text=consumers + f"state: {{directory: '{state_dir}', checkpoint_interval_s: 3600}}\n"
+                         f"router: {router}\n", environ={})
     metrics = metrics or Metrics()
     store = RunStore()
     router = Router(config, metrics, store)
@@ -71,20 +75,141 @@ def test_router_restart_resumes_every_spectral_consumer(tmp_path):
     assert not list((tmp_path / "state").glob("*.ckpt"))
 
 
-def test_defects_consumer_round_trip_gives_the_uninterrupted_result():
-    from beamlens.models.stem_sim import Movie, MovieParams
+STATS_ONLY = """
+consumers:
+  - {name: stats, class: stats}
+  - {name: counting, class: "fault_consumers:Counting"}
+"""
+ROUTER = "{strict: true, midway_hold_s: 0.1}"
+EXPLODED = []
 
-    frames = np.array([f for f, _ in Movie(MovieParams(), seed=3).frames(24)])
-    whole, info = make_consumer(frames.shape[1:], len(frames), fit_after=20, background=False)
-    whole.frames(frames, np.arange(len(frames)), info)
-    whole.stop({})
 
-    first, info = make_consumer(frames.shape[1:], len(frames), fit_after=20, background=False)
-    first.frames(frames[:12], np.arange(12), info)
-    state = pickle.dumps(first)
-    resumed = pickle.loads(state)
-    resumed.restored(RunInfo(uid="test", nav_shape=(24,), start_doc={}), Results(first.results.__dict__))
-    resumed.frames(frames[12:], np.arange(12, 24), info)
-    resumed.stop({})
-    for name in ("counts", "total", "transition_matrix", "diffusion"):
-        np.testing.assert_array_equal(np.nan_to_num(resumed.results[name]), np.nan_to_num(whole.results[name]), err_msg=name)
+def _explode():
+    EXPLODED.append(True)
+    return {}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _half_run(tmp_path):
+    rng = np.random.default_rng(4)
+    spectra = rng.poisson(30.0, size=(40, 16)).astype(np.float64)
+    docs = map_run_documents(spectra)
+    return spectra, docs, docs[0][1]["uid"], 2 + 20
+
+
+def _resumes_from_where_it_can(tmp_path, spectra, docs, uid, half, metrics):
+    """The refused run's remaining documents still analyse: joined mid-run, second half exact."""
+    router, store, _ = router_on(tmp_path / "state", metrics, STATS_ONLY, ROUTER)
+    try:
+        assert metrics.registry.get_sample_value("beamlens_checkpoints_total", {"operation": "restore", "outcome": "failed"}) == 1
+        assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 0
+        assert store.get(uid) is None  # nothing half-loaded
+        submit(router, docs[half:])
+        (run,) = [r for r in store.runs() if r.joined_midway]  # its events name their descriptor, not the run
+        assert store.wait_finished(run.uid, 60)
+    finally:
+        router.stop()
+    assert run.status == "success"
+    total = store.snapshot(run.uid, "stats", "total").data.ravel()
+    np.testing.assert_array_equal(total[20:], spectra[20:].sum(1))
+    assert np.isnan(total[:20]).all()
+    assert list((tmp_path / "state").glob("*.ckpt.bad"))
+
+
+def test_old_format_pickle_checkpoint_is_refused_unopened(tmp_path, caplog):
+    spectra, docs, uid, half = _half_run(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / f"{uid}.ckpt").write_bytes(pickle.dumps({"format": 1, "uid": uid, "payload": _Payload()}))
+    with caplog.at_level(logging.ERROR, logger="beamlens.daemon.checkpoint"):
+        _resumes_from_where_it_can(tmp_path, spectra, docs, uid, half, Metrics())
+    assert not EXPLODED, "the old checkpoint was unpickled"
+    assert "old-format checkpoint" in caplog.text and "no longer unpickled" in caplog.text
+
+
+def _rewrite(path, change):
+    """Rewrite the checkpoint zip with ``change(name, bytes) -> bytes`` applied to each member."""
+    with zipfile.ZipFile(path) as z:
+        members = [(n, z.read(n)) for n in z.namelist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members:
+            z.writestr(n, change(n, data))
+
+
+def _flip_array(name, data):
+    if name == "s0.total.npy":
+        return data[:-8] + np.float64(1e9).tobytes()  # same shape and dtype, one value changed
+    return data
+
+
+def _change_layout(name, data):
+    if name == "checkpoint.json":
+        state = json.loads(data)
+        state["slots"][1]["buffers"]["events"]["dtype"] = "<f8"
+        return json.dumps(state).encode()
+    return data
+
+
+@pytest.mark.parametrize("tamper", ["array", "layout", "truncated", "json"])
+def test_tampered_checkpoint_is_refused_and_the_run_goes_on(tmp_path, tamper, caplog):
+    spectra, docs, uid, half = _half_run(tmp_path)
+    router, store, _ = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+    submit(router, docs[:half])
+    router.stop()
+    assert store.get(uid).status == "suspended"
+    (path,) = (tmp_path / "state").glob("*.ckpt")
+    if tamper == "array":
+        _rewrite(path, _flip_array)
+    elif tamper == "layout":
+        _rewrite(path, _change_layout)
+    elif tamper == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        _rewrite(path, lambda n, d: d[:-3] if n == "checkpoint.json" else d)
+    with caplog.at_level(logging.ERROR):
+        _resumes_from_where_it_can(tmp_path, spectra, docs, uid, half, Metrics())
+    assert "refused, not resumed" in caplog.text
+
+
+def test_untampered_checkpoint_resumes_with_private_buffers(tmp_path):
+    spectra, docs, uid, half = _half_run(tmp_path)
+    router, store, _ = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+    submit(router, docs[:half])
+    router.stop()
+    router, store, metrics = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+    try:
+        assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
+        submit(router, docs[half:])
+        assert store.wait_finished(uid, 60)
+    finally:
+        router.stop()
+    run = store.get(uid)
+    assert run.status == "success" and not run.joined_midway
+    np.testing.assert_array_equal(store.snapshot(uid, "stats", "total").data.ravel(), spectra.sum(1))
+    counting = next(s for s in run.slots if s.name == "counting")
+    assert counting.buffers.events[0] == 40 and "events" not in counting.arrays  # private, kept, not published
+
+
+def test_a_run_whose_consumers_sat_out_on_the_memory_budget_resumes(tmp_path):
+    """Signals taken by a consumer whose buffers were refused count as not taken: the checkpoint
+    restores (nothing to bind for it) and the consumer still sits out."""
+    spectra, docs, uid, half = _half_run(tmp_path)
+    consumers = "consumers:\n  - {name: greedy, class: 'fault_consumers:Greedy', params: {mib: 100000}}\n"
+    router, store, _ = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
+    submit(router, docs[:half])
+    router.stop()
+    assert store.get(uid).limited == "refused"
+    router, store, metrics = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
+    try:
+        assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
+        submit(router, docs[half:])
+        assert store.wait_finished(uid, 60)
+    finally:
+        router.stop()
+    run = store.get(uid)
+    assert run.status == "success" and run.events_done == 40
+    assert run.slots[0].inactive_reason == "memory budget exceeded" and not run.slots[0].signals

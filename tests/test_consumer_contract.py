@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from partitions import assert_buffers_equal, event_signal, frame_signal, make_batches, run_partitions
+from partitions import assert_buffers_equal, checkpoint_round_trip, event_signal, frame_signal, make_batches, run_partitions
 
 from beamlens.consumers.base import Batch, NotApplicable, RunInfo
 from beamlens.consumers.stats import StatsConsumer
@@ -80,3 +80,36 @@ def test_batch_subset_keeps_columns_together():
     s = b.subset(np.array([False, True, False, True]))
     np.testing.assert_array_equal(s.nav_index, [1, 3])
     np.testing.assert_array_equal(s.data, [[2, 3], [6, 7]])
+
+
+@pytest.mark.parametrize("params", [{}, {"normalize_by": "I0"}])
+def test_stats_checkpoint_round_trip_equals_the_uninterrupted_run(spectra, tmp_path, params):
+    """Checkpointed mid-run in the daemon's format (buffers + JSON, no pickle), restored into a
+    fresh instance that gets ``signal()`` again, and carried on: exactly the uninterrupted maps."""
+    rng = np.random.default_rng(8)
+    sig, mon = event_signal("spectrum", (64,)), event_signal("I0", ())
+    batches = make_batches(sig, spectra, batch_size=9) + make_batches(mon, rng.uniform(1, 2, N), batch_size=11)
+    whole, resumed = checkpoint_round_trip(StatsConsumer, params, [sig, mon], batches, N, tmp_path / "s.ckpt", split=4)
+    assert_buffers_equal(whole, resumed, private=True)
+
+
+def test_restore_refuses_layouts_that_do_not_match(spectra, tmp_path):
+    """A checkpoint whose buffers were declared differently (another version or params of the
+    consumer) is refused as a whole, not half-loaded."""
+    from beamlens.daemon.checkpoint import CheckpointError, consumer_record, restore_consumer
+
+    sig, mon = event_signal("spectrum", (64,)), event_signal("I0", ())
+    c = StatsConsumer(StatsConsumer.Params(normalize_by="I0"), RunInfo("r", (N,), {}))
+    for info in (sig, mon):
+        for spec in c.signal(info):
+            c.buffers.bind(spec.name, spec.allocate(N), spec)
+    record, arrays = consumer_record(c, [sig, mon], "s0")
+    fresh = StatsConsumer(StatsConsumer.Params(), RunInfo("r", (N,), {}))  # no normalize_by now
+    with pytest.raises(CheckpointError, match="refused now|differ"):
+        restore_consumer(fresh, {}, record, arrays)
+    bad = dict(arrays)
+    bad["s0.total"] = arrays["s0.total"].astype(np.float32)
+    again = StatsConsumer(StatsConsumer.Params(normalize_by="I0"), RunInfo("r", (N,), {}))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        restore_consumer(again, {}, record, bad)
+    assert not len(again.buffers)

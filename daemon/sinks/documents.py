@@ -49,13 +49,11 @@ import numpy as np
 from bluesky.callbacks.zmq import Publisher
 from event_model import compose_run
 
-from beamlens.consumers.base import BufferSpec
-
 from ..config import DocumentsOutputConfig
 from ..documents import msgpack_serializer
 from ..metrics import Metrics
 from ..placement import flat_positions
-from ..results import ConsumerSlot, RunState
+from ..results import BufferSpec, ConsumerSlot, RunState
 from .axes import motor_names
 from .live import buffer_digest
 from .provenance import consumer_provenance
