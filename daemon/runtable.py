@@ -436,6 +436,7 @@ class RunTable:
         for (uid, consumer), seq in touched.items():
             run = self.live(uid)
             if run is not None:
+                self.guard("results", self.update_gauges, run)  # a refit's results reach /metrics now
                 self.notify("results", run, {"consumer": consumer, "seq_num": seq})
         if self.finishing:
             for run in list(self.finishing.values()):
@@ -464,7 +465,6 @@ class RunTable:
             return job.method == "stage"
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
-            self.guard("then", self.update_gauges, run)  # a refit's results reach /metrics now, not at the next event
         return True
 
     def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> list[int]:
