@@ -235,13 +235,18 @@ class RunTable:
         return self.pool.submit(job)
 
     # -- consumers ---------------------------------------------------------------------------
-    def call_all(self, run: RunState, method: str, *args: Any, took_signals: bool = False) -> None:
-        """Call ``method`` on every active consumer of ``run`` (with ``took_signals``, only on those
-        that took at least one signal: ``finish`` and ``results`` concern data, and a consumer that
-        took none has no buffers)."""
+    def call_all(self, run: RunState, method: str, *args: Any) -> None:
+        """Call ``method`` on every active consumer of ``run``."""
         for slot in run.slots:
-            if slot.active and (slot.signals or not took_signals):
+            if slot.active:
                 self.dispatcher.call(run, slot, method, *args)
+
+    def call_takers(self, run: RunState, method: str) -> None:
+        """Call ``method`` on every active consumer of ``run`` that took at least one signal
+        (``finish`` and ``results`` concern data: a consumer that took none has no buffers)."""
+        for slot in run.slots:
+            if slot.active and slot.signals:
+                self.dispatcher.call(run, slot, method)
 
     def offer(self, run: RunState, signals: Iterable[SignalInfo], frame_source: str | None = None) -> None:
         """Offer ``signals`` to every consumer of ``run`` that takes new signals (for a frame
@@ -538,7 +543,7 @@ class RunTable:
                                   "source": None}
         status, doc, source = state["status"], state["doc"], state["source"]
         try:
-            self.guard("finish", self.call_all, run, "results", took_signals=True)
+            self.guard("finish", self.call_takers, run, "results")
             self.guard("finish", self.call_all, run, "stop", doc)
             missing, rejected = run.missing_events(doc.get("num_events"), self.limits.max_gap)
             if rejected:
