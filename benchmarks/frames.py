@@ -195,7 +195,7 @@ def daemon_fps(address: str, sender: Sender, n: int, metrics: bool = True) -> fl
 
 
 # -- R2 / R3 probe consumer --------------------------------------------------------------------
-from beamlens.consumers.base import Consumer, ConsumerParams  # noqa: E402
+from beamlens.consumers.base import Consumer, ConsumerParams, NotApplicable  # noqa: E402
 
 
 class ProbeParams(ConsumerParams):
@@ -209,11 +209,15 @@ class Probe(Consumer):
     name = "probe"
     Params = ProbeParams
     params: ProbeParams
-    inputs = "frames"
     records: list[tuple[int, float]] = []
 
-    def frames(self, frames, positions, info) -> None:
-        for k in positions:
+    def signal(self, info):
+        if info.kind != "frame":
+            raise NotApplicable("frames only")
+        return []
+
+    def process(self, batch, staged=None) -> None:
+        for k in batch.nav_index:
             time.sleep(self.params.seconds_per_frame)
             Probe.records.append((int(k), time.time()))
 

@@ -105,7 +105,12 @@ def restore_consumer(consumer: Consumer, start_doc: Mapping[str, Any], record: M
         saved = dict(record["buffers"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"malformed consumer record ({type(exc).__name__}: {exc})") from None
-    consumer.start(start_doc)
+    try:
+        consumer.start(start_doc)
+    except NotApplicable as exc:  # it sat this run out from its start: consistent only without signals
+        if signals or saved:
+            raise CheckpointError(f"refuses the run at its start now ({exc})") from None
+        return []
     declared: dict[str, BufferSpec] = {}
     for info in signals:
         try:

@@ -68,14 +68,16 @@ class ConsumerSlot:
 
     @property
     def specs(self) -> dict[str, BufferSpec]:
-        """Published (non-private) buffer specs by name."""
-        return {n: s for n, s in self.consumer.buffers.specs.items() if not s.private}
+        """Published (non-private) buffer specs by name (a copy: sinks read it from other threads
+        while the router may bind new buffers)."""
+        return {n: s for n, s in dict(self.consumer.buffers.specs).items() if not s.private}
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
-        """Published (non-private) buffers by name."""
+        """Published (non-private) buffers by name (``Buffers.bind`` adds the array before its
+        spec, so every spec copied here has its array)."""
         b = self.consumer.buffers
-        return {n: b[n] for n, s in b.specs.items() if not s.private and n in b}
+        return {n: b[n] for n, s in dict(b.specs).items() if not s.private}
 
     def takes(self, signal: str) -> bool:
         return any(s.name == signal for s in self.signals)
@@ -113,7 +115,8 @@ class ConsumerSlot:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.consumer.buffers.values())
+        b = self.consumer.buffers
+        return sum(int(b[n].nbytes) for n in dict(b.specs))
 
 
 def _shift_down(arr: np.ndarray, shift: int, chunk_bytes: int = 4 * 2**20) -> None:

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from event_model import pack_event_page
@@ -62,7 +62,24 @@ _STOP = object()
 _WAKE = object()
 PRIMARY = "primary"
 
-__all__ = ["Router", "result_budget_bytes"]
+__all__ = ["Router", "StopGate", "result_budget_bytes"]
+
+
+class StopGate(Protocol):
+    """All the document router knows of the frame path (:class:`~beamlens.daemon.frame_router.FrameRouter`)."""
+
+    @property
+    def waiting(self) -> bool:
+        """A RunStop or a frame-only series waits on time: call :meth:`expire` often."""
+
+    def park_stop(self, run: RunState, doc: dict[str, Any]) -> bool:
+        """Hold ``run``'s RunStop until the frame path caught up; False: finish it now."""
+
+    def expire(self) -> None:
+        """Release what has waited long enough (held stops, quiet frame-only series)."""
+
+    def handle(self, item: FrameBatch | SeriesEvent | FrameBarrier) -> None:
+        """Route one frame-source item."""
 
 
 class Router:
@@ -96,6 +113,7 @@ class Router:
         self._in_flight = 0
         self._wake_pending = False
         self.frames = FrameRouter(self.table, self.config)
+        """The frame path; the document router uses only its :class:`StopGate` side."""
         self.midway = MidwayJoiner(config.router.midway_hold_s, config.router.midway_max_descriptors,
                                    config.router.midway_max_events, self._descriptor, self._event_page,
                                    start=self._start_midway, lookups=lookups_from_config(config),

@@ -16,7 +16,9 @@
   (the router loop, every turn) installs finished jobs and completes runs whose work is done, so
   the router keeps routing (and ``/health/live`` stays green) during a long final fit.
 - :meth:`RunTable.notify` tells the sinks (router listeners) of ``start``, ``descriptor``,
-  ``event_page``, ``frames`` and ``stop``.
+  ``event_page``, ``frames``, ``results`` and ``stop``. ``results`` follows work installed from the
+  pool after the data's own notification: ``{"consumer": name, "seq_num": [...]}`` with the points
+  a staged ``process`` wrote (empty for a ``then`` callback, which may have written anything).
 
 Everything here runs on the router thread; sinks read runs through the
 :class:`~beamlens.daemon.results.RunStore`.
@@ -105,6 +107,8 @@ class RunTable:
         """Called when a run starts finishing (its data is complete): the checkpointer removes
         its checkpoint."""
         self._jobs: dict[str, set[Job]] = {}
+        self._offered: dict[int, list[SignalInfo]] = {}
+        """During :meth:`offer`: the signals each slot took in this round (undone if refused)."""
         self._run_starts = Buckets(config.limits.run_starts_per_s, config.limits.run_start_burst)
         self._consumers = []
         self._frame_filter: dict[str, frozenset[str] | None] = {}
@@ -248,7 +252,8 @@ class RunTable:
             if not slot.offerable or (frame_source is not None and not self.takes_frames_from(slot.name, frame_source)):
                 continue
             specs: list[BufferSpec] = []
-            refusals = []
+            refusals: list[str] = []
+            taken: list[SignalInfo] = []
             for info in signals:
                 got = self.dispatcher.call(run, slot, "signal", info)
                 if isinstance(got, Refused):
@@ -265,14 +270,19 @@ class RunTable:
                     specs = []
                     break
                 slot.signals.append(info)
+                taken.append(info)
                 specs += [s for s in got if s.name not in slot.buffers]
                 if slot.refused_only:
                     slot.inactive_reason, slot.refused_only = None, False
             if specs:
                 declared.append((slot, specs))
+                self._offered[id(slot)] = taken
             if not slot.signals and slot.inactive_reason is None and refusals and frame_source is None:
                 slot.inactive_reason, slot.refused_only = "; ".join(dict.fromkeys(refusals)), True
-        self.allocate(run, declared)
+        try:
+            self.allocate(run, declared)
+        finally:
+            self._offered.clear()
 
     @staticmethod
     def _bad_specs(slot: ConsumerSlot, specs: Any) -> str | None:
@@ -286,8 +296,7 @@ class RunTable:
             return f"declares buffer(s) {clash} twice with different specs"
         return None
 
-    def allocate(self, run: RunState, declared: list[tuple[ConsumerSlot, list[BufferSpec]]],
-                 arrays: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+    def allocate(self, run: RunState, declared: list[tuple[ConsumerSlot, list[BufferSpec]]]) -> None:
         """Allocate the declared buffers within the memory budget (``limits``).
 
         A run of known length whose buffers do not fit (after dropping kept finished runs) is
@@ -295,10 +304,6 @@ class RunTable:
         that does not fit, the slots sit the run out (``refused``). Both are counted in
         ``beamlens_limit_actions_total{limit="memory_budget"}``. Slots joining a run whose buffers
         exist already get the same capacity.
-
-        Args:
-            arrays: restored arrays to bind instead of fresh ones, by ``id(slot)`` then buffer name
-                (checkpoints; their nav length is the run's ``nav_capacity``).
         """
         if not declared:
             return
@@ -310,28 +315,25 @@ class RunTable:
             points = min(self.initial_capacity, self.limits.open_ended_max_points)
         else:
             points = run.expected_points or self.initial_capacity
-        if arrays is None and not self.store.make_room(per_point * points + fixed, self.budget_bytes) \
+        if not self.store.make_room(per_point * points + fixed, self.budget_bytes) \
                 and not run.nav_capacity and run.nav_shape != (0,):
             self.metrics.limit_actions.labels("memory_budget", "rolling_window").inc()
             log.error("run %s: buffers for its %d points (%.0f MiB) exceed the memory budget; keeping a rolling "
                       "window of the newest points instead", run.uid, points, (per_point * points + fixed) / MIB)
             self._to_rolling(run)
             points = min(self.initial_capacity, self.limits.open_ended_max_points)
-        if arrays is None and not self.store.make_room(per_point * points + fixed, self.budget_bytes):
+        if not self.store.make_room(per_point * points + fixed, self.budget_bytes):
             self.metrics.limit_actions.labels("memory_budget", "refused").inc()
             log.error("run %s: no room in the memory budget for the buffers of %s (%.0f MiB); they sit the run out",
                       run.uid, [s.name for s, _ in declared], (per_point * points + fixed) / MIB)
             run.limited = "refused"
             for slot, _ in declared:
                 slot.inactive_reason, slot.refused_only = "memory budget exceeded", False
+                for info in self._offered.get(id(slot), ()):  # taken without buffers: not taken at all
+                    slot.signals.remove(info)
             return
         for slot, specs in declared:
-            saved = (arrays or {}).get(id(slot))
-            if saved is None:
-                slot.allocate(specs, points)
-            else:
-                for spec in specs:
-                    slot.buffers.bind(spec.name, saved[spec.name], spec)
+            slot.allocate(specs, points)
         run.nav_capacity = points
         self.metrics.result_buffer_bytes.set(self.store.nbytes())
 
@@ -418,15 +420,21 @@ class RunTable:
     def poll(self) -> None:
         """Install finished pool jobs (``then`` callbacks, staged batches' ``process``, in batch
         order), then complete finishing runs whose work is done or whose time is up."""
-        touched = set()
+        touched: dict[tuple[str, str], list[int]] = {}
         for job in self.pool.done():
-            self._install(job)
-            touched.add(job.run_uid)
-        for uid in touched:
+            if self._install(job):
+                touched.setdefault((job.run_uid, job.slot.name), [])
+        for uid in {uid for uid, _ in touched}:
             run = self.live(uid)
             if run is not None:
                 for slot in run.slots:
-                    self._deliver_staged(run, slot)
+                    written = self._deliver_staged(run, slot)
+                    if written:
+                        touched.setdefault((uid, slot.name), []).extend(written)
+        for (uid, consumer), seq in touched.items():
+            run = self.live(uid)
+            if run is not None:
+                self.notify("results", run, {"consumer": consumer, "seq_num": seq})
         if self.finishing:
             for run in list(self.finishing.values()):
                 self.guard("finish", self._advance, run)
@@ -436,7 +444,8 @@ class RunTable:
         """Pool jobs are in flight or runs are finishing (the router loop then polls often)."""
         return bool(self.finishing) or self.pool.in_flight > 0
 
-    def _install(self, job: Job) -> None:
+    def _install(self, job: Job) -> bool:
+        """Take a finished job back; True when a ``then`` callback ran or a stage result is ready."""
         slot, run = job.slot, self.live(job.run_uid)
         slot.jobs -= 1
         jobs = self._jobs.get(job.run_uid)
@@ -447,15 +456,18 @@ class RunTable:
         self.metrics.consumer_jobs.labels(slot.name, job.method, outcome).inc()
         job.installed = True
         if outcome == "cancelled":
-            return
+            return False
         if job.error is not None:
             self.dispatcher.failed(run, slot, job.method, job.error)
-            return
+            return job.method == "stage"
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
+        return True
 
-    def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> None:
-        while slot.staged and getattr(slot.staged[0][1], "installed", False):
+    def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> list[int]:
+        """``process`` the staged batches whose stage is done, in batch order; their seq_nums."""
+        written: list[int] = []
+        while slot.staged and slot.staged[0][1].installed:
             batch, job, offset = slot.staged.popleft()
             if job.error is not None or job.cancelled or not slot.active:
                 continue
@@ -466,6 +478,8 @@ class RunTable:
                 if not len(batch):
                     continue
             self._process(run, slot, batch, job.result)
+            written += batch.seq_num.tolist()
+        return written
 
     # -- finish ------------------------------------------------------------------------------
     def finish(self, run: RunState, status: str, doc: dict[str, Any], source: str | None = None) -> None:

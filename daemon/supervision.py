@@ -89,16 +89,23 @@ class Supervisor:
         for run in self.table.runs.values():
             if changed_only and run.checkpointed_activity == run.last_activity:
                 continue
-            try:
-                state, arrays = self.run_record(run)
-                self.checkpointer.save(state, arrays)
-                run.checkpointed_activity = run.last_activity
-                self.metrics.checkpoints.labels("save", "ok").inc()
-            except Exception:  # a checkpoint that fails must not stop the analysis
-                self.metrics.checkpoints.labels("save", "failed").inc()
-                self.table.rlog.log(logging.ERROR, "checkpoint_save", "checkpoint of run %s failed", run.uid[:64],
-                                    exc_info=True)
+            self.checkpoint_run(run)
         self.checkpointer.mark_saved()
+
+    def checkpoint_run(self, run: RunState) -> bool:
+        """Save one open run's checkpoint; False (logged, counted) when that fails."""
+        assert self.checkpointer is not None
+        try:
+            state, arrays = self.run_record(run)
+            self.checkpointer.save(state, arrays)
+        except Exception:  # a checkpoint that fails must not stop the analysis
+            self.metrics.checkpoints.labels("save", "failed").inc()
+            self.table.rlog.log(logging.ERROR, "checkpoint_save", "checkpoint of run %s failed", run.uid[:64],
+                                exc_info=True)
+            return False
+        run.checkpointed_activity = run.last_activity
+        self.metrics.checkpoints.labels("save", "ok").inc()
+        return True
 
     def run_record(self, run: RunState) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The JSON state and the arrays of one open run's checkpoint."""

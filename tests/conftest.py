@@ -1,6 +1,9 @@
 """Shared fixtures: real components on 127.0.0.1 with free ports, started and stopped per test."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -51,3 +54,30 @@ def tiled_server(tmp_path_factory):
 
     with SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled")) as server:
         yield server
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch) -> Iterator[list[tuple[float, str]]]:
+    """A systemd notify socket (``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` 0.2 s: a ping every 0.1 s while
+    live); yields the ``(monotonic receive time, message)`` list it collects."""
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    messages: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        while not done.is_set():
+            try:
+                messages.append((time.monotonic(), listener.recv(256).decode()))
+            except TimeoutError:
+                continue
+    reader = threading.Thread(target=collect)
+    reader.start()
+    yield messages
+    done.set()
+    reader.join()
+    listener.close()

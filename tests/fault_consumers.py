@@ -141,3 +141,49 @@ class StagedSum(FirstSignal):
     def process(self, batch: Batch, staged=None):
         self.buffers.total[batch.nav_index] = staged
         self.buffers.points[0] += len(batch)
+
+
+class OrderedStageParams(ConsumerParams):
+    fail_every: int = Field(0, ge=0)
+    """Raise in the stage of every ``fail_every``-th batch (0: never)."""
+
+
+class OrderedStage(FirstSignal):
+    """A stage whose batches finish out of order (later ones sleep less); ``process`` records the
+    order it is called in (``order``, per run uid), which must be batch order."""
+
+    name = "ordered_stage"
+    Params = OrderedStageParams
+    params: OrderedStageParams
+    has_stage = True
+    order: dict[str, list[int]] = {}
+
+    def buffer_specs(self, info):
+        return [BufferSpec("seen", "nav")]
+
+    def stage(self, batch: Batch) -> int:
+        first = int(batch.seq_num[0])
+        if self.params.fail_every and first % self.params.fail_every == 0:
+            raise RuntimeError(f"deliberate stage failure at seq_num {first}")
+        time.sleep(0.002 * (5 - first % 5))
+        return first
+
+    def process(self, batch: Batch, staged=None):
+        assert staged == int(batch.seq_num[0])
+        OrderedStage.order.setdefault(self.run.uid, []).extend(batch.seq_num.tolist())
+        self.buffers.seen[batch.nav_index] = 1.0
+
+
+class GreedyParams(ConsumerParams):
+    mib: float = Field(4096, gt=0)
+
+
+class Greedy(FirstSignal):
+    """Declares one ``single`` buffer of ``mib`` MiB (memory-budget tests)."""
+
+    name = "greedy"
+    Params = GreedyParams
+    params: GreedyParams
+
+    def buffer_specs(self, info):
+        return [BufferSpec("hoard", "single", (int(self.params.mib * 2**20 / 8),))]
