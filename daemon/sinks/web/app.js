@@ -706,7 +706,7 @@ function onRuns(runs) {
   state.runs = runs;
   if (!runs.length) return;
   let run = runs.find((r) => r.uid === state.selected);
-  if (state.follow || !run) run = runs.find((r) => r.status === "open") || runs[0];
+  if (state.follow || !run) run = runs.find((r) => r.status === "open" || r.status === "finishing") || runs[0];
   if (run.uid !== state.selected) selectRun(run.uid);
   state.run = run;
   renderRun(run);
