@@ -152,3 +152,24 @@ def test_open_ended_series_with_a_pool_stage_loses_no_point(make_daemon):
     np.testing.assert_array_equal(daemon.store.snapshot(run.uid, "fs", "total").data, expected)
     assert daemon.metrics.registry.get_sample_value(
         "beamlens_consumer_jobs_total", {"consumer": "staged", "method": "stage", "outcome": "ok"}) > 0
+
+
+def test_frames_after_a_pause_longer_than_quiet_open_a_new_run_not_dropped(make_daemon):
+    from beamlens.daemon.sim.detectors import array10_messages
+
+    quiet = 0.3
+    with DetectorEmulator("array-1.0") as emu:
+        daemon = make_daemon(daemon_yaml([frame_source_yaml("cam", "array-1.0", emu.address)],
+                                         router=f"{{series_quiet_s: {quiet}}}"))
+        frames = list(synthetic_frames(6, (6, 5), seed=4))
+        messages = list(array10_messages(frames))  # one series: frame numbers 0..5
+        for parts in messages[:3]:
+            emu.socket.send_multipart(parts, copy=False)
+        wait_for(lambda: daemon.store.runs() and daemon.store.runs()[0].status == "success")
+        (first,) = daemon.store.runs()
+        for parts in messages[3:]:  # the camera goes on after a pause longer than series_quiet_s
+            emu.socket.send_multipart(parts, copy=False)
+        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="cam") == 6)
+        wait_for(lambda: len(daemon.store.runs()) == 2 and daemon.store.runs()[0].status == "success")
+    assert first.frames_done == 3 and daemon.store.runs()[0].frames_done == 3
+    assert counter(daemon, "beamlens_frames_dropped_total", source="cam", reason="stale_series") == 0
