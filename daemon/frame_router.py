@@ -25,7 +25,9 @@ frame-specific part of the routing:
   barrier: everything it had received is handed over), so frames still being decoded never count
   as silence; frames of that series after a longer pause open a new frame-only run (with a
   warning to raise ``series_quiet_s``), they are not dropped. A series that announces its end
-  (DECTRIS) waits for it, however slow its exposures.
+  (DECTRIS) waits for it longer: at least ``router.series_end_grace_s`` and two frame times of its
+  header, so a slow exposure is not silence; if it never comes (a lost end message, an aborted
+  acquisition) the run closes ``incomplete``.
 
 Router listeners (sinks) are told of each batch as ``("frames", run, {"seq_num": [k + 1, ...],
 "source": name})`` after the consumers have seen it, so derived documents and Tiled follow frame
@@ -43,6 +45,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,9 +297,9 @@ class FrameRouter:
         and frame-only runs whose series has gone quiet (see module docstring)."""
         now = time.monotonic()
         for source, st in list(self._current.items()):
-            if not st.frame_only or st.has_end:
+            if not st.frame_only:
                 continue
-            if st.quiet_token is None and now - st.last_frame >= self.config.series_quiet_s:
+            if st.quiet_token is None and now - st.last_frame >= self._quiet_after(st):
                 sender = next((s for s in self.sources if s.name == source), None)
                 if sender is None:  # no source to ask (routers driven directly): silence is enough
                     self._close_quiet(st)
@@ -314,6 +317,16 @@ class FrameRouter:
                                 sorted(held.waiting_for))
                     self.table.finish(run, held.doc.get("exit_status", "success"), held.doc, run.stop_source)
 
+    def _quiet_after(self, st: SeriesState) -> float:
+        """Silence after which a frame-only series is over, s: ``series_quiet_s`` for formats
+        without end messages; for those that announce their end (DECTRIS), whose end message may
+        be lost (a detector restart, an aborted acquisition), at least ``series_end_grace_s`` and
+        two frame times (a slow exposure is not silence)."""
+        if not st.has_end:
+            return self.config.series_quiet_s
+        frame_time = _frame_time(st.info.meta)
+        return max(self.config.series_quiet_s, self.config.series_end_grace_s, 2.0 * frame_time)
+
     def _close_quiet(self, st: SeriesState) -> None:
         """Close the frame-only run of a series that has gone quiet (see module docstring)."""
         if self._current.get(st.source) is not st:
@@ -324,7 +337,8 @@ class FrameRouter:
         i = st.info
         self._quiet_closed[st.source] = (i.series_id, SeriesStart(i.series_id, i.sig_shape, i.dtype, None, i.meta,
                                                                  None, st.has_end))
-        self._series_done(st, "success", "frame series quiet (router.series_quiet_s)")
+        status = "incomplete" if st.has_end else "success"  # an announced end that never came
+        self._series_done(st, status, "frame series quiet (router.series_quiet_s)")
 
     def run_finished(self, run: RunState) -> None:
         self._parked.pop(run.uid, None)
@@ -336,3 +350,12 @@ class FrameRouter:
         (array-1.0) that had a frame within ``series_quiet_s`` (frames may still be in transit)."""
         quiet_since = time.monotonic() - self.config.series_quiet_s
         return any(st.run is run and (st.has_end or st.last_frame > quiet_since) for st in self._current.values())
+
+
+def _frame_time(meta: Mapping[str, Any]) -> float:
+    """The series header's frame time (DECTRIS ``frame_time``, s), 0 when absent or not a finite
+    number in [0, 1 day] (a hostile header must not keep a run open for ever)."""
+    value = meta.get("frame_time") if isinstance(meta, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        return 0.0
+    return float(value)
