@@ -20,9 +20,14 @@ frame-specific part of the routing:
   in that window, from a source whose barrier has not come back, still belongs to the held run.
 
 - **Frame-only series end.** A frame-only run closes when its series ends (DECTRIS end message),
-  when the announced frame count has arrived, or after ``router.series_quiet_s`` without a frame
-  whatever the format (array-1.0 has no end message; a series that announces its end waits at
-  least ``series_end_grace_s`` for it, so a slow exposure is not cut).
+  when the announced frame count has arrived, or, for a format without end messages (array-1.0),
+  after ``router.series_quiet_s`` without a frame. Silence is confirmed with the source (a
+  barrier: everything it had received is handed over), so frames still being decoded never count
+  as silence; frames of that series after a longer pause open a new frame-only run (with a
+  warning to raise ``series_quiet_s``), they are not dropped. A series that announces its end
+  (DECTRIS) waits for it longer: at least ``router.series_end_grace_s`` and two frame times of its
+  header, so a slow exposure is not silence; if it never comes (a lost end message, an aborted
+  acquisition) the run closes ``incomplete``.
 
 Router listeners (sinks) are told of each batch as ``("frames", run, {"seq_num": [k + 1, ...],
 "source": name})`` after the consumers have seen it, so derived documents and Tiled follow frame
@@ -40,6 +45,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +75,9 @@ class SeriesState:
     """The series' signal (None until its frame shape is known)."""
     last_frame: float = field(default_factory=time.monotonic)
     """Monotonic time of the series' start or newest frame (end-less formats settle on quiet)."""
+    quiet_token: str | None = None
+    """Barrier token asked of the source once the series looked quiet: the run closes when the
+    barrier comes back with no frame in between (nothing of the series was still being decoded)."""
 
 
 @dataclass
@@ -101,6 +110,9 @@ class FrameRouter:
         self._frame_only: set[str] = set()
         self._parked: dict[str, HeldStop] = {}
         self._runs_with_series: set[str] = set()
+        self._quiet_closed: dict[str, tuple[str, SeriesStart]] = {}
+        """source -> (series id, its start) of the end-less series whose run closed on silence, so
+        that later frames of it (a pause longer than ``series_quiet_s``) open a new run."""
         self.sources: list[Any] = []
         """Frame sources (``name``, ``request_barrier(token)``); set by the daemon."""
 
@@ -121,13 +133,25 @@ class FrameRouter:
             if held is not None:
                 held.waiting_for.discard(item.source)
                 self._finish_if_settled(item.token)
+            st = self._current.get(item.source)
+            if st is not None and st.quiet_token is not None and st.quiet_token == item.token:
+                self._close_quiet(st)
         elif isinstance(item.item, SeriesStart):
             self._series_start(item.source, item.item)
         elif isinstance(item.item, SeriesEnd):
             self._series_end(item.source, item.item)
 
     # -- series ------------------------------------------------------------------------------
+    def _reopen(self, source: str) -> SeriesState | None:
+        series_id, start = self._quiet_closed.pop(source)
+        log.warning("frames of series %s of %s after its run closed on %.2f s of silence: a new frame-only run "
+                    "takes them (raise router.series_quiet_s above the longest pause of this sender)", series_id,
+                    source, self.config.series_quiet_s)
+        self._series_start(source, start)
+        return self._current.get(source)
+
     def _series_start(self, source: str, s: SeriesStart) -> None:
+        self._quiet_closed.pop(source, None)
         previous = self._current.pop(source, None)
         if previous is not None:
             log.warning("series %s of %s superseded by series %s before its end", previous.info.series_id, source, s.series_id)
@@ -198,6 +222,8 @@ class FrameRouter:
     def _frames(self, batch: FrameBatch) -> None:
         n = len(batch.numbers)
         state = self._current.get(batch.source)
+        if state is None and self._quiet_closed.get(batch.source, (None,))[0] == batch.series_id:
+            state = self._reopen(batch.source)  # it was only a pause: its frames are not thrown away
         if state is None or state.info.series_id != batch.series_id:
             self.metrics.frames_dropped.labels(batch.source, "stale_series").inc(n)
             return
@@ -231,6 +257,7 @@ class FrameRouter:
         run.frames_done += n
         state.frames_done += n
         state.last_frame = time.monotonic()
+        state.quiet_token = None  # not quiet after all
         run.last_event = run.last_activity = now
         self.metrics.last_event_time.set(now)
         self.metrics.frames_processed.labels(batch.source).inc(n)
@@ -272,13 +299,13 @@ class FrameRouter:
         for source, st in list(self._current.items()):
             if not st.frame_only:
                 continue
-            quiet = max(self.config.series_quiet_s, self.config.series_end_grace_s if st.has_end else 0.0)
-            if now - st.last_frame >= quiet:
-                del self._current[source]
-                log.info("frame series %s of %s: no frame for %.2f s; closing its run", st.info.series_id, source,
-                         now - st.last_frame)
-                self._series_done(st, "incomplete" if st.has_end else "success",
-                                  "frame series quiet (router.series_quiet_s)")
+            if st.quiet_token is None and now - st.last_frame >= self._quiet_after(st):
+                sender = next((s for s in self.sources if s.name == source), None)
+                if sender is None:  # no source to ask (routers driven directly): silence is enough
+                    self._close_quiet(st)
+                else:  # quiet here; make sure nothing of it is still being received or decoded
+                    st.quiet_token = f"quiet:{uuid.uuid4().hex}"
+                    sender.request_barrier(st.quiet_token)
         for uid, held in list(self._parked.items()):
             self._finish_if_settled(uid)
             if uid in self._parked and now >= held.deadline:
@@ -290,6 +317,29 @@ class FrameRouter:
                                 sorted(held.waiting_for))
                     self.table.finish(run, held.doc.get("exit_status", "success"), held.doc, run.stop_source)
 
+    def _quiet_after(self, st: SeriesState) -> float:
+        """Silence after which a frame-only series is over, s: ``series_quiet_s`` for formats
+        without end messages; for those that announce their end (DECTRIS), whose end message may
+        be lost (a detector restart, an aborted acquisition), at least ``series_end_grace_s`` and
+        two frame times (a slow exposure is not silence)."""
+        if not st.has_end:
+            return self.config.series_quiet_s
+        frame_time = _frame_time(st.info.meta)
+        return max(self.config.series_quiet_s, self.config.series_end_grace_s, 2.0 * frame_time)
+
+    def _close_quiet(self, st: SeriesState) -> None:
+        """Close the frame-only run of a series that has gone quiet (see module docstring)."""
+        if self._current.get(st.source) is not st:
+            return
+        del self._current[st.source]
+        log.info("frame series %s of %s: no frame for %.2f s; closing its run", st.info.series_id, st.source,
+                 time.monotonic() - st.last_frame)
+        i = st.info
+        self._quiet_closed[st.source] = (i.series_id, SeriesStart(i.series_id, i.sig_shape, i.dtype, None, i.meta,
+                                                                 None, st.has_end))
+        status = "incomplete" if st.has_end else "success"  # an announced end that never came
+        self._series_done(st, status, "frame series quiet (router.series_quiet_s)")
+
     def run_finished(self, run: RunState) -> None:
         self._parked.pop(run.uid, None)
         self._runs_with_series.discard(run.uid)
@@ -300,3 +350,12 @@ class FrameRouter:
         (array-1.0) that had a frame within ``series_quiet_s`` (frames may still be in transit)."""
         quiet_since = time.monotonic() - self.config.series_quiet_s
         return any(st.run is run and (st.has_end or st.last_frame > quiet_since) for st in self._current.values())
+
+
+def _frame_time(meta: Mapping[str, Any]) -> float:
+    """The series header's frame time (DECTRIS ``frame_time``, s), 0 when absent or not a finite
+    number in [0, 1 day] (a hostile header must not keep a run open for ever)."""
+    value = meta.get("frame_time") if isinstance(meta, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        return 0.0
+    return float(value)

@@ -152,3 +152,46 @@ def test_open_ended_series_with_a_pool_stage_loses_no_point(make_daemon):
     np.testing.assert_array_equal(daemon.store.snapshot(run.uid, "fs", "total").data, expected)
     assert daemon.metrics.registry.get_sample_value(
         "beamlens_consumer_jobs_total", {"consumer": "staged", "method": "stage", "outcome": "ok"}) > 0
+
+
+def test_frames_after_a_pause_longer_than_quiet_open_a_new_run_not_dropped(make_daemon):
+    from beamlens.daemon.sim.detectors import array10_messages
+
+    quiet = 0.3
+    with DetectorEmulator("array-1.0") as emu:
+        daemon = make_daemon(daemon_yaml([frame_source_yaml("cam", "array-1.0", emu.address)],
+                                         router=f"{{series_quiet_s: {quiet}}}"))
+        frames = list(synthetic_frames(6, (6, 5), seed=4))
+        messages = list(array10_messages(frames))  # one series: frame numbers 0..5
+        for parts in messages[:3]:
+            emu.socket.send_multipart(parts, copy=False)
+        wait_for(lambda: daemon.store.runs() and daemon.store.runs()[0].status == "success")
+        (first,) = daemon.store.runs()
+        for parts in messages[3:]:  # the camera goes on after a pause longer than series_quiet_s
+            emu.socket.send_multipart(parts, copy=False)
+        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="cam") == 6)
+        wait_for(lambda: len(daemon.store.runs()) == 2 and daemon.store.runs()[0].status == "success")
+    assert first.frames_done == 3 and daemon.store.runs()[0].frames_done == 3
+    assert counter(daemon, "beamlens_frames_dropped_total", source="cam", reason="stale_series") == 0
+
+
+def test_dectris_series_whose_end_never_comes_closes_incomplete_after_its_grace(make_daemon):
+    """A frame-only DECTRIS series that loses its end message (an aborted acquisition) closes,
+    whatever the format, after max(series_quiet_s, series_end_grace_s, 2 frame times) of silence,
+    as ``incomplete``: it neither stays open until run_timeout_s nor is cut between slow frames."""
+    quiet, grace = 0.3, 1.0
+    with DetectorEmulator("dectris-v2") as emu:
+        daemon = make_daemon(daemon_yaml([frame_source_yaml("det", "dectris-v2", emu.address)],
+                                         router=f"{{series_quiet_s: {quiet}, series_end_grace_s: {grace}}}"))
+        frames = list(synthetic_frames(5, (12, 10), seed=3))
+        messages = list(emu.messages(frames, n_frames=8))  # 8 announced, 5 sent, no end message
+        for parts in messages[:-1]:
+            emu.send_raw(parts)
+        wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="det") == 5)
+        last_frame = time.monotonic()
+        (run,) = daemon.store.runs()
+        assert daemon.store.wait_finished(run.uid, grace + 5)
+        closed = time.monotonic()
+    assert closed - last_frame <= grace + 1.0
+    assert run.status == "incomplete" and run.frames_done == 5
+    assert daemon.metrics.registry.get_sample_value("beamlens_runs_open") == 0

@@ -46,7 +46,7 @@ import numpy as np
 from .. import __version__
 from ..config import TiledOutputConfig
 from ..metrics import Metrics
-from ..results import BufferSnapshot, RunState, RunStore
+from ..results import LIVE_STATUSES, BufferSnapshot, RunState, RunStore
 from .axes import RunReadings
 from .live import settling
 from .provenance import consumer_provenance
@@ -214,13 +214,14 @@ class TiledSink:
                 except KeyError:
                     continue
                 self._write_buffer(nodes, consumer, snap)
-        if status != "open" and nodes.status == "open":
+        if status in LIVE_STATUSES:  # a finishing run's final fit may still change its results
+            return
+        if nodes.status == "open":
             self._finish(nodes, run)
         nodes.status = status
-        if status != "open":
-            with self._lock:
-                self._readings.forget(uid)
-            del self._runs[uid]
+        with self._lock:
+            self._readings.forget(uid)
+        del self._runs[uid]
 
     @staticmethod
     def _container(parent: Any, key: str, metadata: dict[str, Any]) -> Any:
