@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 from skimage.filters import median, threshold_multiotsu
 from skimage.measure import label, regionprops
 from skimage.morphology import disk, remove_small_objects
 
 from .base import Batch, BufferSpec, Buffers, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals
-from .trend_store import TrendStore
+from .trend_store import TrendStore, default_store
 from .trends import ForecastConfig, count_points, forecast_specs, update_forecast
 
 PORE, PARTICLE, LAYER = 0, 1, 2
@@ -124,13 +124,16 @@ class FeaturesParams(ConsumerParams):
     """Series header field copied into the ``cycle`` nav buffer (the x of trends), if present."""
     forecasts: list[FeatureForecast] = Field(default_factory=list, max_length=len(FEATURES))
     """Features to trend and forecast against the header's x (GP, as the trends consumer does)."""
-    store: Path | None = None
-    """Trend-store file: each frame's features are stored (``features/<feature>``) and the forecasts
-    use every stored frame of the key, across runs (one series per cycle) and restarts; null:
-    only this run's frames."""
+    store: Path | Literal[False] | None = None
+    """Trend-store file: each frame's features are stored (``features/<feature>``, also readable
+    as series of the ``trends`` consumer) and the forecasts use every stored frame of the key,
+    across runs (one series per cycle) and restarts. Default (null):
+    ``<state.directory>/trends.sqlite`` when the daemon has a state directory, else none; false:
+    none — forecasts use only this run's frames."""
 
     @model_validator(mode="after")
-    def _check(self) -> FeaturesParams:
+    def _check(self, info: ValidationInfo) -> FeaturesParams:
+        self.store = default_store(self.store, info.context)
         if sorted(self.phase_order) != ["layer", "particle", "pore"]:
             raise ValueError(f"phase_order must name pore, particle and layer once each (got {list(self.phase_order)})")
         if len({f.name for f in self.forecasts}) != len(self.forecasts):

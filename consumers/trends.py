@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .trend_model import EARLY_REFITS, Prior, TrendModel, learn_prior
-from .trend_store import TrendStore, check_series_key
+from .trend_store import TrendStore, check_series_key, default_store
 
 N_GRID = 200
 
@@ -98,14 +98,22 @@ class SeriesConfig(ForecastConfig):
 
 class TrendsParams(ConsumerParams):
     series: list[SeriesConfig] = Field(min_length=1, max_length=32)
-    store: Path | None = Field(None, description="trend-store file (e.g. <state.directory>/trends.sqlite); "
-                                                 "null: no history across runs")
+    store: Path | Literal[False] | None = Field(
+        None, description="trend-store file; default (null): <state.directory>/trends.sqlite when the daemon has a "
+                          "state directory; false: no history across runs")
 
     @model_validator(mode="after")
-    def _unique(self) -> TrendsParams:
+    def _unique(self, info: ValidationInfo) -> TrendsParams:
         names = [s.name for s in self.series]
         if len(set(names)) != len(names):
             raise ValueError(f"series names must be unique (got {names})")
+        unset = self.store is None
+        self.store = default_store(self.store, info.context)
+        if self.store is None and unset and info.context is not None:
+            across = [s.name for s in self.series if s.scope == "all"]
+            if across:
+                raise ValueError(f"store: series {across} (scope all) span runs and need the trend store, which "
+                                 "defaults to <state.directory>/trends.sqlite; set state.directory or store: <file>")
         return self
 
 

@@ -225,3 +225,22 @@ outputs:
             browser.close()
     beamline.publisher("stop", bundle.compose_stop())
     wait_run_finished(daemon, uid)
+
+
+@pytest.mark.parametrize("split", [2, 7])
+def test_checkpoint_round_trip_gives_the_uninterrupted_result(tmp_path, split):
+    """The daemon's checkpoint of a trends run after ``split`` batches (hyper-parameters of the
+    last refit and the points since it are private buffers), restored into a fresh instance: the
+    remaining check-ups give exactly the uninterrupted forecast, refits at the same points."""
+    from partitions import assert_buffers_equal, checkpoint_round_trip, make_batches
+
+    sx, sy = event_signal("cycle"), event_signal("capacity")
+    x = np.arange(0.0, 24.0) * 50
+    y = 1 - 0.0004 * x + 0.005 * np.sin(x / 70)
+    batches = [b for pair in zip(make_batches(sx, x, batch_size=2), make_batches(sy, y, batch_size=2)) for b in pair]
+    params = {"series": [{"name": "q", "key": "primary/capacity", "x": "primary/cycle", "refit_every": 3,
+                          "threshold": 0.8}]}
+    whole, resumed = checkpoint_round_trip(TrendsConsumer, params, [sx, sy], batches, len(x),
+                                           tmp_path / "trends.ckpt", split=split)
+    assert np.isfinite(whole.buffers.crossing[0])
+    assert_buffers_equal(whole, resumed, private=True)
