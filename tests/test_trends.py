@@ -52,13 +52,14 @@ def cells():
 
 
 def test_real_cells_streamed_through_the_proxy_forecast_after_each_point(proxy, beamline, make_daemon, tmp_path, cells):
-    store_path = tmp_path / "state" / "trends.sqlite"
+    store_path = tmp_path / "state" / "trends.sqlite"  # the default store: under the state directory
     config = source_yaml(proxy.out_address) + f"""
+state:
+  directory: {tmp_path / "state"}
 consumers:
   - name: trends
     class: trends
     params:
-      store: {store_path}
       series:
         - {{name: capacity, key: primary/capacity, x: primary/cycle, threshold: 0.8, relative_to_first: true,
             min_prior_runs: 3, prior_floor: 0.6}}
@@ -244,3 +245,86 @@ def test_checkpoint_round_trip_gives_the_uninterrupted_result(tmp_path, split):
                                            tmp_path / "trends.ckpt", split=split)
     assert np.isfinite(whole.buffers.crossing[0])
     assert_buffers_equal(whole, resumed, private=True)
+
+
+def test_store_defaults_to_the_state_directory_else_a_config_error(tmp_path):
+    """Params validated as the daemon validates them: the store defaults to
+    ``<state.directory>/trends.sqlite``; without a state directory a series spanning runs is a
+    config error naming the field, a run-scoped one runs without history; ``store: false`` opts out."""
+    from beamlens.daemon.config import ConfigError, consumer_params, load_config
+
+    def config(state, store=None, scope="run"):
+        text = "consumers:\n  - name: t\n    class: trends\n    params:\n"
+        text += f"      series: [{{name: q, key: primary/q, scope: {scope}}}]\n"
+        if store is not None:
+            text += f"      store: {store}\n"
+        if state:
+            text += f"state:\n  directory: {state}\n"
+        return load_config(text=text, environ={})
+
+    c = config(tmp_path / "state")
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store == tmp_path / "state" / "trends.sqlite"
+    c = config(tmp_path / "state", store="false")
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store is None
+    c = config(None)
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store is None
+    with pytest.raises(ConfigError) as info:
+        config(None, scope="all")
+    assert info.value.errors[0][0] == "consumers[0].params"
+    assert "store" in info.value.errors[0][1] and "state.directory" in info.value.errors[0][1]
+    assert TrendsParams.model_validate({"series": [{"name": "q", "key": "primary/q", "scope": "all"}]}).store is None
+
+
+def test_a_derived_event_per_forecast_update_reaches_a_remote_dispatcher(proxy, beamline, make_daemon, cells):
+    """Derived documents through the real proxy to a real RemoteDispatcher: the trends run's
+    ``summary`` stream carries one event per forecast update (one per check-up, published as the
+    point is processed), each with the forecast and crossing the daemon held after that point."""
+    from event_model import DocumentNames, schema_validators
+    from test_documents_sink import Collector, events_of
+
+    collector = Collector(proxy.out_address, proxy.in_address)
+    try:
+        daemon = make_daemon(source_yaml(proxy.out_address) + f"""
+consumers:
+  - name: trends
+    class: trends
+    params:
+      store: false
+      series:
+        - {{name: capacity, key: primary/capacity, x: primary/cycle, threshold: 0.8, relative_to_first: true}}
+outputs:
+  documents: {{enabled: true, address: "{proxy.in_address}", prefix: beamlens, event_interval_s: 0}}
+""")
+        subscribe(daemon, proxy)
+        cell = next(iter(cells))
+        x, q = cells[cell][0][:8], cells[cell][1][:8]
+        bundle, descriptor, events = checkup_run(x, q, cell)
+        uid = bundle.start_doc["uid"]
+        beamline.publisher("start", bundle.start_doc)
+        beamline.publisher("descriptor", descriptor)
+        held = []
+        for i, ev in enumerate(events):
+            beamline.publisher("event", ev)
+            wait_for(lambda n=i + 1: points_conditioned_on(daemon, uid) == (0 if n < 2 else n), timeout=60)
+            held.append(daemon.store.snapshot(uid, "trends", "crossing").data[0])
+        beamline.publisher("stop", bundle.compose_stop())
+        wait_run_finished(daemon, uid)
+        wait_for(lambda: any(n == "stop" for n, _ in collector.docs), timeout=30)
+        for name, doc in collector.docs:
+            schema_validators[DocumentNames[name]].validate(doc)
+        (docs,) = collector.runs().values()
+        assert docs[0][1]["plan_name"] == "beamlens:trends" and docs[0][1]["original_run_uid"] == uid
+        summary = next(d for n, d in docs if n == "descriptor" and d["name"] == "summary")
+        assert {"crossing", "crossing_pessimistic", "capacity_forecast_1", "capacity_forecast_2"} <= set(summary["data_keys"])
+        updates = events_of(docs, summary)
+        # the buffers as allocated (at the descriptor), then one per point: the first sets the
+        # threshold, each later one refits
+        assert len(updates) == len(events) + 1
+        assert np.isnan(np.ravel(updates[0]["data"]["threshold"])).all()
+        np.testing.assert_array_equal([np.ravel(e["data"]["crossing"])[0] for e in updates[1:]], held)
+        assert all(np.ravel(e["data"]["threshold"])[0] == 0.8 for e in updates[1:])
+        assert np.isnan(held[0]) and not np.isnan(held[-1])  # inf: no crossing within the horizon
+        f = daemon.store.snapshot(uid, "trends", "capacity_forecast").data
+        np.testing.assert_allclose(updates[-1]["data"]["capacity_forecast_2"], f[1])
+    finally:
+        collector.close()
