@@ -236,19 +236,23 @@ class FeaturesConsumer(Consumer):
             if not pos < b.newest[0]:  # NaN (nothing yet) or a later frame
                 b.newest[0] = pos
                 b.segmentation[...] = phases
-            if p.forecasts and math.isfinite(self.x_value):
+            if (p.forecasts or p.store is not None) and math.isfinite(self.x_value):
                 self._forecast(int(pos), f)
         return True
 
     def _forecast(self, pos: int, features: dict[str, float]) -> None:
-        """Store the frame's features and update each forecast (see :class:`FeaturesParams`)."""
+        """Store the frame's features (every one, ``features/<feature>``, x the header's
+        ``x_key``, seq ``pos + 1``: the ``trends`` consumer reads them with ``reads: store``) and
+        update each forecast (see :class:`FeaturesParams`)."""
         b, p = self.buffers, self.params
         store = TrendStore(p.store) if p.store is not None else None
         try:
+            if store is not None:
+                for name in FEATURES:
+                    store.add(f"features/{name}", self.run.uid, [pos + 1], [self.x_value], [features[name]])
             for cfg in p.forecasts:
                 key = f"features/{cfg.feature}"
                 if store is not None:
-                    store.add(key, self.run.uid, [pos + 1], [self.x_value], [features[cfg.feature]])
                     runs = store.runs(key)
                     x = np.concatenate([r.x for r in runs])
                     y = np.concatenate([r.value for r in runs])

@@ -63,8 +63,14 @@ class ForecastConfig(BaseModel):
 class SeriesConfig(ForecastConfig):
     """One trended series of event data keys (threshold after ``relative_to_first``)."""
 
-    key: str = Field(description="value: 'primary/<data key>'; also the trend-store series key")
-    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s)")
+    key: str = Field(description="value: 'primary/<data key>', or with reads: store another consumer's stored "
+                                 "result ('features/mean_particle_area'); also the trend-store series key")
+    reads: Literal["events", "store"] = Field(
+        "events", description="events: the key is an event data key of the run; store: a series another consumer "
+                              "writes to the trend store (the features consumer's 'features/<feature>'), x as it "
+                              "stored it (the cycle); list trends after that consumer")
+    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s); reads: store: "
+                                          "'stored' (the default there)")
     relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
     scope: Literal["run", "all"] = "run"
     prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
@@ -72,24 +78,30 @@ class SeriesConfig(ForecastConfig):
     prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
                                                         "default threshold -/+ 0.25 of the value range")
 
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        check_series_key(v)
-        if not v.startswith("primary/") or len(v) <= len("primary/"):
-            raise ValueError("only event data keys of the primary stream ('primary/<data key>') reach consumers")
-        return v
-
-    @field_validator("x")
-    @classmethod
-    def _x(cls, v: str) -> str:
-        if v not in ("seq_num", "time") and (not v.startswith("primary/") or len(v) <= len("primary/")):
+    @model_validator(mode="after")
+    def _keys(self) -> SeriesConfig:
+        check_series_key(self.key)
+        head, _, tail = self.key.partition("/")
+        if self.reads == "store":
+            if not head or not tail:
+                raise ValueError(f"key {self.key!r}: a stored series is '<consumer>/<result>' (features/mean_particle_area)")
+            if self.x not in ("seq_num", "stored"):
+                raise ValueError("x: a series read from the trend store has the x its writer stored (x: stored)")
+            self.x = "stored"
+            return self
+        if head != "primary" or not tail:
+            # the daemon offers consumers the data keys of the primary stream only (daemon/signals.py);
+            # metrics live in the daemon's registry, which consumers do not read (layering)
+            raise ValueError(f"key {self.key!r}: only event data keys of the primary stream ('primary/<data key>') "
+                             "reach consumers; consumer results through the trend store (reads: store); other "
+                             "streams (baseline/...) and metrics are not offered to consumers")
+        if self.x not in ("seq_num", "time") and (not self.x.startswith("primary/") or len(self.x) <= len("primary/")):
             raise ValueError("x must be 'seq_num', 'time' or 'primary/<data key>'")
-        return v
+        return self
 
     @property
-    def value_key(self) -> str:
-        return self.key.split("/", 1)[1]
+    def value_key(self) -> str | None:
+        return self.key.split("/", 1)[1] if self.reads == "events" else None
 
     @property
     def x_key(self) -> str | None:
@@ -109,6 +121,10 @@ class TrendsParams(ConsumerParams):
             raise ValueError(f"series names must be unique (got {names})")
         unset = self.store is None
         self.store = default_store(self.store, info.context)
+        stored = [s.name for s in self.series if s.reads == "store"]
+        if self.store is None and stored:
+            raise ValueError(f"store: series {stored} read the trend store (reads: store), which defaults to "
+                             "<state.directory>/trends.sqlite; set state.directory or store: <file>")
         if self.store is None and unset and info.context is not None:
             across = [s.name for s in self.series if s.scope == "all"]
             if across:
@@ -217,11 +233,15 @@ class TrendsConsumer(Consumer):
         return self._store
 
     def signal(self, info: SignalInfo) -> list[BufferSpec]:
-        if info.kind != "event" or info.sig_shape != ():
+        stored = any(s.reads == "store" for s in self.params.series)
+        if info.kind == "frame" and stored:
+            pass  # the trigger of stored series: the frames their writer (features) analyses
+        elif info.kind != "event" or info.sig_shape != ():
             raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
-        wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
-        if info.name not in wanted:
-            raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
+        else:
+            wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
+            if info.name not in wanted:
+                raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
         first = not self.taken
         self.taken.add(info.name)
         if not first:
@@ -269,11 +289,15 @@ class TrendsConsumer(Consumer):
 
     # -- points --------------------------------------------------------------------------------
     def process(self, batch: Batch, staged: object = None) -> bool:
+        if batch.signal.kind == "frame":
+            return self._read_stored()
         b = self.buffers
         pos = batch.nav_index
         values = batch.data.astype(np.float64)
         touched = []
         for s in self.params.series:
+            if s.reads == "store":
+                continue
             if batch.signal.name == s.value_key:
                 b[f"{s.name}_value"][pos] = values
             if batch.signal.name == s.x_key:
@@ -291,6 +315,32 @@ class TrendsConsumer(Consumer):
         for s in touched:
             self._update(s)
         return bool(touched)
+
+    def _read_stored(self) -> bool:
+        """Copy this run's new points of the stored series (``reads: store``) from the trend store
+        into their nav buffers (at seq - 1, as the writer numbered them) and refit those that
+        changed. Returns whether any did."""
+        b, touched = self.buffers, []
+        for s in self.params.series:
+            if s.reads != "store":
+                continue
+            seq, x, y = self.store.points(s.key, self.run.uid)
+            pos = seq - 1
+            keep = (pos >= 0) & (pos < len(b[f"{s.name}_x"]))
+            pos, x, y = pos[keep], x[keep], y[keep]
+            new = np.isnan(b[f"{s.name}_stored"][pos])
+            if new.any():
+                b[f"{s.name}_x"][pos[new]], b[f"{s.name}_value"][pos[new]] = x[new], y[new]
+                b[f"{s.name}_stored"][pos[new]] = 1.0
+                count_points(b, s, int(new.sum()))
+                touched.append(s)
+        for s in touched:
+            self._update(s)
+        return bool(touched)
+
+    def finish(self) -> None:
+        if any(s.reads == "store" for s in self.params.series) and self.buffers:
+            self._read_stored()  # points the writer stored after the last frame reached us
 
     def _points(self, s: SeriesConfig) -> tuple[np.ndarray, np.ndarray]:
         b = self.buffers

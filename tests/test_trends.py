@@ -328,3 +328,56 @@ outputs:
         np.testing.assert_allclose(updates[-1]["data"]["capacity_forecast_2"], f[1])
     finally:
         collector.close()
+
+
+def test_a_consumer_result_read_through_the_store_forecasts_as_its_writer_does(tmp_path):
+    """``features/mean_particle_area`` declared as a trends series (``reads: store``): the features
+    consumer writes each frame's features to the shared trend store, the trends consumer (after it
+    in the config) reads them on the same frame batch and forecasts them. Consumers never read one
+    another; the store is the seam. One run per cycle, as in the demo: the trends forecast equals the
+    features consumer's own forecast of the same series, and its nav buffers hold the run's point."""
+    from dataclasses import replace
+
+    from beamlens.consumers.features import FeaturesConsumer, FeaturesParams
+    from beamlens.daemon.sim.electrode import ElectrodeGenerator
+    from partitions import frame_signal
+
+    store = tmp_path / "trends.sqlite"
+    forecast = {"threshold": 0.4, "log_x": True, "refit_every": 2, "horizon": 3000}
+    fparams = FeaturesParams(store=store, forecasts=[{"feature": "mean_particle_area", **forecast}])
+    tparams = TrendsParams.model_validate({"store": str(store), "series": [
+        {"name": "mean_particle_area", "key": "features/mean_particle_area", "reads": "store", "scope": "all",
+         "prior": "none", **forecast}]})
+    assert tparams.series[0].x == "stored"
+    gen = ElectrodeGenerator(seed=4)
+    for c in [0, 50, 100, 200, 300, 400, 600, 800, 1000]:
+        img, truth = gen.frame(c)
+        run = RunInfo(uid=f"cycle-{c}", nav_shape=(1,), start_doc={})
+        feats, trends = FeaturesConsumer(fparams, run), TrendsConsumer(tparams, run)
+        info = frame_signal("sem", img.shape, dtype=str(img.dtype))
+        info = replace(info, series=replace(info.series, meta={"pixel_size_um": gen.pixel_size_um, "cycle": c}))
+        for consumer in (feats, trends):  # the daemon's order: the config's
+            consumer.buffers = Buffers.allocate(consumer.signal(info), 1)
+        batch = Batch(info, img[None], np.array([0]), np.array([1]), np.zeros(1))
+        feats.process(batch)
+        assert trends.process(batch) is True
+        trends.finish()
+        assert trends.buffers.mean_particle_area_x[0] == c
+        assert trends.buffers.mean_particle_area_value[0] == feats.buffers.mean_particle_area[0]
+        for name in ("mean_particle_area_forecast", "mean_particle_area_points", "crossing", "crossing_pessimistic"):
+            np.testing.assert_array_equal(trends.buffers[name], feats.buffers[name], err_msg=f"cycle {c}: {name}")
+        trends.stop({})
+    assert 1000 < trends.buffers.crossing[0] < 2500
+    with TrendStore(store) as s:  # every feature of every frame is stored, not only the forecast one
+        assert s.count("features/void_fraction") == 9 and s.count("features/mean_particle_area") == 9
+
+
+def test_stored_series_need_a_store_and_other_streams_are_refused_with_why():
+    with pytest.raises(ValidationError, match="reads: store"):
+        TrendsParams.model_validate({"store": False, "series": [
+            {"name": "a", "key": "features/mean_particle_area", "reads": "store"}]})
+    with pytest.raises(ValidationError, match="metrics are not offered"):
+        TrendsParams.model_validate({"series": [{"name": "a", "key": "baseline/cycle"}]})
+    with pytest.raises(ValidationError, match="x: stored"):
+        TrendsParams.model_validate({"store": "/tmp/x.sqlite", "series": [
+            {"name": "a", "key": "features/void_area", "reads": "store", "x": "primary/cycle"}]})
