@@ -3,8 +3,17 @@ forecasts of when each will cross its threshold.
 
 Each declared series (:class:`SeriesConfig`) names an event data key of the primary stream as its
 value (``key: primary/capacity``) and another one, ``seq_num`` or ``time`` as its x
-(``x: primary/cycle``). Every point (an event with both readings) is stored in the trend store
-(:mod:`beamlens.consumers.trend_store`, one SQLite file, e.g. under the daemon's state directory),
+(``x: primary/cycle``); or (``reads: store``) a series another consumer writes to the trend store,
+``features/mean_particle_area`` with the x it stored (the cycle): consumers never read one another,
+so the store is the seam; trends takes the run's frame signals as the trigger, reads the run's new
+stored points after each batch (list it after the writer: consumers see a batch in config order)
+and at :meth:`TrendsConsumer.finish`. Event data keys of other streams (``baseline/cycle``) and
+metrics are refused at config time: the daemon offers consumers primary-stream keys only, and
+consumers do not read the daemon's metric registry.
+Every point (an event with both readings) is stored in the trend store
+(:mod:`beamlens.consumers.trend_store`, one SQLite file, by default
+``<state.directory>/trends.sqlite``: the daemon validates params with its state directory as
+context, :func:`~beamlens.consumers.trend_store.default_store`),
 and after each new point the series is regressed with :class:`~beamlens.consumers.trend_model.TrendModel`
 (the paper's SE kernel, MinMax-normalised y, optional log x, a window of the last ``window`` points,
 hyper-parameters re-optimised every ``refit_every`` points and kept in a private buffer in between).
