@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 from skimage.filters import median, threshold_multiotsu
 from skimage.measure import label, regionprops
 from skimage.morphology import disk, remove_small_objects
 
 from .base import Batch, BufferSpec, Buffers, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals
-from .trend_store import TrendStore
+from .trend_store import TrendStore, default_store
 from .trends import ForecastConfig, count_points, forecast_specs, update_forecast
 
 PORE, PARTICLE, LAYER = 0, 1, 2
@@ -124,13 +124,16 @@ class FeaturesParams(ConsumerParams):
     """Series header field copied into the ``cycle`` nav buffer (the x of trends), if present."""
     forecasts: list[FeatureForecast] = Field(default_factory=list, max_length=len(FEATURES))
     """Features to trend and forecast against the header's x (GP, as the trends consumer does)."""
-    store: Path | None = None
-    """Trend-store file: each frame's features are stored (``features/<feature>``) and the forecasts
-    use every stored frame of the key, across runs (one series per cycle) and restarts; null:
-    only this run's frames."""
+    store: Path | Literal[False] | None = None
+    """Trend-store file: each frame's features are stored (``features/<feature>``, also readable
+    as series of the ``trends`` consumer) and the forecasts use every stored frame of the key,
+    across runs (one series per cycle) and restarts. Default (null):
+    ``<state.directory>/trends.sqlite`` when the daemon has a state directory, else none; false:
+    none — forecasts use only this run's frames."""
 
     @model_validator(mode="after")
-    def _check(self) -> FeaturesParams:
+    def _check(self, info: ValidationInfo) -> FeaturesParams:
+        self.store = default_store(self.store, info.context)
         if sorted(self.phase_order) != ["layer", "particle", "pore"]:
             raise ValueError(f"phase_order must name pore, particle and layer once each (got {list(self.phase_order)})")
         if len({f.name for f in self.forecasts}) != len(self.forecasts):
@@ -233,19 +236,23 @@ class FeaturesConsumer(Consumer):
             if not pos < b.newest[0]:  # NaN (nothing yet) or a later frame
                 b.newest[0] = pos
                 b.segmentation[...] = phases
-            if p.forecasts and math.isfinite(self.x_value):
+            if (p.forecasts or p.store is not None) and math.isfinite(self.x_value):
                 self._forecast(int(pos), f)
         return True
 
     def _forecast(self, pos: int, features: dict[str, float]) -> None:
-        """Store the frame's features and update each forecast (see :class:`FeaturesParams`)."""
+        """Store the frame's features (every one, ``features/<feature>``, x the header's
+        ``x_key``, seq ``pos + 1``: the ``trends`` consumer reads them with ``reads: store``) and
+        update each forecast (see :class:`FeaturesParams`)."""
         b, p = self.buffers, self.params
         store = TrendStore(p.store) if p.store is not None else None
         try:
+            if store is not None:
+                for name in FEATURES:
+                    store.add(f"features/{name}", self.run.uid, [pos + 1], [self.x_value], [features[name]])
             for cfg in p.forecasts:
                 key = f"features/{cfg.feature}"
                 if store is not None:
-                    store.add(key, self.run.uid, [pos + 1], [self.x_value], [features[cfg.feature]])
                     runs = store.runs(key)
                     x = np.concatenate([r.x for r in runs])
                     y = np.concatenate([r.value for r in runs])

@@ -53,6 +53,32 @@ CREATE INDEX IF NOT EXISTS points_series ON points (series, run_uid, x);
 """
 
 
+STORE_FILE = "trends.sqlite"
+"""The trend store's file name under the daemon's state directory (the default store)."""
+
+
+def default_store(store: Path | bool | None, context: object) -> Path | None:
+    """The trend-store file a consumer's ``store`` parameter names.
+
+    Args:
+        store: a path; ``False``: no store; ``None``: the default, ``<state.directory>/trends.sqlite``
+            when the daemon has a state directory.
+        context: the pydantic validation context the daemon passes when it validates consumer
+            params (``{"state_directory": Path | None}``); None when the params are built alone
+            (tests, benchmarks): then ``None`` means no store.
+
+    Returns:
+        The file, or None for no store (also ``None`` with a daemon without a state directory;
+        callers that need one raise then, see :func:`beamlens.consumers.trends.TrendsParams`).
+    """
+    if store is False:
+        return None
+    if store is not None and store is not True:
+        return Path(store)
+    state = context.get("state_directory") if isinstance(context, dict) else None
+    return Path(state) / STORE_FILE if state is not None else None
+
+
 class TrendStoreError(RuntimeError):
     """The store file cannot be used (newer schema, not a beamlens trend store, corrupt)."""
 

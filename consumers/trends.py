@@ -3,8 +3,17 @@ forecasts of when each will cross its threshold.
 
 Each declared series (:class:`SeriesConfig`) names an event data key of the primary stream as its
 value (``key: primary/capacity``) and another one, ``seq_num`` or ``time`` as its x
-(``x: primary/cycle``). Every point (an event with both readings) is stored in the trend store
-(:mod:`beamlens.consumers.trend_store`, one SQLite file, e.g. under the daemon's state directory),
+(``x: primary/cycle``); or (``reads: store``) a series another consumer writes to the trend store,
+``features/mean_particle_area`` with the x it stored (the cycle): consumers never read one another,
+so the store is the seam; trends takes the run's frame signals as the trigger, reads the run's new
+stored points after each batch (list it after the writer: consumers see a batch in config order)
+and at :meth:`TrendsConsumer.finish`. Event data keys of other streams (``baseline/cycle``) and
+metrics are refused at config time: the daemon offers consumers primary-stream keys only, and
+consumers do not read the daemon's metric registry.
+Every point (an event with both readings) is stored in the trend store
+(:mod:`beamlens.consumers.trend_store`, one SQLite file, by default
+``<state.directory>/trends.sqlite``: the daemon validates params with its state directory as
+context, :func:`~beamlens.consumers.trend_store.default_store`),
 and after each new point the series is regressed with :class:`~beamlens.consumers.trend_model.TrendModel`
 (the paper's SE kernel, MinMax-normalised y, optional log x, a window of the last ``window`` points,
 hyper-parameters re-optimised every ``refit_every`` points and kept in a private buffer in between).
@@ -34,11 +43,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .trend_model import EARLY_REFITS, Prior, TrendModel, learn_prior
-from .trend_store import TrendStore, check_series_key
+from .trend_store import TrendStore, check_series_key, default_store
 
 N_GRID = 200
 
@@ -63,8 +72,14 @@ class ForecastConfig(BaseModel):
 class SeriesConfig(ForecastConfig):
     """One trended series of event data keys (threshold after ``relative_to_first``)."""
 
-    key: str = Field(description="value: 'primary/<data key>'; also the trend-store series key")
-    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s)")
+    key: str = Field(description="value: 'primary/<data key>', or with reads: store another consumer's stored "
+                                 "result ('features/mean_particle_area'); also the trend-store series key")
+    reads: Literal["events", "store"] = Field(
+        "events", description="events: the key is an event data key of the run; store: a series another consumer "
+                              "writes to the trend store (the features consumer's 'features/<feature>'), x as it "
+                              "stored it (the cycle); list trends after that consumer")
+    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s); reads: store: "
+                                          "'stored' (the default there)")
     relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
     scope: Literal["run", "all"] = "run"
     prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
@@ -72,24 +87,30 @@ class SeriesConfig(ForecastConfig):
     prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
                                                         "default threshold -/+ 0.25 of the value range")
 
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        check_series_key(v)
-        if not v.startswith("primary/") or len(v) <= len("primary/"):
-            raise ValueError("only event data keys of the primary stream ('primary/<data key>') reach consumers")
-        return v
-
-    @field_validator("x")
-    @classmethod
-    def _x(cls, v: str) -> str:
-        if v not in ("seq_num", "time") and (not v.startswith("primary/") or len(v) <= len("primary/")):
+    @model_validator(mode="after")
+    def _keys(self) -> SeriesConfig:
+        check_series_key(self.key)
+        head, _, tail = self.key.partition("/")
+        if self.reads == "store":
+            if not head or not tail:
+                raise ValueError(f"key {self.key!r}: a stored series is '<consumer>/<result>' (features/mean_particle_area)")
+            if self.x not in ("seq_num", "stored"):
+                raise ValueError("x: a series read from the trend store has the x its writer stored (x: stored)")
+            self.x = "stored"
+            return self
+        if head != "primary" or not tail:
+            # the daemon offers consumers the data keys of the primary stream only (daemon/signals.py);
+            # metrics live in the daemon's registry, which consumers do not read (layering)
+            raise ValueError(f"key {self.key!r}: only event data keys of the primary stream ('primary/<data key>') "
+                             "reach consumers; consumer results through the trend store (reads: store); other "
+                             "streams (baseline/...) and metrics are not offered to consumers")
+        if self.x not in ("seq_num", "time") and (not self.x.startswith("primary/") or len(self.x) <= len("primary/")):
             raise ValueError("x must be 'seq_num', 'time' or 'primary/<data key>'")
-        return v
+        return self
 
     @property
-    def value_key(self) -> str:
-        return self.key.split("/", 1)[1]
+    def value_key(self) -> str | None:
+        return self.key.split("/", 1)[1] if self.reads == "events" else None
 
     @property
     def x_key(self) -> str | None:
@@ -98,14 +119,26 @@ class SeriesConfig(ForecastConfig):
 
 class TrendsParams(ConsumerParams):
     series: list[SeriesConfig] = Field(min_length=1, max_length=32)
-    store: Path | None = Field(None, description="trend-store file (e.g. <state.directory>/trends.sqlite); "
-                                                 "null: no history across runs")
+    store: Path | Literal[False] | None = Field(
+        None, description="trend-store file; default (null): <state.directory>/trends.sqlite when the daemon has a "
+                          "state directory; false: no history across runs")
 
     @model_validator(mode="after")
-    def _unique(self) -> TrendsParams:
+    def _unique(self, info: ValidationInfo) -> TrendsParams:
         names = [s.name for s in self.series]
         if len(set(names)) != len(names):
             raise ValueError(f"series names must be unique (got {names})")
+        unset = self.store is None
+        self.store = default_store(self.store, info.context)
+        stored = [s.name for s in self.series if s.reads == "store"]
+        if self.store is None and stored:
+            raise ValueError(f"store: series {stored} read the trend store (reads: store), which defaults to "
+                             "<state.directory>/trends.sqlite; set state.directory or store: <file>")
+        if self.store is None and unset and info.context is not None:
+            across = [s.name for s in self.series if s.scope == "all"]
+            if across:
+                raise ValueError(f"store: series {across} (scope all) span runs and need the trend store, which "
+                                 "defaults to <state.directory>/trends.sqlite; set state.directory or store: <file>")
         return self
 
 
@@ -209,11 +242,15 @@ class TrendsConsumer(Consumer):
         return self._store
 
     def signal(self, info: SignalInfo) -> list[BufferSpec]:
-        if info.kind != "event" or info.sig_shape != ():
+        stored = any(s.reads == "store" for s in self.params.series)
+        if info.kind == "frame" and stored:
+            pass  # the trigger of stored series: the frames their writer (features) analyses
+        elif info.kind != "event" or info.sig_shape != ():
             raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
-        wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
-        if info.name not in wanted:
-            raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
+        else:
+            wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
+            if info.name not in wanted:
+                raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
         first = not self.taken
         self.taken.add(info.name)
         if not first:
@@ -261,11 +298,15 @@ class TrendsConsumer(Consumer):
 
     # -- points --------------------------------------------------------------------------------
     def process(self, batch: Batch, staged: object = None) -> bool:
+        if batch.signal.kind == "frame":
+            return self._read_stored()
         b = self.buffers
         pos = batch.nav_index
         values = batch.data.astype(np.float64)
         touched = []
         for s in self.params.series:
+            if s.reads == "store":
+                continue
             if batch.signal.name == s.value_key:
                 b[f"{s.name}_value"][pos] = values
             if batch.signal.name == s.x_key:
@@ -283,6 +324,32 @@ class TrendsConsumer(Consumer):
         for s in touched:
             self._update(s)
         return bool(touched)
+
+    def _read_stored(self) -> bool:
+        """Copy this run's new points of the stored series (``reads: store``) from the trend store
+        into their nav buffers (at seq - 1, as the writer numbered them) and refit those that
+        changed. Returns whether any did."""
+        b, touched = self.buffers, []
+        for s in self.params.series:
+            if s.reads != "store":
+                continue
+            seq, x, y = self.store.points(s.key, self.run.uid)
+            pos = seq - 1
+            keep = (pos >= 0) & (pos < len(b[f"{s.name}_x"]))
+            pos, x, y = pos[keep], x[keep], y[keep]
+            new = np.isnan(b[f"{s.name}_stored"][pos])
+            if new.any():
+                b[f"{s.name}_x"][pos[new]], b[f"{s.name}_value"][pos[new]] = x[new], y[new]
+                b[f"{s.name}_stored"][pos[new]] = 1.0
+                count_points(b, s, int(new.sum()))
+                touched.append(s)
+        for s in touched:
+            self._update(s)
+        return bool(touched)
+
+    def finish(self) -> None:
+        if any(s.reads == "store" for s in self.params.series) and self.buffers:
+            self._read_stored()  # points the writer stored after the last frame reached us
 
     def _points(self, s: SeriesConfig) -> tuple[np.ndarray, np.ndarray]:
         b = self.buffers

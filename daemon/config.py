@@ -426,6 +426,17 @@ class Config(Strict):
 MIN_RESULT_BUDGET_MIB = 64
 
 
+def consumer_params(cls: type[Consumer], params: Mapping[str, Any], config: Config) -> Any:
+    """``cls.Params`` validated from ``params`` with the daemon-wide settings a consumer's
+    defaults may follow as pydantic validation context (``{"state_directory": Path | None}``:
+    e.g. the trend store's default file), so consumers never import the daemon.
+
+    Raises:
+        ValidationError: bad params.
+    """
+    return cls.Params.model_validate(params, context={"state_directory": config.state.directory})
+
+
 def memory_budget_errors(config: Config) -> list[tuple[str, str]]:
     """``(yaml_path, message)`` when the budget leaves too little room for result buffers after the
     frame sources' queues and batches (checked across sections, so after field validation)."""
@@ -587,7 +598,7 @@ def load_config(path: str | Path | None = None, *, text: str | None = None,
             errors.append((f"consumers[{i}].class", str(exc)))
             continue
         try:
-            cls.Params.model_validate(consumer.params)
+            consumer_params(cls, consumer.params, config)
         except ValidationError as exc:
             errors += [(yaml_path(("consumers", i, "params", *e["loc"])), e["msg"]) for e in exc.errors()]
     if errors:

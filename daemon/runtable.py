@@ -37,7 +37,7 @@ import numpy as np
 
 from beamlens.consumers.base import Batch, BufferSpec, RunInfo, SignalInfo
 
-from .config import Config
+from .config import Config, consumer_params
 from .dispatch import Dispatcher, Refused
 from .executors import Partial, merge_partial, stage_executor
 from .isolation import RateLimitedLog, guarded
@@ -117,7 +117,7 @@ class RunTable:
         for c in config.consumers:
             if c.enabled:
                 cls = c.resolve()
-                self._consumers.append((c.name, cls, cls.Params.model_validate(c.params)))
+                self._consumers.append((c.name, cls, consumer_params(cls, c.params, config)))
                 self._frame_filter[c.name] = frozenset(c.frame_sources) if c.frame_sources is not None else None
 
     # -- small helpers -----------------------------------------------------------------------

@@ -126,3 +126,20 @@ def test_feature_forecast_across_runs_one_series_per_cycle(tmp_path):
     assert 1000 < b.crossing[0] < 2500 and b.crossing_pessimistic[0] <= b.crossing[0]
     with pytest.raises(ValueError, match="unique"):
         FeaturesParams(forecasts=[{"feature": "void_area"}, {"feature": "void_area"}])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_checkpoint_round_trip_gives_the_uninterrupted_result(movie, tmp_path, split):
+    """Buffers saved in the daemon's checkpoint format after ``split`` batches of two frames,
+    restored into a fresh instance (``signal()`` again, layouts checked): the rest of the series
+    gives exactly the uninterrupted result, the newest segmentation included."""
+    from partitions import checkpoint_round_trip
+
+    gen, frames, _ = movie
+    info = frame_signal(frames.shape[1:], {"pixel_size_um": gen.pixel_size_um})
+    batches = make_batches(info, frames, batch_size=2)
+    whole, resumed = checkpoint_round_trip(FeaturesConsumer, {}, [info], batches, len(frames),
+                                           tmp_path / "features.ckpt", split=split)
+    assert np.isfinite(whole.buffers.mean_particle_area).all()
+    assert whole.buffers.newest[0] == len(frames) - 1
+    assert_buffers_equal(whole, resumed, private=True)

@@ -52,13 +52,14 @@ def cells():
 
 
 def test_real_cells_streamed_through_the_proxy_forecast_after_each_point(proxy, beamline, make_daemon, tmp_path, cells):
-    store_path = tmp_path / "state" / "trends.sqlite"
+    store_path = tmp_path / "state" / "trends.sqlite"  # the default store: under the state directory
     config = source_yaml(proxy.out_address) + f"""
+state:
+  directory: {tmp_path / "state"}
 consumers:
   - name: trends
     class: trends
     params:
-      store: {store_path}
       series:
         - {{name: capacity, key: primary/capacity, x: primary/cycle, threshold: 0.8, relative_to_first: true,
             min_prior_runs: 3, prior_floor: 0.6}}
@@ -225,3 +226,165 @@ outputs:
             browser.close()
     beamline.publisher("stop", bundle.compose_stop())
     wait_run_finished(daemon, uid)
+
+
+@pytest.mark.parametrize("split", [2, 7])
+def test_checkpoint_round_trip_gives_the_uninterrupted_result(tmp_path, split):
+    """The daemon's checkpoint of a trends run after ``split`` batches (hyper-parameters of the
+    last refit and the points since it are private buffers), restored into a fresh instance: the
+    remaining check-ups give exactly the uninterrupted forecast, refits at the same points."""
+    from partitions import assert_buffers_equal, checkpoint_round_trip, make_batches
+
+    sx, sy = event_signal("cycle"), event_signal("capacity")
+    x = np.arange(0.0, 24.0) * 50
+    y = 1 - 0.0004 * x + 0.005 * np.sin(x / 70)
+    batches = [b for pair in zip(make_batches(sx, x, batch_size=2), make_batches(sy, y, batch_size=2)) for b in pair]
+    params = {"series": [{"name": "q", "key": "primary/capacity", "x": "primary/cycle", "refit_every": 3,
+                          "threshold": 0.8}]}
+    whole, resumed = checkpoint_round_trip(TrendsConsumer, params, [sx, sy], batches, len(x),
+                                           tmp_path / "trends.ckpt", split=split)
+    assert np.isfinite(whole.buffers.crossing[0])
+    assert_buffers_equal(whole, resumed, private=True)
+
+
+def test_store_defaults_to_the_state_directory_else_a_config_error(tmp_path):
+    """Params validated as the daemon validates them: the store defaults to
+    ``<state.directory>/trends.sqlite``; without a state directory a series spanning runs is a
+    config error naming the field, a run-scoped one runs without history; ``store: false`` opts out."""
+    from beamlens.daemon.config import ConfigError, consumer_params, load_config
+
+    def config(state, store=None, scope="run"):
+        text = "consumers:\n  - name: t\n    class: trends\n    params:\n"
+        text += f"      series: [{{name: q, key: primary/q, scope: {scope}}}]\n"
+        if store is not None:
+            text += f"      store: {store}\n"
+        if state:
+            text += f"state:\n  directory: {state}\n"
+        return load_config(text=text, environ={})
+
+    c = config(tmp_path / "state")
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store == tmp_path / "state" / "trends.sqlite"
+    c = config(tmp_path / "state", store="false")
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store is None
+    c = config(None)
+    assert consumer_params(TrendsConsumer, c.consumers[0].params, c).store is None
+    with pytest.raises(ConfigError) as info:
+        config(None, scope="all")
+    assert info.value.errors[0][0] == "consumers[0].params"
+    assert "store" in info.value.errors[0][1] and "state.directory" in info.value.errors[0][1]
+    assert TrendsParams.model_validate({"series": [{"name": "q", "key": "primary/q", "scope": "all"}]}).store is None
+
+
+def test_a_derived_event_per_forecast_update_reaches_a_remote_dispatcher(proxy, beamline, make_daemon, cells):
+    """Derived documents through the real proxy to a real RemoteDispatcher: the trends run's
+    ``summary`` stream carries one event per forecast update (one per check-up, published as the
+    point is processed), each conditioned on one more check-up, the last the daemon's final forecast."""
+    from event_model import DocumentNames, schema_validators
+    from test_documents_sink import Collector, events_of
+
+    collector = Collector(proxy.out_address, proxy.in_address)
+    try:
+        daemon = make_daemon(source_yaml(proxy.out_address) + f"""
+consumers:
+  - name: trends
+    class: trends
+    params:
+      store: false
+      series:
+        - {{name: capacity, key: primary/capacity, x: primary/cycle, threshold: 0.8, relative_to_first: true}}
+outputs:
+  documents: {{enabled: true, address: "{proxy.in_address}", prefix: beamlens, event_interval_s: 0}}
+""")
+        subscribe(daemon, proxy)
+        cell = next(iter(cells))
+        x, q = cells[cell][0][:8], cells[cell][1][:8]
+        bundle, descriptor, events = checkup_run(x, q, cell)
+        uid = bundle.start_doc["uid"]
+        beamline.publisher("start", bundle.start_doc)
+        beamline.publisher("descriptor", descriptor)
+        def processed(n):  # the n-th check-up is in (its x) and its forecast written
+            xs = daemon.store.snapshot(uid, "trends", "capacity_x").data
+            return np.isfinite(xs).sum() == n and points_conditioned_on(daemon, uid) == (0 if n < 2 else n)
+
+        wait_for(lambda: points_conditioned_on(daemon, uid) == 0, timeout=60)
+        for i, ev in enumerate(events):
+            beamline.publisher("event", ev)  # one at a time: each its own page, its own update
+            wait_for(lambda n=i + 1: processed(n), timeout=60)
+        beamline.publisher("stop", bundle.compose_stop())
+        wait_run_finished(daemon, uid)
+        wait_for(lambda: any(n == "stop" for n, _ in collector.docs), timeout=30)
+        for name, doc in collector.docs:
+            schema_validators[DocumentNames[name]].validate(doc)
+        (docs,) = collector.runs().values()
+        assert docs[0][1]["plan_name"] == "beamlens:trends" and docs[0][1]["original_run_uid"] == uid
+        summary = next(d for n, d in docs if n == "descriptor" and d["name"] == "summary")
+        assert {"crossing", "crossing_pessimistic", "capacity_forecast_1", "capacity_forecast_2"} <= set(summary["data_keys"])
+        updates = events_of(docs, summary)
+        # possibly the buffers as allocated (when the descriptor's notification already finds the
+        # derived run), then one per point: the first sets the threshold, each later one refits
+        if np.isnan(np.ravel(updates[0]["data"]["threshold"])).all():
+            updates = updates[1:]
+        assert len(updates) == len(events)
+        # update k is conditioned on the first k check-ups (a forecast from the second on)
+        assert [int(np.isfinite(e["data"]["capacity_points_1"]).sum()) for e in updates] == [0, *range(2, len(events) + 1)]
+        assert all(np.ravel(e["data"]["threshold"])[0] == 0.8 for e in updates)
+        crossings = [np.ravel(e["data"]["crossing"])[0] for e in updates]
+        assert np.isnan(crossings[0]) and not np.isnan(crossings[-1])  # inf: no crossing within the horizon
+        assert crossings[-1] == daemon.store.snapshot(uid, "trends", "crossing").data[0]
+        f = daemon.store.snapshot(uid, "trends", "capacity_forecast").data
+        np.testing.assert_allclose(updates[-1]["data"]["capacity_forecast_2"], f[1])
+    finally:
+        collector.close()
+
+
+def test_a_consumer_result_read_through_the_store_forecasts_as_its_writer_does(tmp_path):
+    """``features/mean_particle_area`` declared as a trends series (``reads: store``): the features
+    consumer writes each frame's features to the shared trend store, the trends consumer (after it
+    in the config) reads them on the same frame batch and forecasts them. Consumers never read one
+    another; the store is the seam. One run per cycle, as in the demo: the trends forecast equals the
+    features consumer's own forecast of the same series, and its nav buffers hold the run's point."""
+    from dataclasses import replace
+
+    from beamlens.consumers.features import FeaturesConsumer, FeaturesParams
+    from beamlens.daemon.sim.electrode import ElectrodeGenerator
+    from partitions import frame_signal
+
+    store = tmp_path / "trends.sqlite"
+    forecast = {"threshold": 0.4, "log_x": True, "refit_every": 2, "horizon": 3000}
+    fparams = FeaturesParams(store=store, forecasts=[{"feature": "mean_particle_area", **forecast}])
+    tparams = TrendsParams.model_validate({"store": str(store), "series": [
+        {"name": "mean_particle_area", "key": "features/mean_particle_area", "reads": "store", "scope": "all",
+         "prior": "none", **forecast}]})
+    assert tparams.series[0].x == "stored"
+    gen = ElectrodeGenerator(seed=4)
+    for c in [0, 50, 100, 200, 300, 400, 600, 800, 1000]:
+        img, truth = gen.frame(c)
+        run = RunInfo(uid=f"cycle-{c}", nav_shape=(1,), start_doc={})
+        feats, trends = FeaturesConsumer(fparams, run), TrendsConsumer(tparams, run)
+        info = frame_signal("sem", img.shape, dtype=str(img.dtype))
+        info = replace(info, series=replace(info.series, meta={"pixel_size_um": gen.pixel_size_um, "cycle": c}))
+        for consumer in (feats, trends):  # the daemon's order: the config's
+            consumer.buffers = Buffers.allocate(consumer.signal(info), 1)
+        batch = Batch(info, img[None], np.array([0]), np.array([1]), np.zeros(1))
+        feats.process(batch)
+        assert trends.process(batch) is True
+        trends.finish()
+        assert trends.buffers.mean_particle_area_x[0] == c
+        assert trends.buffers.mean_particle_area_value[0] == feats.buffers.mean_particle_area[0]
+        for name in ("mean_particle_area_forecast", "mean_particle_area_points", "crossing", "crossing_pessimistic"):
+            np.testing.assert_array_equal(trends.buffers[name], feats.buffers[name], err_msg=f"cycle {c}: {name}")
+        trends.stop({})
+    assert 1000 < trends.buffers.crossing[0] < 2500
+    with TrendStore(store) as s:  # every feature of every frame is stored, not only the forecast one
+        assert s.count("features/void_fraction") == 9 and s.count("features/mean_particle_area") == 9
+
+
+def test_stored_series_need_a_store_and_other_streams_are_refused_with_why():
+    with pytest.raises(ValidationError, match="reads: store"):
+        TrendsParams.model_validate({"store": False, "series": [
+            {"name": "a", "key": "features/mean_particle_area", "reads": "store"}]})
+    with pytest.raises(ValidationError, match="metrics are not offered"):
+        TrendsParams.model_validate({"series": [{"name": "a", "key": "baseline/cycle"}]})
+    with pytest.raises(ValidationError, match="x: stored"):
+        TrendsParams.model_validate({"store": "/tmp/x.sqlite", "series": [
+            {"name": "a", "key": "features/void_area", "reads": "store", "x": "primary/cycle"}]})
