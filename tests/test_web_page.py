@@ -196,6 +196,25 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
     np.testing.assert_allclose(drawn[0]["x"], point["model"]["axis"]["values"])
     assert len(drawn) == 3  # the model and its two weighted components
     assert f"[{r},{c}]" in page.text_content("#point")
+    # ... and beside it the MEASURED spectrum of that point, as pca analysed it (its private
+    # `points` buffer: pca does not preprocess, so the raw spectrum itself)
+    measured_card = "figure.measured-card[data-consumer='pca'][data-measured='points']"
+    measured = point["measured"]
+    assert measured is not None, point
+    assert measured["preprocessed"] is False and measured["source"] == "points"
+    np.testing.assert_allclose(measured["spectrum"], data.spectra[r, c].astype(np.float64), rtol=1e-6)
+    np.testing.assert_allclose(measured["axis"]["values"], point["model"]["axis"]["values"])
+    page.wait_for_selector(f"{measured_card} canvas.plot", timeout=10_000)
+    drawn_measured = page.evaluate(f"document.querySelector(\"{measured_card} canvas.plot\").__series")
+    np.testing.assert_allclose(drawn_measured[0]["y"], measured["spectrum"], rtol=1e-12)
+    np.testing.assert_allclose(drawn_measured[1]["y"], point["model"]["spectrum"], rtol=1e-12)
+    assert "as analysed" in page.text_content(measured_card)
+    # the private buffer is read for that one point only: not listed, not served whole
+    summary_after = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}")[1])
+    assert '"points"' not in json.dumps(summary_after["consumers"]["pca"])
+    assert http_get(f"{daemon.http.url}/api/runs/{uid}/pca/points.json")[0] == 404
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(measured_card).screenshot(path=str(ARTIFACTS / "measured_spectrum.png"))
     total = point_total = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}/stats/point?nav={r},{c}")[1])
     assert point_total["values"]["total"]["value"] == pytest.approx(float(data.spectra[r, c].astype(np.float64).sum()), rel=1e-6)
     assert total["model"] is None
