@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
@@ -233,6 +234,14 @@ def test_large_buffers_are_resource_datum_references_into_the_run_file(proxy, ma
     assert np.isfinite(event["data"]["positions"]).any(), "no defect listed"
     stop = docs[-1][1]
     assert stop["num_events"]["external"] == 1
+    # private state buffers stay unpublished: not in any stream, not in the run file
+    slot = next(sl for sl in daemon.store.get(raw["uid"]).slots if sl.name == "defects")
+    private = {n for n, sp in slot.buffers.specs.items() if sp.private}
+    assert private
+    published = {k for n, d in docs if n == "descriptor" for k in d["data_keys"]}
+    assert not private & published
+    with h5py.File(runs_dir / resource["resource_path"], "r") as f:
+        assert not private & set(f["entry/defects"])
 
 
 def test_documents_output_is_off_by_default(make_daemon):
