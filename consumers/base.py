@@ -84,8 +84,9 @@ class BufferSpec:
         dtype: numpy dtype string; float buffers are filled with NaN at allocation, others with 0.
         units: physical units of the values (``"eV"``, ``"counts"``, ``""`` for dimensionless).
         description: one line for people (web page, file attributes).
-        axis: for ``sig`` buffers, the name of the signal axis the last dimension runs along
-            (``"energy"``), published with its values when the consumer sets ``run.axes``.
+        axis: for ``sig`` buffers (and ``nav`` buffers of one spectrum per point), the name of the
+            signal axis the last dimension runs along (``"energy"``), published with its values
+            when the consumer sets ``run.axes``.
         metric: name of a science gauge in ``beamlens.daemon.metrics.SCIENCE_GAUGES`` that the daemon
             keeps equal to this ``single`` buffer (one sample per element, labelled by index).
         labels: with ``metric``, the gauge's label value of each element (feature or series names)

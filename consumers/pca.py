@@ -95,7 +95,8 @@ class PCAConsumer(Consumer):
         sig = (self.n_values,)
         units = info.units or ("counts" if info.kind == "frame" else "")
         return [
-            BufferSpec("points", "nav", sig, units=units, private=True, description=f"{info.name} per point, flattened"),
+            BufferSpec("points", "nav", sig, units=units, private=True, axis=axis_name,
+                       description=f"{info.name} per point, flattened, as analysed (no preprocessing)"),
             BufferSpec("n_points", "single", (1,), dtype="int64", private=True, merge="sum", description="points stored"),
             *moment_specs("pca", self.n_values),
             *(BufferSpec(f"score_{i + 1}", "nav", units=units, merge=None,

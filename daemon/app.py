@@ -62,7 +62,9 @@ class Daemon:
         self.feed = LiveFeed(self.store, self.metrics.registry)
         self.router.listeners.append(self.feed)
         outputs = config.outputs
-        self.documents = DocumentsSink(outputs.documents, self.metrics) if outputs.documents.enabled else None
+        self.documents = (DocumentsSink(outputs.documents, self.metrics,
+                                        run_files=outputs.files.directory if outputs.files.enabled else None)
+                          if outputs.documents.enabled else None)
         self.files = RunFileWriter(config, self.metrics, self.store) if outputs.files.enabled else None
         self.router.listeners += [s for s in (self.documents, self.files) if s is not None]
         self.tiled = None

@@ -66,9 +66,10 @@ class FailingFrameConsumer(Consumer):
         raise RuntimeError("deliberate failure")
 
 
-def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
+def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5, outputs: str = ""):
     """A daemon running ``defects`` on a simulated microscope movie of ``n_frames`` (array-1.0 over
-    ZeroMQ), returned once every frame is processed, with the movie's ground truth."""
+    ZeroMQ), returned once every frame is processed, with the movie's ground truth; ``outputs``:
+    YAML appended to the configuration (an ``outputs:`` section)."""
     from beamlens.daemon.sim.microscope import SimulatedMicroscope
     from helpers import wait_for
 
@@ -78,7 +79,7 @@ def defects_movie_daemon(make_daemon, n_frames: int, seed: int = 5):
             consumers="  - {name: defects, class: defects, params: {fit_after: 8}}\n",
             # the simulator renders each frame as it sends it: on a loaded machine beside the network
             # a frame can take longer than the 0.25 s default, which would close the series early
-            router="{series_quiet_s: 5.0}"))
+            router="{series_quiet_s: 5.0}") + outputs)
         scope.start()
         scope.join(60)
         wait_for(lambda: counter(daemon, "beamlens_frames_processed_total", source="stem") == n_frames, timeout=120)

@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
@@ -84,9 +85,14 @@ class Collector:
         """Documents by derived run uid (events keyed through their descriptors)."""
         by_run: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         descriptor_run = {}
+        resource_run = {}
         for name, doc in list(self.docs):
             if name == "start":
                 run = doc["uid"]
+            elif name == "resource":
+                run = resource_run[doc["uid"]] = doc["run_start"]
+            elif name == "datum":
+                run = resource_run[doc["resource"]]
             elif name == "descriptor":
                 run = descriptor_run[doc["uid"]] = doc["run_start"]
             elif name in ("event", "event_page"):
@@ -181,6 +187,61 @@ def test_derived_runs_are_valid_and_carry_the_consumer_values(proxy, beamline, m
     metrics = scrape(daemon.http.url)
     assert metrics[("beamlens_documents_published_total", (("type", "stop"),))] == 2
     assert metrics[("beamlens_output_failures_total", (("output", "documents"),))] == 0
+
+
+def test_large_buffers_are_resource_datum_references_into_the_run_file(proxy, make_daemon, collector, tmp_path):
+    """The defects consumer's 3-D buffers (per-frame defect positions, class patches) do not fit in
+    events: the derived run's ``external`` stream references them in the NeXus run file
+    (Resource/Datum), and event_model's Filler with beamlens' h5py handler resolves them to the
+    arrays the daemon holds."""
+    from event_model import Filler
+
+    from beamlens.daemon.sinks.external import SPEC, NexusDatasetHandler
+    from frame_helpers import defects_movie_daemon
+
+    runs_dir = tmp_path / "runs"
+    daemon, _ = defects_movie_daemon(make_daemon, 12, outputs=outputs_yaml(proxy.in_address)
+                                     + f"  files: {{enabled: true, directory: '{runs_dir}'}}\n")
+    wait_for(lambda: any(n == "stop" for n, _ in collector.docs), timeout=60)
+    (raw,) = daemon.store.summaries()
+    wait_for(lambda: list(runs_dir.glob("*.nxs")), timeout=30)  # written after the RunStop
+    (docs,) = collector.runs().values()
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    (resource,) = [d for n, d in docs if n == "resource"]
+    assert resource["spec"] == SPEC and resource["resource_kwargs"] == {"run_uid": raw["uid"]}
+    assert (runs_dir / resource["resource_path"]).is_file()
+    (external,) = [d for n, d in docs if n == "descriptor" and d["name"] == "external"]
+    keys = external["data_keys"]
+    assert {"positions", "class_patches"} <= set(keys)
+    assert all(k["external"] == "FILESTORE:" for k in keys.values())
+    positions = daemon.store.snapshot(raw["uid"], "defects", "positions").data
+    assert keys["positions"]["shape"] == list(positions.shape) and positions.ndim == 3
+    assert keys["positions"]["units"] == "px"
+    assert "components" not in keys and "total" not in keys  # carried in full by the other streams
+
+    filled = []
+    with Filler({SPEC: NexusDatasetHandler}, inplace=False) as filler:
+        for name, doc in docs:
+            name, doc = filler(name, doc)
+            if name == "event" and doc["descriptor"] == external["uid"]:
+                filled.append(doc)
+    (event,) = filled
+    assert all(event["filled"].values())
+    for name in keys:
+        served = daemon.store.snapshot(raw["uid"], "defects", name).data
+        np.testing.assert_array_equal(event["data"][name], served)
+    assert np.isfinite(event["data"]["positions"]).any(), "no defect listed"
+    stop = docs[-1][1]
+    assert stop["num_events"]["external"] == 1
+    # private state buffers stay unpublished: not in any stream, not in the run file
+    slot = next(sl for sl in daemon.store.get(raw["uid"]).slots if sl.name == "defects")
+    private = {n for n, sp in slot.buffers.specs.items() if sp.private}
+    assert private
+    published = {k for n, d in docs if n == "descriptor" for k in d["data_keys"]}
+    assert not private & published
+    with h5py.File(runs_dir / resource["resource_path"], "r") as f:
+        assert not private & set(f["entry/defects"])
 
 
 def test_documents_output_is_off_by_default(make_daemon):

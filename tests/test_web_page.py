@@ -196,6 +196,25 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
     np.testing.assert_allclose(drawn[0]["x"], point["model"]["axis"]["values"])
     assert len(drawn) == 3  # the model and its two weighted components
     assert f"[{r},{c}]" in page.text_content("#point")
+    # ... and beside it the MEASURED spectrum of that point, as pca analysed it (its private
+    # `points` buffer: pca does not preprocess, so the raw spectrum itself)
+    measured_card = "figure.measured-card[data-consumer='pca'][data-measured='points']"
+    measured = point["measured"]
+    assert measured is not None, point
+    assert measured["preprocessed"] is False and measured["source"] == "points"
+    np.testing.assert_allclose(measured["spectrum"], data.spectra[r, c].astype(np.float64), rtol=1e-6)
+    np.testing.assert_allclose(measured["axis"]["values"], point["model"]["axis"]["values"])
+    page.wait_for_selector(f"{measured_card} canvas.plot", timeout=10_000)
+    drawn_measured = page.evaluate(f"document.querySelector(\"{measured_card} canvas.plot\").__series")
+    np.testing.assert_allclose(drawn_measured[0]["y"], measured["spectrum"], rtol=1e-12)
+    np.testing.assert_allclose(drawn_measured[1]["y"], point["model"]["spectrum"], rtol=1e-12)
+    assert "as analysed" in page.text_content(measured_card)
+    # the private buffer is read for that one point only: not listed, not served whole
+    summary_after = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}")[1])
+    assert '"points"' not in json.dumps(summary_after["consumers"]["pca"])
+    assert http_get(f"{daemon.http.url}/api/runs/{uid}/pca/points.json")[0] == 404
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(measured_card).screenshot(path=str(ARTIFACTS / "measured_spectrum.png"))
     total = point_total = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}/stats/point?nav={r},{c}")[1])
     assert point_total["values"]["total"]["value"] == pytest.approx(float(data.spectra[r, c].astype(np.float64).sum()), rel=1e-6)
     assert total["model"] is None
@@ -367,3 +386,38 @@ def test_clicking_a_frame_of_a_frame_run_shows_its_values_and_defects(make_daemo
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web_page_frame_click.png"), full_page=True)
     assert not errors, errors
+
+
+def test_point_api_serves_the_preprocessed_spectrum_of_a_spectral_consumer(proxy, beamline, make_daemon):
+    """unmixing keeps its spectra after preprocessing (private ``spectra``): the point API answers
+    that row, normalised and windowed as analysed, on the analysed axis, beside the model; the
+    buffer itself is never listed nor served."""
+    from beamlens.consumers.spectral.preprocess import Preprocessor, PreprocessParams
+
+    data = stxm_map().region(slice(60, 66), slice(40, 48))  # 6 x 8
+    prep = {"normalize": "max", "energy_window": [float(data.energy[10]), float(data.energy[-10])]}
+    daemon = make_daemon(source_yaml(proxy.out_address) + f"""
+consumers:
+  - {{name: nmf, class: unmixing, params: {{n_components: 2, min_points: 8, preprocess: {json.dumps(prep)}}}}}
+""")
+    subscribe(daemon, proxy)
+    uid = beamline.map_scan(data)
+    wait_run_finished(daemon, uid)
+    r, c = 3, 5
+    status, body, _ = http_get(f"{daemon.http.url}/api/runs/{uid}/nmf/point?nav={r},{c}")
+    point = json.loads(body)
+    assert status == 200
+    measured = point["measured"]
+    assert measured is not None and measured["source"] == "spectra" and measured["preprocessed"] is True
+    p = Preprocessor(PreprocessParams(**prep), data.energy, len(data.energy))
+    expected, ok, _ = p(data.spectra[r, c][None].astype(np.float64))
+    assert ok[0]
+    np.testing.assert_allclose(measured["spectrum"], expected[0], rtol=1e-9)
+    assert max(measured["spectrum"]) == pytest.approx(1.0)  # max-normalised: not the raw OD
+    assert measured["axis"]["name"] == "energy" and measured["axis"]["units"] == "eV"
+    np.testing.assert_allclose(measured["axis"]["values"], p.axis)
+    assert len(p.axis) == len(data.energy) - 19  # the window applied
+    assert point["model"] is not None and len(point["model"]["spectrum"]) == len(measured["spectrum"])
+    summary = json.loads(http_get(f"{daemon.http.url}/api/runs/{uid}")[1])
+    assert '"spectra"' not in json.dumps(summary["consumers"]["nmf"])
+    assert http_get(f"{daemon.http.url}/api/runs/{uid}/nmf/spectra.json")[0] == 404

@@ -94,7 +94,7 @@ class SpectralConsumer(Consumer):
         self.key, self.kind = info.name, info.kind
         self.run.axes[self.axis_name] = (self.axis, AXIS_UNITS[self.axis_name])
         return [
-            BufferSpec("spectra", "nav", (self.prep.n_out,), private=True, units=info.units,
+            BufferSpec("spectra", "nav", (self.prep.n_out,), private=True, units=info.units, axis=self.axis_name,
                        description=f"preprocessed {info.name} spectrum per point"),
             BufferSpec("prep_e0", "single", (1,), units="eV", private=True,
                        description="edge energy of the run's edge normalisation"),

@@ -34,12 +34,19 @@ The derived run of consumer ``C`` for raw run ``R``:
   is one 1-D key per row, ``components_1 .. components_k``; larger ones are not in the documents.
 - stream ``maps``: at the end, one event per row of the slowest scan axis, carrying ``row`` and that
   row of every ``nav`` map; consumers that refine earlier points (PCA rescoring) finish here.
+- stream ``external`` (only with run files on: ``outputs.files``): at the end, one event
+  referencing every buffer the other streams do not carry in full (3 or more dimensions in all:
+  per-point spectra of a 2-D map, per-frame defect lists, class patches; images of more than 16
+  rows) as event_model Resource/Datum documents pointing into the run's NeXus file; a client
+  resolves them with event_model's ``Filler`` and
+  :class:`beamlens.daemon.sinks.external.NexusDatasetHandler` (see that module).
 - RunStop: the raw run's exit status (``incomplete`` raw runs, closed at shutdown, stop as ``abort``).
 
 Every value in an event is a number or a 1-D array, so bluesky's ``TiledWriter`` (whose event tables
 are pyarrow tables and hold at most 1-D cells) stores every derived run, and its ``maps`` columns
 read back as ``(*nav_shape, *extra_shape)`` arrays. Buffers that would need more dimensions per event
-(defect positions per frame, class patches) are in the Tiled sink, the HTTP API and the run files.
+(defect positions per frame, class patches) are referenced in the ``external`` stream (with run
+files on), and are in the Tiled sink, the HTTP API and the run files.
 
 Data keys carry ``shape``, ``dims``, ``units`` and ``dtype_numpy``. Publishing happens in the router
 thread (a 0MQ PUB send never blocks; a slow subscriber loses messages at the proxy's high-water
@@ -50,6 +57,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,8 +70,10 @@ from ..metrics import Metrics
 from ..placement import flat_positions
 from ..results import BufferSpec, ConsumerSlot, RunState
 from .axes import motor_names
+from .external import SPEC
 from .live import buffer_digest
 from .provenance import consumer_provenance
+from .runfiles import dataset_path, run_file_name
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +133,14 @@ class DerivedRun:
         scan_id: the derived run's ``scan_id`` (the raw run's, or a number the sink gives runs
             without one, such as frame-only runs).
         motors: motor name -> its raw data key (``units`` etc.), in RunStart ``motors`` order.
+        run_files: the run files directory (``outputs.files``), or None when run files are off
+            (then buffers too large for events are not in the documents).
     """
 
     def __init__(self, run: RunState, slot: ConsumerSlot, emit: Emit, scan_id: int,
-                 motors: dict[str, dict[str, Any]] | None = None):
+                 motors: dict[str, dict[str, Any]] | None = None, run_files: Path | None = None):
         self.run, self.slot, self.emit = run, slot, emit
+        self.run_files = run_files
         self.source = f"beamlens:{slot.name}"
         raw = run.start_doc
         self.motors = dict(motors or {})
@@ -279,7 +292,37 @@ class DerivedRun:
             self.emit("event_page", maps.compose_event_page(
                 data=data, timestamps={k: [now] * shape[0] for k in data},
                 seq_num=list(range(1, shape[0] + 1)), time=[now] * shape[0]))
+        self._external(shape, rows)
         self.emit("stop", self.bundle.compose_stop(exit_status=EXIT_STATUS.get(status, "abort"), reason=reason))
+
+
+    def _external(self, shape: tuple[int, ...], rows: dict[str, BufferSpec]) -> None:
+        """The ``external`` stream: one event of Datum references into the run file for every
+        buffer no other stream carries in full (nav buffers not in ``maps``; other buffers without
+        :func:`summary_keys`)."""
+        if self.run_files is None:
+            return
+        specs = {n: s for n, s in self.slot.specs.items()
+                 if (n not in rows if s.kind == "nav" else not summary_keys(n, s))}
+        if not specs:
+            return
+        resource = self.bundle.compose_resource(
+            spec=SPEC, root=str(Path(self.run_files).resolve()),
+            resource_path=run_file_name(self.run.uid, self.run.start_doc), resource_kwargs={"run_uid": self.run.uid})
+        self.emit("resource", resource.resource_doc)
+        data, keys = {}, {}
+        for name, s in specs.items():
+            datum = resource.compose_datum(datum_kwargs={"dataset": dataset_path(self.slot.name, name)})
+            self.emit("datum", datum)
+            data[name] = datum["datum_id"]
+            full = (*shape, *s.extra_shape) if s.kind == "nav" else s.extra_shape
+            dims = ([f"scan_dim_{i}" for i in range(len(shape))] if s.kind == "nav" else []) + _dims(s)
+            keys[name] = {**data_key(s, self.source, full, dims), "dtype": "array", "external": "FILESTORE:"}
+        stream = self.bundle.compose_descriptor(name="external", data_keys=keys)
+        self.emit("descriptor", stream.descriptor_doc)
+        now = time.time()
+        self.emit("event", stream.compose_event(data=data, timestamps={k: now for k in data},
+                                                filled={k: False for k in data}))
 
 
 def _motor_key(dk: dict[str, Any]) -> dict[str, Any]:
@@ -303,12 +346,16 @@ class DocumentsSink:
     Args:
         config: the ``outputs.documents`` section.
         metrics: counts published documents and failures.
+        run_files: the run files directory (``outputs.files.directory`` when run files are on).
         publisher: where documents go; by default a ``bluesky.callbacks.zmq.Publisher`` connected to
             ``config.address`` with ``config.prefix`` and msgpack-numpy serialization.
     """
 
-    def __init__(self, config: DocumentsOutputConfig, metrics: Metrics, publisher: Emit | None = None):
+    def __init__(self, config: DocumentsOutputConfig, metrics: Metrics, publisher: Emit | None = None,
+                 run_files: Path | None = None):
         self.config = config
+        self.run_files = run_files
+        """The run files directory when ``outputs.files`` is on: large buffers are referenced there."""
         self.metrics = metrics
         self._publisher = publisher or Publisher(config.address, prefix=config.prefix.encode(),
                                                  serializer=msgpack_serializer)
@@ -355,7 +402,8 @@ class DocumentsSink:
         derived = self._derived.setdefault(run.uid, {})
         for slot in run.slots:
             if slot.name not in derived and slot.specs and slot.active:
-                derived[slot.name] = DerivedRun(run, slot, self._emit, self._scan_id(run), self._motors.get(run.uid))
+                derived[slot.name] = DerivedRun(run, slot, self._emit, self._scan_id(run), self._motors.get(run.uid),
+                                              self.run_files)
         if name in ("event_page", "frames"):
             seq_nums = np.asarray(doc["seq_num"])
             positions = flat_positions(seq_nums, run.nav_shape, run.snaking)

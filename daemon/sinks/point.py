@@ -7,8 +7,13 @@ spectra (``score_<i>`` on PCA ``components`` plus the ``mean``; ``abundance_<i>`
 
     spectrum = mean + sum_i w_i * components[i]        (mean = 0 without a ``mean`` buffer)
 
-The daemon does not keep measured spectra (memory); the model spectrum is what the consumer's
-fit says the point is.
+A consumer that keeps the spectra it analysed in a private nav buffer (:data:`MEASURED_BUFFERS`:
+the spectral consumers' ``spectra`` ``(nav, n_out)`` float64, preprocessed; ``pca``'s ``points``
+``(nav, n_values)``, taken as measured) also answers the MEASURED spectrum of the point under
+``measured``, exactly as the consumer analysed it: for ``spectra`` after its preprocessing
+(non-finite repair, normalisation, energy window, derivative; the raw spectrum itself with
+``normalize: none`` and no window), on the same axis as the model. Only this one row is read from the private buffer; private buffers
+stay out of every other output (the ``/api`` listing, derived documents, Tiled, run files).
 
 A ``nav`` buffer too large for ``values`` that holds a NaN-padded list of rows per point
 (``(n_rows, n_columns)`` per point, at most :data:`MAX_LIST_COLUMNS` columns: the defects consumer's
@@ -27,6 +32,11 @@ from .jsonsafe import finite_list, json_safe
 
 #: nav buffers whose values weight the ``components`` rows, by name prefix.
 WEIGHT_PREFIXES = ("score", "abundance")
+#: private nav buffers of per-point analysed spectra a consumer may keep (``(nav, n)``), by
+#: name, and whether they hold the spectra after the consumer's preprocessing.
+MEASURED_BUFFERS = {"spectra": True, "points": False}
+#: a measured spectrum longer than this (a flattened detector image) is not answered.
+MAX_MEASURED_CHANNELS = 65536
 #: nav buffers with more values per point than this are left out of the answer.
 MAX_VALUES_PER_POINT = 64
 #: nav buffers of ``(n_rows, n_columns)`` per point with at most this many columns are answered as lists of rows.
@@ -54,7 +64,9 @@ def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> di
     Returns:
         ``{"run", "consumer", "nav", "nav_shape", "values": {buffer: value or list, units},
         "lists": {buffer: {"rows": [[...], ...], "units"}},
-        "model": None or {"axis", "spectrum" (n,), "components" (k, n), "weights" (k,), "mean"}}``,
+        "model": None or {"axis", "spectrum" (n,), "components" (k, n), "weights" (k,), "mean"},
+        "measured": None or {"axis", "spectrum" (n,), "units", "source" (buffer name),
+        "preprocessed" (bool), "description"}}``,
         JSON-safe (NaN -> None); ``lists`` holds the rows of list buffers (see the module
         docstring) that are not all NaN, in buffer order.
 
@@ -93,7 +105,33 @@ def point_results(store: RunStore, uid: str, consumer: str, nav_text: str) -> di
         if m and m.group(1) in WEIGHT_PREFIXES and value.ndim == 0:
             weights[int(m.group(2))] = float(value)
     return {"run": run.uid, "consumer": consumer, "nav": list(index), "nav_shape": list(shape),
-            "values": json_safe(values), "lists": json_safe(lists), "model": _model(store, run.uid, slot, weights)}
+            "values": json_safe(values), "lists": json_safe(lists), "model": _model(store, run.uid, slot, weights),
+            "measured": _measured(slot, flat)}
+
+
+def _measured(slot: Any, flat: int) -> dict[str, Any] | None:
+    """The analysed spectrum at flat nav index ``flat`` from the consumer's private
+    :data:`MEASURED_BUFFERS`, or None (no such buffer, or no usable spectrum there yet)."""
+    buffers = slot.buffers
+    specs = dict(buffers.specs)
+    name = next((n for n in MEASURED_BUFFERS if n in specs and specs[n].private), None)
+    if name is None:
+        return None
+    spec = specs[name]
+    if spec.kind != "nav" or len(spec.extra_shape) != 1 or spec.extra_shape[0] > MAX_MEASURED_CHANNELS:
+        return None
+    arr = buffers[name]
+    if flat >= len(arr):
+        return None
+    spectrum = np.array(arr[flat], dtype=np.float64)  # one row copied; the buffer itself is not exposed
+    if not np.isfinite(spectrum).any():
+        return None
+    axis = None
+    values = slot.consumer.run.axes.get(spec.axis) if spec.axis else None
+    if values is not None and np.asarray(values[0]).shape == spectrum.shape:
+        axis = {"name": spec.axis, "units": str(values[1]), "values": finite_list(values[0])}
+    return {"axis": axis, "spectrum": finite_list(spectrum), "units": spec.units, "source": name,
+            "preprocessed": MEASURED_BUFFERS[name], "description": spec.description}
 
 
 def _model(store: RunStore, uid: str, slot: Any, weights: dict[int, float]) -> dict[str, Any] | None:

@@ -91,11 +91,23 @@ class RunRecord:
 
     @property
     def filename(self) -> str:
-        """``beamlens_scan<scan_id>_<uid[:8]>.nxs`` (``beamlens_<uid>.nxs`` without an integer
-        scan_id); a uid that is not a plain name is hashed first (never a path)."""
-        scan = wire_index(self.start_doc.get("scan_id"))
-        stem = safe_stem(self.uid)
-        return f"beamlens_scan{scan}_{stem[:8]}.nxs" if scan is not None else f"beamlens_{stem}.nxs"
+        """The run file's name, :func:`run_file_name`."""
+        return run_file_name(self.uid, self.start_doc)
+
+
+def run_file_name(uid: str, start_doc: dict[str, Any]) -> str:
+    """``beamlens_scan<scan_id>_<uid[:8]>.nxs`` (``beamlens_<uid>.nxs`` without an integer
+    scan_id) for raw run ``uid``; a uid that is not a plain name is hashed first (never a path).
+    :func:`free_name` appends ``_2``, ``_3``, ... to the stem when another run's file has the name."""
+    scan = wire_index(start_doc.get("scan_id"))
+    stem = safe_stem(uid)
+    return f"beamlens_scan{scan}_{stem[:8]}.nxs" if scan is not None else f"beamlens_{stem}.nxs"
+
+
+def dataset_path(consumer: str, buffer: str) -> str:
+    """The HDF5 path of one buffer's values in a run file: ``/entry/<consumer>/<buffer>/data``,
+    shaped ``(*nav_shape, *extra_shape)`` for ``nav`` buffers, ``extra_shape`` otherwise."""
+    return f"/entry/{consumer}/{buffer}/data"
 
 
 MAX_NAME_SUFFIX = 1000

@@ -559,6 +559,50 @@ function listExtent(uid, consumer, lists) {
     });
 }
 
+// x values and label of a spectrum answered by the point API (its axis, else channel index)
+function spectrumAxis(axis, n) {
+  const x = axis && axis.values.length === n ? axis.values : Array.from({ length: n }, (_, i) => i);
+  return [x, axis && axis.values.length === n ? `${axis.name} (${axis.units})` : "channel"];
+}
+
+// A plot card of the clicked point: the figure with its caption, canvas and legend.
+function pointPlotCard(attrs, caption, desc, label, series, xlabel, ylabel) {
+  const canvas = el("canvas", { class: "plot", role: "img", "aria-label": label, "data-consumer": attrs["data-consumer"] });
+  const fig = el("figure", { class: "card point-card", ...attrs },
+    el("figcaption", { text: caption }, el("span", { class: "desc", text: desc })),
+    canvas, el("div", { class: "legend" }, ...series.map((s, k) =>
+      el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label))));
+  requestAnimationFrame(() => drawPlot(canvas, series, xlabel, ylabel));
+  canvas.__series = series;
+  return fig;
+}
+
+// The model spectrum at the point beside the weighted components it is made of.
+function modelCard(a, nav) {
+  const m = a.model;
+  const [x, xlabel] = spectrumAxis(m.axis, m.spectrum.length);
+  const series = [{ x, y: m.spectrum, label: "model at this point" },
+    ...m.components.map((y, i) => ({ x, y: y.map((v) => (v === null ? null : v * m.weights[i])), label: `${fmt(m.weights[i])} × component ${i + 1}` }))];
+  return pointPlotCard({ "data-consumer": a.consumer }, `${a.consumer}: spectrum at [${nav}]`,
+    m.mean ? "mean + Σ score × component" : "Σ abundance × component",
+    `model spectrum of ${a.consumer} at point ${nav}`, series, xlabel, m.units || "model");
+}
+
+// The measured spectrum at the point, as the consumer analysed it (after its preprocessing),
+// with the model spectrum over it when both run along the same channels.
+function measuredCard(a, nav) {
+  const s = a.measured, n = s.spectrum.length;
+  const [x, xlabel] = spectrumAxis(s.axis, n);
+  const how = s.preprocessed ? "preprocessed, as analysed" : "as analysed";
+  const series = [{ x, y: s.spectrum, label: `measured (${how})` }];
+  if (a.model && a.model.spectrum.length === n) series.push({ x, y: a.model.spectrum, label: "model at this point" });
+  return pointPlotCard({ "data-consumer": a.consumer, "data-measured": s.source, class: "card point-card measured-card" },
+    `${a.consumer}: measured spectrum at [${nav}]`,
+    s.preprocessed ? "preprocessed as analysed (the consumer's normalisation, window and derivative), not raw counts"
+      : "as analysed (this consumer does not preprocess)",
+    `measured spectrum of ${a.consumer} at point ${nav}, ${how}`, series, xlabel, s.units || "measured");
+}
+
 function loadPoint() {
   const run = state.run, box = document.getElementById("point");
   if (!run || !state.point) return;
@@ -576,22 +620,8 @@ function loadPoint() {
           values.push(el("tr", {}, el("td", { text: `${a.consumer}/${name}` }),
             el("td", { class: "num", text: [v.value].flat().map((x) => withUnits(x, v.units)).join(", ") })));
         }
-        if (!a.model) return;
-        const m = a.model, n = m.spectrum.length;
-        const x = m.axis && m.axis.values.length === n ? m.axis.values : Array.from({ length: n }, (_, i) => i);
-        const xlabel = m.axis ? `${m.axis.name} (${m.axis.units})` : "channel";
-        const canvas = el("canvas", { class: "plot", role: "img", "data-consumer": a.consumer,
-          "aria-label": `model spectrum of ${a.consumer} at point ${nav}` });
-        const series = [{ x, y: m.spectrum, label: "model at this point" },
-          ...m.components.map((y, i) => ({ x, y: y.map((v) => (v === null ? null : v * m.weights[i])), label: `${fmt(m.weights[i])} × component ${i + 1}` }))];
-        const fig = el("figure", { class: "card point-card", "data-consumer": a.consumer },
-          el("figcaption", { text: `${a.consumer}: spectrum at [${nav}]` },
-            el("span", { class: "desc", text: m.mean ? "mean + Σ score × component" : "Σ abundance × component" })),
-          canvas, el("div", { class: "legend" }, ...series.map((s, k) =>
-            el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label))));
-        cards.push(fig);
-        requestAnimationFrame(() => drawPlot(canvas, series, xlabel, m.units || "model"));
-        canvas.__series = series;
+        if (a.model) cards.push(modelCard(a, nav));
+        if (a.measured) cards.push(measuredCard(a, nav));
       });
       const table = el("table", { class: "health" }, el("caption", { text: `Values at [${nav}]` }), el("tbody", {}, ...values));
       const lists = answers.filter((a) => a && a.lists && Object.values(a.lists).some((l) => l.rows.length && l.rows[0].length >= 2));
