@@ -101,6 +101,28 @@ class Checkpointer:
     def remove(self, uid: str) -> None:
         self.path(uid).unlink(missing_ok=True)
 
+    def load(self, uid: str) -> dict[str, Any] | None:
+        """The checkpoint of run ``uid``, or None when there is none or it is unusable (then it is
+        logged and moved aside as ``*.ckpt.bad``)."""
+        path = self.path(uid)
+        if not path.exists():
+            return None
+        return self._read(path)
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)  # our own file in our own state directory
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise ValueError(f"unknown checkpoint format {state.get('format') if isinstance(state, dict) else type(state)}")
+            return state
+        except FileNotFoundError:
+            return None  # removed meanwhile (the run ended)
+        except Exception as exc:  # a checkpoint that cannot be read must not stop the daemon
+            log.error("checkpoint %s unusable (%s: %s); moved aside", path.name, type(exc).__name__, exc)
+            path.rename(path.with_name(path.name + ".bad"))
+            return None
+
     def load_all(self, newest: int | None = None) -> list[dict[str, Any]]:
         """Read every checkpoint in the directory, oldest first; unreadable ones are logged, moved
         aside as ``*.ckpt.bad`` and skipped. With ``newest``, only the ``newest`` most recent are
@@ -115,13 +137,7 @@ class Checkpointer:
             for path in old:
                 path.rename(path.with_name(path.name + ".old"))
         for path in paths:
-            try:
-                with open(path, "rb") as f:
-                    state = pickle.load(f)  # our own file in our own state directory
-                if not isinstance(state, dict) or state.get("format") != FORMAT:
-                    raise ValueError(f"unknown checkpoint format {state.get('format') if isinstance(state, dict) else type(state)}")
+            state = self._read(path)
+            if state is not None:
                 states.append(state)
-            except Exception as exc:  # a checkpoint that cannot be read must not stop the daemon
-                log.error("checkpoint %s unusable (%s: %s); moved aside", path.name, type(exc).__name__, exc)
-                path.rename(path.with_name(path.name + ".bad"))
         return states

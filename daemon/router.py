@@ -61,6 +61,22 @@ PRIMARY = "primary"
 INITIAL_CAPACITY = 1024
 
 
+class RouterTask:
+    """A function run on the router thread after every item submitted before it (see
+    :meth:`Router.call`). ``done`` is set when it has run; ``result`` holds what it returned."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        finally:
+            self.done.set()
+
+
 class Router(RunSupervision):
     """Routes documents from a bounded queue to per-run consumer instances.
 
@@ -111,6 +127,9 @@ class Router(RunSupervision):
                                    open_runs=lambda: self._runs)
         self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
                              if config.state.directory is not None else None)
+        self.restore_at_start = True
+        """Resume every checkpointed run at start (off for Kafka sources: a group's members may share
+        the state directory, so each resumes a run only when it reads the run again: :meth:`resume`)."""
         self._next_tick = time.monotonic() + TICK_S
         self.heartbeat = time.monotonic()
         """Monotonic time the loop last came round (idle or not); a stale value means a consumer hangs."""
@@ -157,6 +176,19 @@ class Router(RunSupervision):
             self._in_flight += 1
         self.queue.put(document)
         self.metrics.queue_depth.labels("documents").set(self.queue.qsize())
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> RouterTask:
+        """Run ``fn`` on the router thread once everything submitted before has been routed.
+
+        Args:
+            timeout: wait at most this long for it to have run (None: do not wait); check
+                ``task.done`` for whether it did.
+        """
+        task = RouterTask(fn)
+        self.submit(task)
+        if timeout is not None:
+            task.done.wait(timeout)
+        return task
 
     def stalled_for(self) -> float:
         """Seconds since the loop last came round (0 while it is idle or moving); ``inf`` when the
@@ -218,7 +250,9 @@ class Router(RunSupervision):
                     self._idle.notify_all()
 
     def _route(self, item: Any) -> None:
-        if isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
+        if isinstance(item, RouterTask):
+            item.run()
+        elif isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
             self.frames.handle(item)
         elif item.name == "event":
             batch = [item.doc]
@@ -263,6 +297,7 @@ class Router(RunSupervision):
         if uid in self._runs:
             self._reject(source, "duplicate_start", f"second RunStart with uid {uid[:64]!r}")
             return None
+
         if rate_limited and not self._run_starts.take(source, self._item_received):
             self.metrics.limit_actions.labels("run_start_rate", "refused").inc()
             self._reject(source, "run_start_rate", f"RunStart {uid[:64]!r} over limits.run_starts_per_s")

@@ -62,30 +62,80 @@ class RunSupervision:
         for run in self._runs.values():
             if changed_only and run.checkpointed_activity == run.last_activity:
                 continue
-            descriptors = [d for d, r in self._descriptor_run.items() if r == run.uid]
-            try:
-                self.checkpointer.save(run_state(run, descriptors))
-                run.checkpointed_activity = run.last_activity
-                self.metrics.checkpoints.labels("save", "ok").inc()
-            except Exception:  # a checkpoint that fails must not stop the analysis
-                self.metrics.checkpoints.labels("save", "failed").inc()
-                self._rlog.log(logging.ERROR, "checkpoint_save", "checkpoint of run %s failed", run.uid[:64], exc_info=True)
+            self._checkpoint_run(run)
         self.checkpointer.mark_saved()
+
+    def _checkpoint_run(self: Router, run: RunState) -> bool:
+        """Save one open run's checkpoint; False (logged, counted) when that fails."""
+        descriptors = [d for d, r in self._descriptor_run.items() if r == run.uid]
+        try:
+            self.checkpointer.save(run_state(run, descriptors))
+            run.checkpointed_activity = run.last_activity
+            self.metrics.checkpoints.labels("save", "ok").inc()
+            return True
+        except Exception:  # a checkpoint that fails must not stop the analysis
+            self.metrics.checkpoints.labels("save", "failed").inc()
+            self._rlog.log(logging.ERROR, "checkpoint_save", "checkpoint of run %s failed", run.uid[:64], exc_info=True)
+            return False
 
     def _suspend_open_runs(self: Router) -> None:
         """Shutdown with checkpoints: save open runs, let sinks write what they have (status
         ``suspended``), and leave them to be resumed by the next daemon."""
         self._checkpoint_open_runs(changed_only=False)
-        for run in list(self._runs.values()):
+        self._suspend(list(self._runs.values()), "at shutdown", "beamlens shut down; analysis resumes on restart")
+
+    def _suspend(self: Router, runs: list[RunState], when: str, reason: str) -> None:
+        """Take already-checkpointed ``runs`` out of the open runs as ``suspended`` (sinks get a
+        synthetic ``abort`` RunStop carrying ``reason``)."""
+        for run in runs:
             run.status = "suspended"
             run.closed = time.time()
-            del self._runs[run.uid]
+            self._runs.pop(run.uid, None)
+            self._descriptor_run = {d: r for d, r in self._descriptor_run.items() if r != run.uid}
             self.store.add(run)
-            log.info("run %s suspended at shutdown after %d events; resumes from its checkpoint", run.uid, run.events_done)
-            self._notify("stop", run, self._synthetic_stop(run, "abort", "beamlens shut down; analysis resumes on restart"))
-        self.metrics.runs_open.set(0)
+            log.info("run %s suspended %s after %d events; resumes from its checkpoint", run.uid, when, run.events_done)
+            self._notify("stop", run, self._synthetic_stop(run, "abort", reason))
+        self.metrics.runs_open.set(len(self._runs))
+
+    def hand_over(self: Router, uids: list[str]) -> list[str]:
+        """Router thread: checkpoint the open runs among ``uids`` and suspend them, for another
+        daemon to resume (a Kafka partition moved to another group member). Without a state
+        directory the runs are only suspended (the new owner analyses them from their RunStart).
+        A run whose checkpoint fails keeps its previous one (or none), which is consistent with what
+        the new owner re-reads: it redoes more, never less.
+
+        Returns:
+            the uids that were open (and are now suspended).
+        """
+        runs = [self._runs[u] for u in uids if u in self._runs]
+        for run in runs:
+            if self.checkpointer is not None:
+                self._checkpoint_run(run)  # a failure leaves the previous checkpoint: the new owner redoes the rest
+        self._suspend(runs, "and handed over", "partition handed to another beamlens instance; analysis resumes there")
+        return [r.uid for r in runs]
+
+    def resume(self: Router, uid: str) -> RunState | None:
+        """Router thread: reopen run ``uid`` from its checkpoint if one exists and the run is not
+        open (None otherwise). The checkpoint stays until the run ends."""
+        if self.checkpointer is None or uid in self._runs:
+            return None
+        state = self.checkpointer.load(uid)
+        if state is None:
+            return None
+        try:
+            run = self._restore(state)
+        except Exception:
+            self.metrics.checkpoints.labels("restore", "failed").inc()
+            log.exception("run %s could not be resumed from its checkpoint", uid[:64])
+            return None
+        self.metrics.checkpoints.labels("restore", "ok").inc()
+        self.metrics.runs_resumed.inc()
+        log.info("run %s resumed from its checkpoint (%d events done)", uid, run.events_done)
+        return run
 
     def _restore_checkpoints(self: Router) -> None:
+        if not self.restore_at_start:
+            return
         for state in self.checkpointer.load_all(newest=self.limits.max_open_runs):
             try:
                 run = self._restore(state)
