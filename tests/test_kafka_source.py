@@ -139,3 +139,45 @@ def test_derived_documents_to_kafka_keyed_by_raw_run(kafka_broker, make_daemon):
     assert names[0] == "start" and names[-1] == "stop" and got[0][2][1]["original_run_uid"] == uid
     maps = [v[1] for _, _, v in got if v[0] in ("event", "event_page")]
     assert maps
+
+
+def test_rebalance_hands_an_open_run_over_through_its_checkpoint(kafka_broker, make_daemon, tmp_path):
+    """A second member joining mid-run makes the first revoke its partitions: the open run is
+    checkpointed and suspended there, and whichever member then owns its partition resumes it from
+    the checkpoint (the redelivered part dropped as duplicates) and ends with the undisturbed maps."""
+    topic, group = "handover." + uuid.uuid4().hex[:6], "g-" + uuid.uuid4().hex[:6]
+    kafka_broker.create_topic(topic, partitions=2)
+    docs = map_run_documents(_spectra(80), shape=(8, 10))
+    uid = docs[0][1]["uid"]
+    config = (kafka_source_yaml(kafka_broker, topic, group) + STATS
+              + f"state: {{directory: '{tmp_path / 'state'}', checkpoint_interval_s: 3600}}\n")
+    first = make_daemon(config)
+    prod = producer(kafka_broker)
+    produce_documents(prod, topic, docs[:42], key=uid)  # start, descriptor, 40 events
+    wait_for(lambda: first.store.get(uid) is not None and first.store.get(uid).events_done == 40, 60)
+    second = make_daemon(config)
+    wait_for(lambda: first.store.get(uid).status == "suspended", 60)  # revoked: handed over
+    sample = first.metrics.registry.get_sample_value
+    assert sample("beamlens_checkpoints_total", {"operation": "save", "outcome": "ok"}) == 1
+    assert sample("beamlens_kafka_rebalances_total", {"source": "kafka", "kind": "revoke"}) >= 1
+    wait_for(lambda: all(d.metrics.registry.get_sample_value("beamlens_kafka_partitions_assigned", {"source": "kafka"}) == 1
+                         for d in (first, second)), 60)
+    produce_documents(prod, topic, docs[42:], key=uid)
+    owner = None
+
+    def finished():
+        nonlocal owner
+        for d in (first, second):
+            run = d.store.get(uid)
+            if run is not None and run.status == "success":
+                owner = d
+        return owner is not None
+    wait_for(finished, 60)
+    run = owner.store.get(uid)
+    assert run.events_done == 80
+    assert owner.metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
+    assert owner.metrics.registry.get_sample_value(
+        "beamlens_kafka_duplicates_dropped_total", {"source": "kafka", "type": "event"}) == 40
+    reference = route_in_process(STATS, docs)[1].get(uid)
+    for name, values in stats_maps(reference).items():
+        np.testing.assert_array_equal(stats_maps(run)[name], values)
