@@ -12,8 +12,10 @@ Kafka-protocol broker (Tansu) on 127.0.0.1.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import threading
+import time
 import uuid
 
 import bluesky.plan_stubs as bps
@@ -148,6 +150,7 @@ def test_two_instances_split_runs_and_survive_a_kill(kafka_broker, tmp_path):
                 return False
             wait_for(mid_run, 120)
             seen["checkpoints"] = victim.metric("beamlens_checkpoints_total", operation="save", outcome="ok")
+            seen["killed"] = time.time()
             victim.kill()
         killer = threading.Thread(target=kill_mid_run, daemon=True)
         killer.start()
@@ -165,6 +168,9 @@ def test_two_instances_split_runs_and_survive_a_kill(kafka_broker, tmp_path):
         print(f"killed at {seen['events_at_kill']} of 400 events; survivor dropped "
               f"{survivor.metric('beamlens_kafka_duplicates_dropped_total', source='kafka', type='event'):.0f} "
               "redelivered events")
+        resumed = next(line for line in survivor.lines if "resumed from its checkpoint" in line)
+        at = datetime.datetime.strptime(resumed[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        print(f"the survivor resumed the run {at - seen['killed']:.1f} s after the kill:")
         print("\n".join(line for line in survivor.lines if "kafka" in line or "resumed" in line))
     finally:
         for d in daemons:

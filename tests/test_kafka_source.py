@@ -181,3 +181,23 @@ def test_rebalance_hands_an_open_run_over_through_its_checkpoint(kafka_broker, m
     reference = route_in_process(STATS, docs)[1].get(uid)
     for name, values in stats_maps(reference).items():
         np.testing.assert_array_equal(stats_maps(run)[name], values)
+
+
+def test_kafka_config_errors_name_the_yaml_path():
+    import pytest
+
+    from beamlens.daemon.config import ConfigError, load_config
+
+    config = load_config(text="sources: {kafka: [{beamline: xpd, group.id: beamlens-xpd}]}", environ={})
+    assert config.sources.kafka[0].topics == ["xpd.bluesky.runengine.documents"]
+    assert config.sources.kafka[0].bootstrap_servers == "127.0.0.1:9092"
+    for text, path in [
+        ("sources: {kafka: [{group.id: g}]}", "sources.kafka[0]"),
+        ("sources: {kafka: [{beamline: x, bootstrap_servers: 'nohost'}]}", "sources.kafka[0].bootstrap_servers"),
+        ("sources: {kafka: [{beamline: x, consumer_config: {enable.auto.commit: true}}]}", "sources.kafka[0]"),
+        ("sources: {kafka: [{beamline: x, security: {protocol: tls}}]}", "sources.kafka[0].security.protocol"),
+        ("outputs: {documents: {enabled: true, target: kafka}}", "outputs.documents"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(text=text, environ={})
+        assert path in [p for p, _ in info.value.errors], (text, info.value.errors)
