@@ -48,7 +48,7 @@ from event_model import pack_event_page, unpack_event_page
 
 from ..config import KafkaSourceConfig
 from ..documents import DecodeError, Document, coalesce_events, decode_document, deserialize, make_deserializer
-from ..isolation import RateLimitedLog
+from ..isolation import RateLimitedLog, guarded
 from ..limits import inside, safe_stem
 from ..metrics import Metrics
 from .bluesky_zmq import MAX_DRAIN
@@ -217,18 +217,24 @@ class KafkaSource:
                  self.config.topics, self.config.bootstrap_servers)
         try:
             while not self._stop.is_set():
-                for message in consumer.consume(MAX_DRAIN, POLL_S):
+                messages = guarded(f"kafka_poll_{self.name}", self._count_internal, self._rlog,
+                                   consumer.consume, MAX_DRAIN, POLL_S) or []
+                for message in messages:
                     self._take(message)
                 self._emit_all()
-                self._housekeeping(consumer)
+                guarded(f"kafka_housekeeping_{self.name}", self._count_internal, self._rlog, self._housekeeping, consumer)
         finally:
             try:
-                self._release(consumer, list(self._open), commit=True)
+                guarded(f"kafka_release_{self.name}", self._count_internal, self._rlog,
+                        self._release, consumer, list(self._open), True)
                 consumer.close()
             finally:
                 self.connected.clear()
                 self.metrics.source_connected.labels(self.name).set(0)
                 self.metrics.kafka_partitions.labels(self.name).set(0)
+
+    def _count_internal(self, component: str) -> None:
+        self.metrics.internal_errors.labels(component).inc()
 
     # -- messages ----------------------------------------------------------------------------
     def _take(self, message: Message) -> None:
@@ -251,7 +257,7 @@ class KafkaSource:
         try:
             doc = self._deduplicated(name, doc, where, offset)
         except Exception:  # bookkeeping must never lose the source thread
-            self.metrics.internal_errors.labels("kafka_source").inc()
+            self._count_internal(f"kafka_ledger_{self.name}")
             self._rlog.log(logging.ERROR, "kafka_ledger", "source %s: bookkeeping failed on a %s", self.name, name,
                            exc_info=True)
         if doc is not None:
