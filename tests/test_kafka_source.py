@@ -201,3 +201,46 @@ def test_kafka_config_errors_name_the_yaml_path():
         with pytest.raises(ConfigError) as info:
             load_config(text=text, environ={})
         assert path in [p for p, _ in info.value.errors], (text, info.value.errors)
+
+
+def test_a_checkpoint_the_router_refuses_leaves_the_run_to_be_analysed_whole(kafka_broker, make_daemon, tmp_path):
+    """A run read again whose checkpoint the router refuses (here: an array altered after it was
+    saved) is not de-duplicated against that checkpoint: it is analysed whole from its RunStart."""
+    import zipfile
+
+    from beamlens.daemon.config import load_config
+    from beamlens.daemon.documents import Document
+    from beamlens.daemon.metrics import Metrics
+    from beamlens.daemon.results import RunStore
+    from beamlens.daemon.router import Router
+
+    topic, group = "refused." + uuid.uuid4().hex[:6], "g-" + uuid.uuid4().hex[:6]
+    kafka_broker.create_topic(topic, partitions=1)
+    docs = map_run_documents(_spectra(40), shape=(5, 8))
+    uid, state = docs[0][1]["uid"], f"state: {{directory: '{tmp_path / 'state'}', checkpoint_interval_s: 3600}}\n"
+    router = Router(load_config(text=STATS + state, environ={}), Metrics(), RunStore())
+    router.start()
+    for name, doc in docs[:22]:  # start, descriptor, 20 events; suspended with a checkpoint at stop
+        router.submit(Document(name, doc, "earlier", 0.0))
+    assert router.wait_idle(60)
+    router.stop()
+    (path,) = (tmp_path / "state").glob("*.ckpt")
+    with zipfile.ZipFile(path) as z:
+        members = [(n, z.read(n)) for n in z.namelist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members:
+            z.writestr(n, data[:-8] + np.float64(1e9).tobytes() if n == "s0.total.npy" else data)
+
+    daemon = make_daemon(kafka_source_yaml(kafka_broker, topic, group) + STATS + state)
+    produce_documents(producer(kafka_broker), topic, docs, key=uid)
+    wait_run_finished(daemon, uid)
+    run = daemon.store.get(uid)
+    assert run.status == "success" and run.events_done == 40 and not run.joined_midway
+    sample = daemon.metrics.registry.get_sample_value
+    assert sample("beamlens_runs_resumed_total") == 0
+    assert sample("beamlens_checkpoints_total", {"operation": "restore", "outcome": "failed"}) == 1
+    assert (sample("beamlens_kafka_duplicates_dropped_total", {"source": "kafka", "type": "event"}) or 0) == 0
+    reference = route_in_process(STATS, docs)[1].get(uid)
+    for name, values in stats_maps(reference).items():
+        np.testing.assert_array_equal(stats_maps(run)[name], values)
+    assert list((tmp_path / "state").glob("*.ckpt.bad"))

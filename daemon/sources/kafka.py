@@ -24,10 +24,12 @@ Delivery: Kafka gives at-least-once; this source makes it exactly-once in effect
   run through :meth:`Router.call <beamlens.daemon.router.Router.call>` after everything already
   submitted), offsets are committed, and the runs forgotten here. The new owner re-reads each run
   from its RunStart: the router resumes a run that has a checkpoint (:meth:`Supervisor.resume
-  <beamlens.daemon.supervision.Supervisor.resume>`, asked for before the run's first document), and
-  this source seeds the run's de-duplication from the same checkpoint (its descriptors, and per
-  descriptor every seq_num up to the highest one held), so the redelivered part already analysed is
-  dropped and the rest is analysed once. An instance killed outright leaves its last periodic
+  <beamlens.daemon.supervision.Supervisor.resume>`, which this source waits for before it submits
+  the run's first document read again), and this source then seeds the run's de-duplication from the
+  same checkpoint (its descriptors, and per descriptor every seq_num up to the highest one held), so
+  the redelivered part already analysed is dropped and the rest is analysed once. A checkpoint the
+  router refuses (consumers configured differently, a damaged file) seeds nothing: the run is
+  analysed whole from what is read again. An instance killed outright leaves its last periodic
   checkpoint (``state.checkpoint_interval_s``); its successor redoes what came after it.
 - **Finished runs.** When a run ends, a marker ``kafka-done/<run uid>`` is written in the state
   directory before its offsets may be committed; a run read again whose RunStart has a marker (an
@@ -114,15 +116,6 @@ class RunLedger:
         self.resumed = False
 
 
-class _Resume:
-    """Queued before the first document of a run that has a checkpoint: the router resumes it."""
-
-    __slots__ = ("uid",)
-
-    def __init__(self, uid: str):
-        self.uid = uid
-
-
 class KafkaSource:
     """One consumer-group member reading Bluesky documents from Kafka in a background thread.
 
@@ -159,7 +152,7 @@ class KafkaSource:
         self._committed: dict[tuple[str, int], int] = {}
         self._closed_runs: OrderedDict[str, None] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
-        self._out: list[Document | _Resume] = []
+        self._out: list[Document] = []
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._consumer: Consumer | None = None
@@ -336,17 +329,30 @@ class KafkaSource:
         with self._lock:
             self._owned.add(uid)
         loaded = self._checkpoints.load(uid, with_arrays=False) if self._checkpoints is not None else None
-        if loaded is not None:  # the router resumes the same checkpoint, before this document
+        if loaded is not None and self._resumed(uid):  # the router resumed the same checkpoint
             state = loaded[1]
-            self._out.append(_Resume(uid))
             ledger.resumed = True
             ledger.docs.add(uid)  # the RunStart read again is a duplicate
             for descriptor in state.get("descriptors", []):
                 ledger.descriptors[descriptor] = SeqSet(int(state.get("max_seq_num", {}).get(descriptor, 0)))
                 self._descriptor_run[descriptor] = uid
-            log.info("source %s: run %s was checkpointed by a member of group %s; resuming it, %d event(s) held",
+            log.info("source %s: run %s was checkpointed by a member of group %s; resumed, %d event(s) held",
                      self.name, uid, self.config.group_id, state.get("events_done", 0))
         return ledger
+
+    def _resumed(self, uid: str) -> bool:
+        """Have the router resume run ``uid`` from its checkpoint, after everything read before (so
+        before this document); True when the router holds the run then. False when it refused the
+        checkpoint (consumers configured differently, a damaged file): the run is then analysed
+        from what is read again, nothing of it dropped as held."""
+        self._emit_all()
+        task = self.router.call(lambda: self.router.supervisor.resume(uid) is not None
+                                or self.router.table.live(uid) is not None, timeout=HANDOVER_TIMEOUT_S)
+        if not task.done.is_set():
+            log.error("source %s: the router did not resume run %s within %.0f s; assuming it will", self.name,
+                      uid[:64], HANDOVER_TIMEOUT_S)
+            return True
+        return bool(task.result)
 
     def _new_events(self, ledger: RunLedger, name: str, doc: dict[str, Any]) -> dict[str, Any] | None:
         seqs = ledger.descriptors.get(doc["descriptor"])
@@ -376,30 +382,18 @@ class KafkaSource:
 
     def _emit_all(self) -> None:
         """Submit what :meth:`_take` queued, in order: consecutive Events packed as EventPages, each
-        RunStop followed by a router task that notes it was handled, resumes before their run."""
+        RunStop followed by a router task that notes it was handled."""
         items, self._out = self._out, []
-        docs = [d for d in items if isinstance(d, Document)]
         counts: dict[str, int] = {}
-        for d in docs:
+        for d in items:
             counts[d.name] = counts.get(d.name, 0) + 1
         for name, n in counts.items():
             self.metrics.documents_received.labels(self.name, name).inc(n)
-        i = 0
-        while i < len(items):
-            if isinstance(items[i], _Resume):
-                uid = items[i].uid
-                self.router.call(lambda uid=uid: self.router.supervisor.resume(uid))
-                i += 1
-                continue
-            j = i
-            while j < len(items) and isinstance(items[j], Document):
-                j += 1
-            for d in coalesce_events(items[i:j], MAX_DRAIN):
-                self.router.submit(d)
-                if d.name == "stop" and isinstance(d.doc.get("run_start"), str):
-                    uid = d.doc["run_start"]
-                    self.router.call(lambda uid=uid: self._stop_routed(uid))
-            i = j
+        for d in coalesce_events(items, MAX_DRAIN):
+            self.router.submit(d)
+            if d.name == "stop" and isinstance(d.doc.get("run_start"), str):
+                uid = d.doc["run_start"]
+                self.router.call(lambda uid=uid: self._stop_routed(uid))
 
     # -- finished runs (router thread) ---------------------------------------------------------
     def _on_router(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
