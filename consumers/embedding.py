@@ -201,6 +201,13 @@ class EmbeddingConsumer(SpectralConsumer):
         x, pos = self.stored()
         catch_up(b, "pca", b.spectra)
         self._write_basis(principal_basis(b, "pca", self.k), x, pos)
+        self._derive_map(x, pos)
+
+    def _derive_map(self, x: np.ndarray, pos: np.ndarray) -> None:
+        """Progress and further coordinates, off-manifold ratios of the stored spectra ``x`` at
+        ``pos`` in the embedding of ``lle_fit`` (skipped when they were derived in this very model:
+        new spectra are mapped into it as they arrive)."""
+        b = self.buffers
         model = self._current_model()
         if model is None or not len(pos) or model is self._mapped:
             return
@@ -293,11 +300,11 @@ class EmbeddingConsumer(SpectralConsumer):
         self._refit_pending = True
         self.run.submit(fit_job, x, pos, self._n_stored(), settings, p.refit_in_process, then=self._install)
 
-    def _install(self, result: tuple[np.ndarray, np.ndarray, int]) -> None:
+    def _install(self, result: tuple[np.ndarray, np.ndarray, int, ManifoldModel]) -> None:
         """Adopt a finished fit (on the daemon's thread): the fitted spectra's coordinates, then
         every map rederived. A fit older than the installed one is dropped."""
         self._refit_pending = False
-        pos, coords, n = result
+        pos, coords, n, model = result
         b = self.buffers
         if n < self._fit_n():
             return
@@ -305,8 +312,8 @@ class EmbeddingConsumer(SpectralConsumer):
         b.lle_fit[pos] = coords
         b.lle_fit_n[0] = n
         b.embedding_fits[0] += 1
-        self._model = None
-        self.results()
+        self._model = model  # built by the job from the same spectra and coordinates: what the buffers give
+        self._derive_map(*self.stored())
 
 
 @dataclass(frozen=True)
@@ -355,7 +362,7 @@ def fit_coordinates(x: np.ndarray, settings: FitSettings) -> np.ndarray:
 
 
 def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
-            in_process: bool) -> tuple[np.ndarray, np.ndarray, int]:
+            in_process: bool) -> tuple[np.ndarray, np.ndarray, int, ManifoldModel]:
     """Background (daemon pool): fit the embedding of a snapshot.
 
     Args:
@@ -364,7 +371,9 @@ def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
         in_process: compute it in a worker process that ends with this job (:func:`in_worker`).
 
     Returns:
-        ``(pos, coordinates (m, n_embedding), n)``.
+        ``(pos, coordinates (m, n_embedding), n, model)``: the model for out-of-sample mapping is
+        built here (:func:`model_from`, deterministic: equal to the one rebuilt from the buffers),
+        so installing the fit costs the daemon's thread only the mapping of spectra stored since.
     """
     coords = in_worker(fit_coordinates, x, settings) if in_process else fit_coordinates(x, settings)
-    return pos, coords, n
+    return pos, coords, n, model_from(x, coords, n_neighbors=settings.n_neighbors, n_pca=settings.n_pca)

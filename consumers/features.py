@@ -267,6 +267,6 @@ class FeaturesConsumer(Consumer):
 
     def results(self) -> None:
         b = self.buffers
-        if np.isfinite(b.newest[0]):
+        if "newest" in b and np.isfinite(b.newest[0]):  # nothing declared: the run had no image for us
             i = int(b.newest[0])
             b.latest[...] = [b[name][i] for name in FEATURES]

@@ -47,6 +47,9 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, Hy
 log = logging.getLogger(__name__)
 
 Direction = Literal["below", "above"]
+#: While a series has fewer than this many times ``refit_every`` points, every new point refits:
+#: hyper-parameters fitted on a handful of points are unreliable, and such fits are cheap.
+EARLY_REFITS = 3
 
 
 def paper_kernel(theta_f: float, theta_l: float, bounds: str | tuple[float, float] = (1e-5, 1e5)) -> Kernel:
@@ -67,7 +70,8 @@ def paper_kernel(theta_f: float, theta_l: float, bounds: str | tuple[float, floa
 def default_kernel() -> Kernel:
     """The kernel used without a population prior, on MinMax-normalised y and scaled x:
     SE (the paper's) + a linear trend (so a forecast follows the local slope) + white noise."""
-    return (ConstantKernel(0.1, (1e-4, 1e2)) * RBF(0.3, (1e-2, 1e2))
+    # length scales below a tenth of the window's span cannot be resolved by its points: bounded
+    return (ConstantKernel(0.1, (1e-4, 1e2)) * RBF(0.3, (1e-1, 1e2))
             + ConstantKernel(0.1, (1e-4, 1e2)) * DotProduct(1.0, "fixed")
             + WhiteKernel(1e-3, (1e-8, 1e-1)))
 
@@ -197,7 +201,8 @@ class TrendModel:
     Args:
         log_x: regress on ``log1p(x)`` (the paper's log cycle axis; ``log(1 + x)`` so cycle 0 works).
         window: at most this many latest points are kept and conditioned on.
-        refit_every: re-optimise hyper-parameters after this many new points (1 = every point);
+        refit_every: re-optimise hyper-parameters after this many new points (1 = every point),
+            and at every point while the window holds fewer than ``EARLY_REFITS * refit_every``;
             in between, new points are conditioned on with the last hyper-parameters. Ignored with
             a prior (its hyper-parameters are learned from the earlier series and stay fixed).
         kernel: the GP kernel on normalised units (default :func:`default_kernel`, or the prior's).
@@ -282,7 +287,8 @@ class TrendModel:
         self.x = np.concatenate([self.x, x])[-self.window:]
         self.y = np.concatenate([self.y, y])[-self.window:]
         self.since_refit += len(x)
-        optimise = self.prior is None and (self.gp is None or self.since_refit >= self.refit_every)
+        optimise = self.prior is None and (self.gp is None or self.since_refit >= self.refit_every
+                                           or len(self.x) < EARLY_REFITS * self.refit_every)
         self._fit(optimise)
         return optimise
 

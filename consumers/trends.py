@@ -16,7 +16,8 @@ when the run starts, never from the run itself. ``all`` — the series spans run
 level run after run, an electrode imaged once per cycle): every stored point of the key.
 
 Published buffers, per series ``<name>``: ``<name>_x``, ``<name>_value`` (nav: the run's points),
-``<name>_forecast`` (single ``(4, n_grid)``: x, mean, lower, upper = mean ∓ 2σ, value units),
+``<name>_forecast`` (single ``(5, n_grid)``: x, mean, lower, upper = mean ∓ 2σ, threshold; value
+units; drawn on the live page with the points),
 ``<name>_points`` (single ``(2, window)``: the x and value conditioned on, NaN-padded); for all
 series together ``threshold``, ``prior_runs`` (earlier runs in the prior, 0: none), ``crossing``, ``crossing_pessimistic``, ``crossing_optimistic``
 (single ``(n_series,)``, x units, ``inf`` when not within the horizon; the first two exported as
@@ -36,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
-from .trend_model import Prior, TrendModel, learn_prior
+from .trend_model import EARLY_REFITS, Prior, TrendModel, learn_prior
 from .trend_store import TrendStore, check_series_key
 
 N_GRID = 200
@@ -109,15 +110,15 @@ class TrendsParams(ConsumerParams):
 
 
 def forecast_specs(cfgs: Sequence[ForecastConfig]) -> list[BufferSpec]:
-    """The buffers of forecasts of ``cfgs``: per series ``<name>_forecast`` (single ``(4, N_GRID)``:
-    x, mean, lower, upper), ``<name>_points`` (single ``(2, window)``), private ``<name>_theta`` and
+    """The buffers of forecasts of ``cfgs``: per series ``<name>_forecast`` (single ``(5, N_GRID)``:
+    x, mean, lower, upper, threshold — the live page draws it with the points), ``<name>_points`` (single ``(2, window)``), private ``<name>_theta`` and
     ``<name>_since``; for all together ``threshold``, ``prior_runs``, ``crossing``,
     ``crossing_pessimistic``, ``crossing_optimistic``, ``remaining``, ``alert_within``
     (single ``(n,)``, gauges labelled by series name where bound to a metric)."""
     specs = []
     for s in cfgs:
-        specs += [BufferSpec(f"{s.name}_forecast", "single", extra_shape=(4, N_GRID), merge=None,
-                             description=f"{s.name} forecast: x, mean, lower, upper (mean -/+ 2 sigma)"),
+        specs += [BufferSpec(f"{s.name}_forecast", "single", extra_shape=(5, N_GRID), merge=None,
+                             description=f"{s.name} forecast: x, mean, lower, upper (mean -/+ 2 sigma), threshold"),
                   BufferSpec(f"{s.name}_points", "single", extra_shape=(2, s.window), merge=None,
                              description=f"{s.name} points the forecast is conditioned on: x, value"),
                   BufferSpec(f"{s.name}_theta", "single", extra_shape=(16,), private=True, merge=None,
@@ -152,7 +153,8 @@ def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: Forecas
                     y: np.ndarray, prior: Prior | None = None) -> None:
     """Fit ``(x, y)`` (float ``(n,)``, x increasing) of series ``s`` and write its forecast buffers
     (:func:`forecast_specs`): hyper-parameters re-optimised once ``refit_every`` points were
-    counted since the last refit (:func:`count_points`) or none are saved, else the saved ones
+    counted since the last refit (:func:`count_points`), at every point of a short series
+    (fewer than ``EARLY_REFITS * refit_every`` points) or when none are saved, else the saved ones
     (``<name>_theta``); with a prior, its fixed hyper-parameters. Fewer than 2 points: only the
     threshold is written."""
     b, i = buffers, [t.name for t in cfgs].index(s.name)
@@ -164,7 +166,8 @@ def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: Forecas
     theta = b[f"{s.name}_theta"]
     n_theta = len(model.kernel.theta)
     since = b[f"{s.name}_since"]
-    optimise = prior is None and (np.isnan(theta[0]) or since[0] >= s.refit_every)
+    optimise = prior is None and (np.isnan(theta[0]) or since[0] >= s.refit_every
+                                  or len(x) < EARLY_REFITS * s.refit_every)
     if prior is None and not optimise:
         model.kernel = model.kernel.clone_with_theta(theta[:n_theta])
     model.set_data(x, y, optimise=optimise)
@@ -174,7 +177,7 @@ def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: Forecas
         since[0] = 0
     horizon = s.horizon if s.horizon is not None else model.horizon()
     f = model.forecast(np.linspace(float(model.x[0]), max(horizon, float(model.x[-1])), N_GRID))
-    b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper])
+    b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper, np.full(N_GRID, b.threshold[i])])
     pts = b[f"{s.name}_points"]
     pts[...] = np.nan
     pts[0, :len(model.x)], pts[1, :len(model.y)] = model.x, model.y

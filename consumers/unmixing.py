@@ -464,7 +464,9 @@ class UnmixingConsumer(SpectralConsumer):
 
         Returns:
             the refit: ``h`` ``(K, c)`` (learned rows at unit scale), ``a``, ``b`` (its statistics),
-            ``weights`` ``(n,)`` or None, ``info`` (:class:`FitInfo`), ``pos``, ``n``.
+            ``w`` ``(n, K)`` (NNLS abundances of ``x`` on ``h``: what :meth:`results` derives, computed
+            here off the daemon's thread), ``weights`` ``(n,)`` or None, ``info`` (:class:`FitInfo`),
+            ``pos``, ``n``.
         """
         p = self.params
         weights = density_weights(x, p.n_neighbors, self.k) if p.manifold_weighted else None
@@ -480,21 +482,24 @@ class UnmixingConsumer(SpectralConsumer):
             e0 = find_e0(self.energy, x.mean(axis=0))
         s = np.where(self.free, self._scale(h, e0), 1.0)
         h, w = h / s[:, None], w * s
-        return {"h": h, "a": w.T @ w, "b": w.T @ x, "weights": weights, "info": info, "pos": pos, "n": n}
+        return {"h": h, "a": w.T @ w, "b": w.T @ x, "w": abundances(x, h), "weights": weights, "info": info,
+                "pos": pos, "n": n}
 
     def _install(self, fit: dict[str, Any]) -> None:
-        """Adopt a finished refit (daemon thread): its components and statistics, the online step
-        for the spectra stored since its snapshot, then every abundance rederived. A refit older
-        than the installed one is dropped."""
+        """Adopt a finished refit (daemon thread): its components, statistics and abundances (the
+        job's NNLS), then the online step for the spectra stored since its snapshot. A refit
+        older than the installed one is dropped; :meth:`results` rederives every abundance in
+        the newest components (at the end of the run, after a merge or a restore)."""
         self._refit_pending = False
         b = self.buffers
         if fit["n"] < int(b.last_fit_n[0]):
             return
         h, a, bb = fit["h"].copy(), fit["a"].copy(), fit["b"].copy()
         x, pos = self.stored()
+        self._write_points(x[np.isin(pos, fit["pos"])], fit["pos"], fit["w"], h)  # both in nav order
         later = ~np.isin(pos, fit["pos"])
         if later.any():
-            online_step(x[later], h, a, bb, self.free)
+            self._write_points(x[later], pos[later], online_step(x[later], h, a, bb, self.free), fit["h"])
         b.components[...], b.nmf_a[...], b.nmf_b[...] = h, a, bb
         b.last_fit_n[0] = fit["n"]
         if fit["weights"] is not None:
@@ -503,7 +508,8 @@ class UnmixingConsumer(SpectralConsumer):
         b.refit_sweeps[0] = fit["info"].iterations
         b.refit_relative_change[0] = fit["info"].rel_change
         self.refit_log.append((fit["n"], fit["info"]))  # one entry per installed refit (geometric growth: a few)
-        self.results()
+        self._publish_components(h)
+        self._publish_error()
 
 
 def pure_pixel_refinement(x: np.ndarray, w: np.ndarray, h: np.ndarray, free: np.ndarray, threshold: float,

@@ -138,7 +138,8 @@ def restore_consumer(consumer: Consumer, start_doc: Mapping[str, Any], record: M
         consumer.buffers.bind(name, arrays[saved[name]["member"]], spec)
     for axis, (values, units) in dict(record.get("axes") or {}).items():
         consumer.run.axes.setdefault(axis, (np.asarray(values, dtype=np.float64), str(units)))
-    consumer.results()
+    if signals:  # a consumer that took no signal has no buffers to derive from
+        consumer.results()
     return signals
 
 

@@ -321,7 +321,7 @@ class RouterConfig(Strict):
     blas_threads: int = Field(1, ge=1, le=64, description="threads each BLAS call may use; 1 avoids oversubscription with the daemon's own threads")
     strict: bool = Field(False, description="re-raise consumer exceptions (tests only)")
     series_end_grace_s: float = Field(5.0, ge=0, description="a RunStop waits this long for an attached frame series to end")
-    series_quiet_s: float = Field(0.25, ge=0, description="a series without end messages (array-1.0) counts as finished for a RunStop once no frame came for this long; a frame-only series closes its run after this long without a frame (at least series_end_grace_s for formats that announce their end)")
+    series_quiet_s: float = Field(2.0, ge=0, description="a series without end messages (array-1.0) counts as finished for a RunStop once no frame came for this long; a frame-only series closes its run after this long without a frame (at least series_end_grace_s for formats that announce their end)")
     series_start_grace_s: float = Field(0.5, ge=0, description="with frame sources configured, the RunStop of a run with no frame series yet waits this long for one to start")
     frames_in_flight: int = Field(2, gt=0, description="decoded frame batches per source queued for the consumers, at most")
     stall_timeout_s: float = Field(60.0, gt=0, description="/health/live fails (and the systemd watchdog stops) when the router has not come round for this long")

@@ -12,6 +12,11 @@ a job already running finishes, and its result is discarded.
 Python threads suit the work here: numpy, scikit-learn and onnxruntime release the GIL in their
 kernels (onnxruntime's ``InferenceSession.run``, LAPACK in the SVD). A job that needs a process of
 its own owns it for its duration (it is stopped when the job returns).
+
+Stages and ``run.submit`` jobs run in two lanes of ``workers`` threads each: a movie's queued
+stages (bounded by the run table) would otherwise hold a spectral refit back for as long as the
+movie lasts, and the maps it refits would go stale; with two lanes the operating system shares the
+CPUs between them.
 """
 from __future__ import annotations
 
@@ -71,25 +76,27 @@ class JobPool:
     """A bounded thread pool whose finished jobs are collected by the router thread.
 
     Args:
-        workers: worker threads.
+        workers: worker threads per lane (stages; other jobs).
         wake: called (from a worker) after a job finished, to wake the router loop.
     """
 
     def __init__(self, workers: int, wake: Callable[[], None] = lambda: None):
         self.workers = workers
         self._wake = wake
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._done: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.in_flight = 0
 
     def submit(self, job: Job) -> Job:
         """Start ``job`` (queued when every worker is busy)."""
+        lane = "stage" if job.method == "stage" else "jobs"
         with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="beamlens-pool")
+            executor = self._executors.get(lane)
+            if executor is None:
+                executor = self._executors[lane] = ThreadPoolExecutor(self.workers, thread_name_prefix=f"beamlens-pool-{lane}")
             self.in_flight += 1
-            job.future = self._executor.submit(self._run, job)
+            job.future = executor.submit(self._run, job)
         return job
 
     def _run(self, job: Job) -> None:
@@ -142,6 +149,6 @@ class JobPool:
     def shutdown(self, wait: bool = False) -> None:
         """Stop the workers (queued jobs are cancelled)."""
         with self._lock:
-            ex, self._executor = self._executor, None
-        if ex is not None:
+            executors, self._executors = list(self._executors.values()), {}
+        for ex in executors:
             ex.shutdown(wait=wait, cancel_futures=True)

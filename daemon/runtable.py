@@ -241,6 +241,13 @@ class RunTable:
             if slot.active:
                 self.dispatcher.call(run, slot, method, *args)
 
+    def call_takers(self, run: RunState, method: str) -> None:
+        """Call ``method`` on every active consumer of ``run`` that took at least one signal
+        (``finish`` and ``results`` concern data: a consumer that took none has no buffers)."""
+        for slot in run.slots:
+            if slot.active and slot.signals:
+                self.dispatcher.call(run, slot, method)
+
     def offer(self, run: RunState, signals: Iterable[SignalInfo], frame_source: str | None = None) -> None:
         """Offer ``signals`` to every consumer of ``run`` that takes new signals (for a frame
         series only those that analyse ``frame_source``), then allocate what they declared. A
@@ -434,6 +441,7 @@ class RunTable:
         for (uid, consumer), seq in touched.items():
             run = self.live(uid)
             if run is not None:
+                self.guard("results", self.update_gauges, run)  # a refit's results reach /metrics now
                 self.notify("results", run, {"consumer": consumer, "seq_num": seq})
         if self.finishing:
             for run in list(self.finishing.values()):
@@ -462,7 +470,6 @@ class RunTable:
             return job.method == "stage"
         if job.method == "submit" and job.then is not None and not slot.quarantined:
             self.dispatcher.run_guarded(run, slot, "then", job.then, job.result)
-            self.guard("then", self.update_gauges, run)  # a refit's results reach /metrics now, not at the next event
         return True
 
     def _deliver_staged(self, run: RunState, slot: ConsumerSlot) -> list[int]:
@@ -515,7 +522,7 @@ class RunTable:
         for slot in run.slots:
             if not slot.finished:
                 slot.finished = True
-                if slot.active:
+                if slot.active and slot.signals:
                     self.dispatcher.call(run, slot, "finish")
         jobs = self._jobs.get(run.uid)
         if jobs and not late:
@@ -536,7 +543,7 @@ class RunTable:
                                   "source": None}
         status, doc, source = state["status"], state["doc"], state["source"]
         try:
-            self.guard("finish", self.call_all, run, "results")
+            self.guard("finish", self.call_takers, run, "results")
             self.guard("finish", self.call_all, run, "stop", doc)
             missing, rejected = run.missing_events(doc.get("num_events"), self.limits.max_gap)
             if rejected:

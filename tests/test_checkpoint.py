@@ -175,19 +175,28 @@ def test_tampered_checkpoint_is_refused_and_the_run_goes_on(tmp_path, tamper, ca
     assert "refused, not resumed" in caplog.text
 
 
-def test_untampered_checkpoint_resumes_with_private_buffers(tmp_path):
-    spectra, docs, uid, half = _half_run(tmp_path)
-    router, store, _ = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+def _suspend_and_resume(tmp_path, docs, half, consumers, before=None):
+    """Route the first ``half`` documents, stop (the run is checkpointed), start a new router on the
+    same state directory, check it resumed the run, route the rest; the finished run and its store."""
+    uid = docs[0][1]["uid"]
+    router, store, _ = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
     submit(router, docs[:half])
     router.stop()
-    router, store, metrics = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+    if before is not None:
+        before(store.get(uid))
+    router, store, metrics = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
     try:
         assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
         submit(router, docs[half:])
         assert store.wait_finished(uid, 60)
     finally:
         router.stop()
-    run = store.get(uid)
+    return store.get(uid), store
+
+
+def test_untampered_checkpoint_resumes_with_private_buffers(tmp_path):
+    spectra, docs, uid, half = _half_run(tmp_path)
+    run, store = _suspend_and_resume(tmp_path, docs, half, STATS_ONLY)
     assert run.status == "success" and not run.joined_midway
     np.testing.assert_array_equal(store.snapshot(uid, "stats", "total").data.ravel(), spectra.sum(1))
     counting = next(s for s in run.slots if s.name == "counting")
@@ -199,18 +208,10 @@ def test_a_run_whose_consumers_sat_out_on_the_memory_budget_resumes(tmp_path):
     restores (nothing to bind for it) and the consumer still sits out."""
     spectra, docs, uid, half = _half_run(tmp_path)
     consumers = "consumers:\n  - {name: greedy, class: 'fault_consumers:Greedy', params: {mib: 100000}}\n"
-    router, store, _ = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
-    submit(router, docs[:half])
-    router.stop()
-    assert store.get(uid).limited == "refused"
-    router, store, metrics = router_on(tmp_path / "state", Metrics(), consumers, ROUTER)
-    try:
-        assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
-        submit(router, docs[half:])
-        assert store.wait_finished(uid, 60)
-    finally:
-        router.stop()
-    run = store.get(uid)
+
+    def refused(suspended):
+        assert suspended.status == "suspended" and suspended.limited == "refused"
+    run, _ = _suspend_and_resume(tmp_path, docs, half, consumers, before=refused)
     assert run.status == "success" and run.events_done == 40
     assert run.slots[0].inactive_reason == "memory budget exceeded" and not run.slots[0].signals
 

@@ -117,7 +117,8 @@ def test_feature_forecast_across_runs_one_series_per_cycle(tmp_path):
         consumer = run_consumer(img[None], params, meta={"pixel_size_um": gen.pixel_size_um, "cycle": c}, uid=f"cycle-{c}")
     b = consumer.buffers
     np.testing.assert_allclose(b.mean_particle_area_points[0, :len(cycles)], cycles)
-    fx, mean, lower, upper = b.mean_particle_area_forecast
+    fx, mean, lower, upper, threshold = b.mean_particle_area_forecast
+    assert (threshold == 0.4).all()
     for c in (1500, 2000):
         true = gen.frame(c)[1].mean_particle_area
         k = np.searchsorted(fx, c)

@@ -195,4 +195,4 @@ def test_counters_exist_from_the_first_scrape_and_frame_sources_report_connected
         assert float(series["values"][0][1]) == 0.0, expr
     connected = {s["metric"]["source"]: max(float(v) for _, v in s["values"])
                  for s in prom.range("beamlens_source_connected", start, end)}
-    assert connected == {"demo": 1.0, "demo_detector": 1.0, "demo_microscope": 1.0}
+    assert connected == {"demo": 1.0, "demo_detector": 1.0, "demo_microscope": 1.0, "demo_sem": 1.0}

@@ -36,6 +36,14 @@ def checkup_run(cycles, capacity, cell):
     return bundle, desc.descriptor_doc, events
 
 
+def points_conditioned_on(daemon, uid: str) -> int:
+    """Points the run's capacity forecast is conditioned on (-1 before its buffers exist)."""
+    try:
+        return int(np.isfinite(daemon.store.snapshot(uid, "trends", "capacity_points").data[0]).sum())
+    except KeyError:
+        return -1
+
+
 @pytest.fixture(scope="module")
 def cells():
     if not DEFAULT_CSV.exists():
@@ -74,14 +82,8 @@ consumers:
         beamline.publisher("descriptor", descriptor)
         for i, ev in enumerate(events):
             beamline.publisher("event", ev)
-
-            def forecast_has(n=i + 1):
-                try:
-                    pts = daemon.store.snapshot(uid, "trends", "capacity_points").data
-                except KeyError:
-                    return False
-                return n < 2 or int(np.isfinite(pts[0]).sum()) == n
-            wait_for(forecast_has, timeout=60)
+            n = i + 1
+            wait_for(lambda n=n: points_conditioned_on(daemon, uid) == (0 if n < 2 else n), timeout=60)
             if i >= 1:  # a forecast after each point from the second on
                 f = daemon.store.snapshot(uid, "trends", "capacity_forecast").data
                 assert np.isfinite(f).all()
@@ -148,15 +150,15 @@ def test_scope_all_spans_runs_and_restarts(tmp_path):
 def test_hyperparameters_refit_every_k_points_kept_between(tmp_path):
     c, sx, sy = make({"series": [{"name": "q", "key": "primary/capacity", "x": "primary/cycle", "refit_every": 3,
                                   "threshold": 0.0}]}, "r")
-    x = np.arange(0.0, 12.0)
+    x = np.arange(0.0, 18.0)
     y = 1 - 0.05 * x + 0.01 * np.sin(x)
     thetas = []
     for i in range(len(x)):
         feed_points(c, sx, sy, x[i:i + 1], y[i:i + 1], start=i)
         thetas.append(c.buffers.q_theta.copy())
-    # refits at points 2 (first with 2 points), 5, 8, 11; unchanged between
-    changed = [i for i in range(1, len(x)) if not np.array_equal(thetas[i], thetas[i - 1], equal_nan=True)]
-    assert changed == [1, 4, 7, 10]
+    # a refit at every point of the short series (2..8 points), then every 3rd; unchanged between
+    refits = [i for i in range(1, len(x)) if not np.array_equal(thetas[i], thetas[i - 1], equal_nan=True)]
+    assert refits[-3:] == [10, 13, 16] and set(range(11, 18)) - set(refits) == {11, 12, 14, 15, 17}
     assert math.isfinite(c.buffers.crossing[0])
     assert c.params.store is None  # no store: points only in the run's buffers
 
@@ -168,3 +170,58 @@ def test_bad_series_configs_name_the_field():
         TrendsParams.model_validate({"series": [{"name": "a", "key": "primary/q"}, {"name": "a", "key": "primary/r"}]})
     with pytest.raises(ValidationError, match="x must be"):
         TrendsParams.model_validate({"series": [{"name": "a", "key": "primary/q", "x": "wall"}]})
+
+
+def test_live_page_draws_the_forecast_with_its_points(proxy, beamline, make_daemon, tmp_path, cells):
+    """Real Chromium: a cell's check-ups streamed through the proxy; the page's forecast card draws
+    mean, band, threshold and the points, and changes as points arrive."""
+    from test_web_page import ARTIFACTS, CHROMIUM, FLAGS, wait_js
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: run `make system-deps` as root")
+    from playwright.sync_api import sync_playwright
+
+    daemon = make_daemon(source_yaml(proxy.out_address) + """
+consumers:
+  - name: trends
+    class: trends
+    params:
+      series:
+        - {name: capacity, key: primary/capacity, x: primary/cycle, threshold: 0.8, relative_to_first: true}
+outputs:
+  web: {push_interval_s: 0.1}
+""")
+    subscribe(daemon, proxy)
+    x, y = cells["ep_sanyo_002"]
+    bundle, descriptor, events = checkup_run(x, y, "ep_sanyo_002")
+    uid = bundle.start_doc["uid"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(daemon.http.url + "/")
+            page.wait_for_selector("#connection.live", timeout=10_000)
+            beamline.publisher("start", bundle.start_doc)
+            beamline.publisher("descriptor", descriptor)
+            card = "figure[data-key=\\\"trends/capacity_forecast\\\"] canvas.plot"
+            images = set()
+            for i, ev in enumerate(events[:6]):
+                beamline.publisher("event", ev)
+                wait_for(lambda n=i + 1: points_conditioned_on(daemon, uid) == (0 if n < 2 else n), 30)
+                if i >= 1:
+                    wait_js(page, f"document.querySelector('{card}') && document.querySelector('{card}')"
+                                  ".getAttribute('aria-label').includes('5 curves')", timeout=20_000)
+                    # each new point redraws the forecast (a picture not seen before)
+                    wait_for(lambda: page.evaluate(f"document.querySelector('{card}').toDataURL()") not in images, 20)
+                    images.add(page.evaluate(f"document.querySelector('{card}').toDataURL()"))
+            assert len(images) == 5
+            assert page.locator("figure[data-key='trends/capacity_points']").count() == 0  # drawn in the forecast
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("figure[data-key='trends/capacity_forecast']").screenshot(
+                path=str(ARTIFACTS / "forecast_card.png"))
+            assert not errors, errors
+        finally:
+            browser.close()
+    beamline.publisher("stop", bundle.compose_stop())
+    wait_run_finished(daemon, uid)

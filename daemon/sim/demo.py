@@ -5,26 +5,32 @@ simulated STEM microscope (array-1.0), the daemon (subscribed to all three: the 
 named ``demo``, ``demo_detector`` and ``demo_microscope`` are pointed at them), and the simulated
 beamline; runs the corroding-steel Fe K-edge map (21 x 21) and the real Fe L-edge STXM image
 (150 x 150) as ``grid_scan``s, then a 16 x 16 snaking raster during which the detector streams one
-256 x 256 frame per point, then a defect movie from the microscope; prints where the maps and metrics
-are; serves until Ctrl-C.
+256 x 256 frame per point, then a defect movie from the microscope, then a simulated battery
+electrode imaged once per cycle (one array-1.0 series per cycle, ``demo_sem``: features and their GP
+forecast fill in); prints where the maps and metrics are; serves until Ctrl-C.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from ..app import Daemon
 from ..config import Config
 from .beamline import SimulatedBeamline, wait_until_subscribed
 from .datasets import corroding_steel_map, stxm_map
 from .detectors import DetectorEmulator, raster_series_plan, synthetic_frames
+from .electrode import ElectrodeMicroscope
 from .microscope import SimulatedMicroscope
 from .proxy import ProxyProcess
 
 RASTER = (16, 16)
 MOVIE_FRAMES = 150
 MOVIE_RATE_HZ = 10.0
+ELECTRODE_CYCLES = (0, 25, 50, 100, 150, 200, 300, 400, 500, 650, 800, 1000, 1200, 1500)
+ELECTRODE_PERIOD_S = 1.0  # one cross-section per second, so the forecast visibly fills in
 
 
 def point_sources(config: Config, addresses: dict[str, str]) -> Config:
@@ -41,6 +47,17 @@ def point_sources(config: Config, addresses: dict[str, str]) -> Config:
     if missing:
         raise ValueError(f"the demo config needs sources named {sorted(missing)}")
     return config.model_copy(update={"sources": sources.model_copy(update={"bluesky": bluesky, "frames": frames})})
+
+def point_stores(config: Config, folder: Path) -> Config:
+    """A copy of ``config`` whose consumers with a ``store`` param left empty keep their trend
+    store in ``folder`` (the state directory when configured, else the demo's temporary folder)."""
+    consumers = []
+    for c in config.consumers:
+        if "store" in c.params and c.params["store"] is None:
+            c = c.model_copy(update={"params": {**c.params, "store": str(folder / "trends.sqlite")}})
+        consumers.append(c)
+    return config.model_copy(update={"consumers": consumers})
+
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +76,13 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
         the (stopped, if ``serve`` is False) daemon, for inspection.
     """
     with (ProxyProcess() as proxy, DetectorEmulator("dectris-v2") as detector,
-          SimulatedMicroscope(n_frames=MOVIE_FRAMES, rate_hz=MOVIE_RATE_HZ) as microscope):
-        config = point_sources(config, {"demo": proxy.out_address, "demo_detector": detector.address,
-                                        "demo_microscope": microscope.address})
+          SimulatedMicroscope(n_frames=MOVIE_FRAMES, rate_hz=MOVIE_RATE_HZ) as microscope,
+          ElectrodeMicroscope() as sem, tempfile.TemporaryDirectory(prefix="beamlens-demo-") as tmp):
+        addresses = {"demo": proxy.out_address, "demo_detector": detector.address,
+                     "demo_microscope": microscope.address}
+        if any(s.name == "demo_sem" for s in config.sources.frames):
+            addresses["demo_sem"] = sem.address
+        config = point_stores(point_sources(config, addresses), config.state.directory or Path(tmp))
         daemon = Daemon(config)
         daemon.start()
         announce(f"beamlens live page: {daemon.http.url}/  (metrics: {daemon.http.url}/metrics)")
@@ -95,6 +116,13 @@ def run_demo(config: Config, *, stxm_region: tuple[slice, slice] | None = None, 
             microscope.run()
             announce(f"STEM defect movie: {MOVIE_FRAMES} array-1.0 frames at {MOVIE_RATE_HZ:.0f} Hz in "
                      f"{time.perf_counter() - t0:.1f} s; defect counts in {daemon.http.url}/metrics (beamlens_defects)")
+            if "demo_sem" in addresses:
+                for cycle in ELECTRODE_CYCLES:  # paced on purpose: one cross-section per period
+                    sem.send_cycle(cycle)
+                    time.sleep(ELECTRODE_PERIOD_S)
+                announce(f"electrode cross-sections: {len(ELECTRODE_CYCLES)} cycles (one array-1.0 series each); "
+                         f"features and forecasts in {daemon.http.url}/metrics (beamlens_image_feature, "
+                         f"beamlens_forecast_crossing)")
         finally:
             beamline.close()
         if serve:

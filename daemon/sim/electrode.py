@@ -18,6 +18,8 @@ Example::
 
     gen = ElectrodeGenerator(seed=1)
     image, truth = gen.frame(cycle=200)       # uint8 (256, 256), ElectrodeTruth
+    with ElectrodeMicroscope(gen) as sem:     # array-1.0 over ZeroMQ, one series per cycle
+        sem.send_cycle(200)
 """
 from __future__ import annotations
 
@@ -136,3 +138,49 @@ class ElectrodeGenerator:
         """``(uint8 image (rows, cols), truth)`` at ``cycle``."""
         p = self.phases(cycle)
         return self.image(p, cycle), self.truth(p, cycle)
+
+
+class ElectrodeMicroscope:
+    """Sends an electrode's cross-section once per cycle over ZeroMQ (PUSH, bound on 127.0.0.1),
+    each as its own array-1.0 series of one frame (``series_id`` per cycle,
+    ``number_frames_expected: 1``) with ``cycle`` and ``pixel_size_um`` in the header, keeping the
+    ground truth of each (:attr:`truth`).
+
+    Args:
+        generator: the electrode (default ``ElectrodeGenerator()``).
+        address: where to bind; ``tcp://127.0.0.1:0`` picks a free port.
+        source: the header's ``source`` field.
+    """
+
+    def __init__(self, generator: ElectrodeGenerator | None = None, address: str = "tcp://127.0.0.1:0",
+                 source: str = "sem"):
+        import zmq
+
+        self.generator = generator or ElectrodeGenerator()
+        self.source = source
+        self.socket = zmq.Context.instance().socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.bind(address)
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.truth: list[ElectrodeTruth] = []
+
+    def send_cycle(self, cycle: int) -> ElectrodeTruth:
+        """Send the cross-section at ``cycle`` as a one-frame series; returns its truth."""
+        import json
+
+        image, truth = self.generator.frame(cycle)
+        header = {"htype": "array-1.0", "shape": list(image.shape), "type": "uint8", "frame": 0, "endianness": "little",
+                  "encoding": "", "source": self.source, "series_id": f"{self.source}-cycle-{cycle}",
+                  "number_frames_expected": 1, "cycle": int(cycle), "pixel_size_um": self.generator.pixel_size_um}
+        self.socket.send_multipart([json.dumps(header).encode(), np.ascontiguousarray(image)], copy=False)
+        self.truth.append(truth)
+        return truth
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> ElectrodeMicroscope:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -605,6 +605,29 @@ function loadPoint() {
     });
 }
 
+class ForecastCard extends PlotCard {
+  // A trend's GP forecast (rows x, mean, lower, upper, threshold: the trends/features consumers'
+  // <series>_forecast) with the points it is conditioned on (<series>_points, fetched beside it).
+  constructor(key, spec) { super(key, spec, "forecast"); }
+
+  update(buffer) {
+    const [x, mean, lower, upper, thr] = buffer.data;
+    const [consumer, name] = this.key.split("/");
+    const series = name.replace(/_forecast$/, "");
+    const draw = (pts) => {
+      const curves = [{ x, y: mean, label: "mean" }, { x, y: lower, label: "-2σ" }, { x, y: upper, label: "+2σ" }];
+      if (thr.some((v) => Number.isFinite(v))) curves.push({ x, y: thr, label: "threshold" });
+      if (pts) curves.push({ x: pts[0], y: pts[1], label: "points" });
+      drawPlot(this.canvas, curves, "x", this.spec.units ? `${series} (${this.spec.units})` : series);
+      this.legend.replaceChildren(...curves.map((s, k) =>
+        el("span", {}, el("i", { style: { background: PALETTE[k % PALETTE.length] } }), s.label)));
+      this.canvas.setAttribute("aria-label", `forecast of ${series}: ${curves.length} curves against x`);
+    };
+    const url = `api/runs/${encodeURIComponent(state.selected)}/${encodeURIComponent(consumer)}/${encodeURIComponent(series + "_points")}.json`;
+    fetch(url).then((r) => (r.ok ? r.json() : null)).then((b) => draw(b && b.data)).catch(() => draw(null));
+  }
+}
+
 // -- runs, cards and fetching ----------------------------------------------------------------
 // Buffers with more dimensions than a map or a set of curves (per-point lists of defect
 // positions, stacks of patches) are left to the JSON API and the run files.
@@ -613,6 +636,10 @@ function pointsDone(run) { return Math.max(run.events_done, run.frames_done || 0
 
 function cardFor(key, spec, run) {
   const navShape = run.nav_shape;
+  if (spec.kind === "single" && spec.extra_shape.length === 2 && spec.extra_shape[0] === 5 && key.endsWith("_forecast")) {
+    return new ForecastCard(key, spec);
+  }
+  if (spec.kind === "single" && spec.extra_shape.length === 2 && key.endsWith("_points")) return null;  // drawn by its forecast
   if (spec.kind === "nav" && navShape.length === 2 && spec.extra_shape.length <= 1) return new MapCard(key, spec, run);
   if (spec.kind === "sig" && spec.extra_shape.length === 2 && !spec.axis) {
     return new MapCard(key, { ...spec, extra_shape: [], sigImage: true }, run);   // a frame-shaped image, e.g. a density map
