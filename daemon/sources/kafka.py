@@ -55,7 +55,7 @@ from ..documents import DecodeError, Document, coalesce_events, decode_document,
 from ..isolation import RateLimitedLog, guarded
 from ..limits import inside, safe_stem
 from ..metrics import Metrics
-from .bluesky_zmq import MAX_DRAIN
+from .bluesky_zmq import MAX_DRAIN, count_received
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message, TopicPartition
@@ -384,11 +384,7 @@ class KafkaSource:
         """Submit what :meth:`_take` queued, in order: consecutive Events packed as EventPages, each
         RunStop followed by a router task that notes it was handled."""
         items, self._out = self._out, []
-        counts: dict[str, int] = {}
-        for d in items:
-            counts[d.name] = counts.get(d.name, 0) + 1
-        for name, n in counts.items():
-            self.metrics.documents_received.labels(self.name, name).inc(n)
+        count_received(self.metrics, self.name, items)
         for d in coalesce_events(items, MAX_DRAIN):
             self.router.submit(d)
             if d.name == "stop" and isinstance(d.doc.get("run_start"), str):
