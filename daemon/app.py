@@ -33,6 +33,7 @@ from .sinks.live import LiveFeed
 from .sinks.runfiles import RunFileWriter
 from .sources.bluesky_zmq import BlueskyZmqSource
 from .sources.frame_zmq import FrameSource
+from .sources.kafka import KafkaSource
 from .systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,18 @@ class Daemon:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None):
         self.config = config
         self.metrics = Metrics(registry)
-        self.metrics.declare([s.name for s in config.sources.bluesky], [s.name for s in config.sources.frames],
-                             [c.name for c in config.consumers])
+        kafka_names = [s.name for s in config.sources.kafka]
+        self.metrics.declare([s.name for s in config.sources.bluesky] + kafka_names, [s.name for s in config.sources.frames],
+                             [c.name for c in config.consumers], kafka_sources=kafka_names)
         self.store = RunStore(config.router.keep_runs, config.limits.keep_runs_mib * 2**20)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit, max_data_keys=config.limits.max_data_keys)
                         for c in config.sources.bluesky]
+        # Kafka consumer-group members: runs resume when read again, not at start (see sources/kafka.py)
+        self.sources += [KafkaSource(c, self.metrics, self.router, config.state.directory,
+                                     max_data_keys=config.limits.max_data_keys) for c in config.sources.kafka]
+        if config.sources.kafka:
+            self.router.restore_at_start = False
         self.feed = LiveFeed(self.store, self.metrics.registry)
         self.router.listeners.append(self.feed)
         outputs = config.outputs

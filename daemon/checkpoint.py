@@ -164,8 +164,9 @@ def write_checkpoint(path: Path, state: dict[str, Any], arrays: Mapping[str, np.
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a checkpoint written by :func:`write_checkpoint`.
+def read_checkpoint(path: Path, with_arrays: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a checkpoint written by :func:`write_checkpoint` (without ``with_arrays``: its JSON
+    state only, the arrays left unread and ``{}`` returned for them).
 
     Raises:
         CheckpointError: not a checkpoint of this format (an old pickle ``.ckpt``, another
@@ -188,7 +189,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise CheckpointError(f"checkpoint format {found!r}, this beamlens reads format {FORMAT}")
             arrays = {}
-            for member in z.namelist():
+            for member in z.namelist() if with_arrays else ():
                 if member.endswith(".npy"):
                     with z.open(member) as m:
                         arrays[member[:-4]] = np.lib.format.read_array(m, allow_pickle=False)
@@ -247,11 +248,32 @@ class Checkpointer:
         except OSError:
             log.exception("checkpoint %s could not be moved aside", path.name)
 
+    def load(self, uid: str, refused: Callable[[Path, str], None] | None = None, with_arrays: bool = True,
+             ) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None:
+        """The checkpoint of run ``uid`` as ``(path, state, arrays)`` (``arrays`` empty without
+        ``with_arrays``), or None when there is none (or it was removed meanwhile: the run ended)
+        or it is unusable (then it is refused, :meth:`refuse`, and ``refused(path, reason)`` is
+        called)."""
+        return self._read(self.path(uid), refused, with_arrays)
+
+    def _read(self, path: Path, refused: Callable[[Path, str], None] | None, with_arrays: bool = True,
+              ) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None:
+        try:
+            state, arrays = read_checkpoint(path, with_arrays)
+        except FileNotFoundError:
+            return None
+        except (CheckpointError, OSError) as exc:
+            self.refuse(path, str(exc))
+            if refused is not None:
+                refused(path, str(exc))
+            return None
+        return path, state, arrays
+
     def load_all(self, newest: int | None = None, refused: Callable[[Path, str], None] | None = None,
                  ) -> list[tuple[Path, dict[str, Any], dict[str, np.ndarray]]]:
-        """Read every checkpoint in the directory, oldest first: ``(path, state, arrays)``. Unusable
-        ones are refused (:meth:`refuse`). With ``newest``, only the ``newest`` most recent are
-        read; older ones are moved aside as ``*.ckpt.old`` (more open runs than the daemon keeps,
+        """Read every checkpoint in the directory, oldest first: ``(path, state, arrays)`` (the
+        reader of :meth:`load`). Unusable ones are refused (:meth:`refuse`). With ``newest``, only
+        the ``newest`` most recent are read; older ones are moved aside as ``*.ckpt.old`` (more open runs than the daemon keeps,
         e.g. after a flood of never-stopped RunStarts)."""
         out = []
         paths = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
@@ -262,12 +284,7 @@ class Checkpointer:
             for path in old:
                 path.rename(path.with_name(path.name + ".old"))
         for path in paths:
-            try:
-                state, arrays = read_checkpoint(path)
-            except (CheckpointError, OSError) as exc:
-                self.refuse(path, str(exc))
-                if refused is not None:
-                    refused(path, str(exc))
-                continue
-            out.append((path, state, arrays))
+            loaded = self._read(path, refused)
+            if loaded is not None:
+                out.append(loaded)
         return out

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check-config":
         config = _load(args.file, warn=False)
-        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), "
+        print(f"{args.file}: valid ({len(config.sources.bluesky)} bluesky source(s), {len(config.sources.kafka)} kafka source(s), "
               f"{len(config.sources.frames)} frame source(s), {len(config.consumers)} consumer(s))")
         if config.ignored_environment:
             print("warning: environment variables with the BEAMLENS_ prefix that name no config field, not applied: "

@@ -106,6 +106,83 @@ class BlueskySourceConfig(Strict):
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
+KAFKA_TOPIC_PATTERN = "{beamline}.bluesky.runengine.documents"
+"""NSLS-II's topic name for a beamline's raw documents (bluesky-kafka, nslsii.kafka_utils)."""
+_KAFKA_OWNED = ("bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store",
+                "security.protocol", "sasl.password", "ssl.key.password")
+
+
+def _check_bootstrap(value: str) -> str:
+    for server in value.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{server!r} is not host:port (comma-separated list, e.g. 127.0.0.1:9092)")
+    return value
+
+
+class KafkaSecurityConfig(Strict):
+    """How the consumer (or producer) talks to the brokers. The default, ``plaintext``, is only for
+    a broker on loopback or a trusted network; facility brokers use ``sasl_ssl``."""
+
+    protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
+    ca_file: FilePath | None = Field(None, description="CA bundle for the brokers' TLS certificates (ssl.ca.location)")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="SASL password; never logged")
+
+    def librdkafka(self) -> dict[str, str]:
+        """The librdkafka settings for this section."""
+        out = {"security.protocol": self.protocol}
+        if self.ca_file is not None:
+            out["ssl.ca.location"] = str(self.ca_file)
+        if self.sasl_mechanism is not None:
+            out["sasl.mechanism"] = self.sasl_mechanism
+        if self.username is not None:
+            out["sasl.username"] = self.username
+        if self.password is not None:
+            out["sasl.password"] = self.password.get_secret_value()
+        return out
+
+
+class KafkaSourceConfig(Strict):
+    """A Kafka consumer-group member reading bluesky-kafka document topics (``bluesky_kafka.Publisher``:
+    one message per document, value ``msgpack((name, doc))`` with msgpack-numpy arrays, key the run)."""
+
+    name: str = Field("kafka", pattern=r"^[a-z0-9_]+$", description="label used in metrics")
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    beamline: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                 description="with no topics: read <beamline>.bluesky.runengine.documents")
+    topics: list[str] = Field(default_factory=list, description="topic names; one starting with ^ is a regular expression")
+    group_id: str = Field("beamlens", alias="group.id", min_length=1, max_length=255,
+                          description="consumer group: instances with the same group.id share the topics' partitions")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "latest", description="where a group with no committed offset starts")
+    security: KafkaSecurityConfig = Field(default_factory=KafkaSecurityConfig)
+    max_message_bytes: int = Field(64 * 2**20, gt=0, description="larger messages are dropped and counted")
+    validate_documents: bool = Field(True, description="check every document against event_model's schemas")
+    session_timeout_s: float = Field(10.0, ge=1, le=3600, description="a member silent this long is dropped from the group")
+    commit_interval_s: float = Field(1.0, gt=0, description="offsets that may advance are committed at most this often")
+    consumer_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="further librdkafka consumer settings (not those set above)")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    _bootstrap = field_validator("bootstrap_servers")(_check_bootstrap)
+
+    @model_validator(mode="after")
+    def _topics(self) -> KafkaSourceConfig:
+        if not self.topics:
+            if self.beamline is None:
+                raise ValueError("give topics, or beamline for the topic <beamline>.bluesky.runengine.documents")
+            self.topics = [KAFKA_TOPIC_PATTERN.format(beamline=self.beamline)]
+        owned = sorted(k for k in self.consumer_config if k in _KAFKA_OWNED or k.startswith(("sasl.", "ssl.")))
+        if owned:
+            raise ValueError(f"consumer_config may not set {owned}: use the fields of this section")
+        return self
+
+
+
+
 class FrameSourceBase(Strict):
     """A detector frame stream over 0MQ. Socket type and bind/connect are configuration, not implied by
     the format: DECTRIS DCUs bind PUSH (connect a PULL here), a fan-out or preview stream may be PUB
@@ -178,10 +255,11 @@ FrameSourceConfig = Annotated[DectrisV1SourceConfig | DectrisV2SourceConfig | Ar
 class SourcesConfig(Strict):
     bluesky: list[BlueskySourceConfig] = Field(default_factory=list)
     frames: list[FrameSourceConfig] = Field(default_factory=list)
+    kafka: list[KafkaSourceConfig] = Field(default_factory=list, description="bluesky-kafka topics read as a consumer group")
 
     @model_validator(mode="after")
     def _unique_names(self) -> SourcesConfig:
-        names = [s.name for s in self.bluesky] + [s.name for s in self.frames]
+        names = [s.name for s in self.bluesky] + [s.name for s in self.frames] + [s.name for s in self.kafka]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {dupes}")
@@ -271,6 +349,20 @@ class WebConfig(Strict):
     max_clients: int = Field(32, gt=0, description="open live-page connections; more are refused with 503")
 
 
+class KafkaDocumentsTargetConfig(Strict):
+    """Derived documents produced to a Kafka topic as ``bluesky_kafka.Publisher`` writes them (value
+    ``msgpack((name, doc))`` with msgpack-numpy arrays), keyed by the raw run's uid so that all derived
+    runs of one raw run share a partition and keep their order."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    topic: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="e.g. <beamline>.beamlens.documents")
+    security: KafkaSecurityConfig = Field(default_factory=KafkaSecurityConfig)
+    max_message_bytes: int = Field(16 * 2**20, gt=0, description="producer message.max.bytes; larger documents fail and are counted")
+    producer_config: dict[str, str | int | float | bool] = Field(default_factory=dict, description="further librdkafka producer settings")
+
+    _bootstrap = field_validator("bootstrap_servers")(_check_bootstrap)
+
+
 class DocumentsOutputConfig(Strict):
     """Derived Bluesky documents: each consumer's results for a run as a run of its own, published
     through a bluesky 0MQ Proxy (``bluesky.callbacks.zmq.Publisher``, msgpack + msgpack-numpy)."""
@@ -280,8 +372,16 @@ class DocumentsOutputConfig(Strict):
     prefix: str = Field("beamlens", pattern=r"^[^ ]*$",
                         description="Publisher prefix; subscribers filter on it (RemoteDispatcher(prefix=b'beamlens'))")
     event_interval_s: float = Field(1.0, ge=0, description="points processed are published at most this often")
+    target: Literal["zmq", "kafka"] = Field("zmq", description="zmq: a bluesky 0MQ Proxy at address; kafka: the kafka section")
+    kafka: KafkaDocumentsTargetConfig | None = Field(None, description="with target: kafka, where derived documents go")
 
     _addr = field_validator("address")(_check_zmq_address)
+
+    @model_validator(mode="after")
+    def _kafka_target(self) -> DocumentsOutputConfig:
+        if self.target == "kafka" and self.kafka is None:
+            raise ValueError("target: kafka needs the kafka section (bootstrap_servers, topic)")
+        return self
 
 
 class FilesOutputConfig(Strict):

@@ -280,6 +280,22 @@ def coalesce_events(docs: list[Document], max_page: int) -> list[Document]:
     return out
 
 
+def deserialize(payload: bytes, loads: Callable[[bytes], Any]) -> Any:
+    """``loads(payload)``, with any failure of the serializer on hostile bytes as a DecodeError.
+
+    Raises:
+        DecodeError: ``too_deep``, ``undecodable``, or the array reasons of the msgpack decoder.
+    """
+    try:
+        return loads(payload)
+    except DecodeError:
+        raise
+    except RecursionError:
+        raise DecodeError("too_deep", "payload nested too deeply") from None
+    except Exception as exc:  # any serializer's failure on hostile bytes is a rejected message
+        raise DecodeError("undecodable", f"payload does not decode: {type(exc).__name__}: {exc}"[:200]) from None
+
+
 def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *, validate: bool = True,
                     max_data_keys: int | None = None) -> dict[str, Any]:
     """Deserialize and validate one document payload.
@@ -295,14 +311,7 @@ def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *,
     """
     if name not in DocumentNames.__members__ or name in ("bulk_events", "bulk_datum"):
         raise DecodeError("unknown_document_type", f"unknown document type {name[:40]!r}")
-    try:
-        doc = loads(payload)
-    except DecodeError:
-        raise
-    except RecursionError:
-        raise DecodeError("too_deep", "payload nested too deeply") from None
-    except Exception as exc:  # any serializer's failure on hostile bytes is a rejected message
-        raise DecodeError("undecodable", f"payload does not decode: {type(exc).__name__}: {exc}"[:200]) from None
+    doc = deserialize(payload, loads)
     if not isinstance(doc, dict):
         raise DecodeError("not_a_mapping", f"payload decodes to {type(doc).__name__}, not a document")
     if _depth(doc, MAX_NESTING) > MAX_NESTING:

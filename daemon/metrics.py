@@ -173,6 +173,24 @@ class Metrics:
             name: Gauge(f"beamlens_{name}", doc, ["consumer", SCIENCE_GAUGE_LABEL.get(name, "index")], registry=r)
             for name, doc in SCIENCE_GAUGES.items()
         }
+        # -- Kafka sources (consumer groups) ----------------------------------------------------
+        self.kafka_consumer_lag = Gauge(
+            "beamlens_kafka_consumer_lag_messages",
+            "Messages in a Kafka partition this instance owns that it has not yet read (high watermark - position), "
+            "by source, topic and partition.", ["source", "topic", "partition"], registry=r)
+        self.kafka_partitions = Gauge(
+            "beamlens_kafka_partitions_assigned", "Kafka partitions this group member owns, by source.", ["source"], registry=r)
+        self.kafka_rebalances = Counter(
+            "beamlens_kafka_rebalances_total",
+            "Consumer-group rebalances seen, by source and what they did here: assign, revoke, lost (revoked without "
+            "a chance to hand over, e.g. after a session timeout).", ["source", "kind"], registry=r)
+        self.kafka_duplicates = Counter(
+            "beamlens_kafka_duplicates_dropped_total",
+            "Documents read again from Kafka (redelivery after a rebalance or restart, producer retries) and dropped "
+            "because their run already holds them, by source and document type.", ["source", "type"], registry=r)
+        self.kafka_commits = Counter(
+            "beamlens_kafka_commits_total", "Offset commits to the consumer group, by source and outcome (ok, failed).",
+            ["source", "outcome"], registry=r)
         # -- HTTP server -----------------------------------------------------------------------
         self.http_connections = Gauge(
             "beamlens_http_connections", "Open HTTP connections (live-page streams included).", registry=r)
@@ -191,9 +209,11 @@ class Metrics:
         for reason in ("host", "streams_full"):
             self.http_requests_refused.labels(reason)
 
-    def declare(self, bluesky_sources: list[str], frame_sources: list[str], consumers: list[str]) -> None:
+    def declare(self, bluesky_sources: list[str], frame_sources: list[str], consumers: list[str],
+                kafka_sources: list[str] = ()) -> None:
         """Export every counter at 0, and every ``beamlens_source_connected`` at 0, for the label
         values known from the config (source and consumer names) and the fixed reason lists above.
+        Kafka sources are also document sources (pass them in ``bluesky_sources`` too).
 
         Called once at daemon start, before any source connects. Idempotent.
         """
@@ -222,5 +242,13 @@ class Metrics:
                 self.consumers_quarantined.labels(consumer, reason)
         for status in RUN_EXIT_STATUSES:
             self.runs.labels(status)
+        for source in kafka_sources:
+            self.kafka_partitions.labels(source).set(0)
+            for kind in ("assign", "revoke", "lost"):
+                self.kafka_rebalances.labels(source, kind)
+            for doc_type in DOCUMENT_TYPES:
+                self.kafka_duplicates.labels(source, doc_type)
+            for outcome in ("ok", "failed"):
+                self.kafka_commits.labels(source, outcome)
         for operation, outcome in CHECKPOINT_LABELS:
             self.checkpoints.labels(operation, outcome)

@@ -62,7 +62,23 @@ _STOP = object()
 _WAKE = object()
 PRIMARY = "primary"
 
-__all__ = ["Router", "StopGate", "result_budget_bytes"]
+__all__ = ["Router", "RouterTask", "StopGate", "result_budget_bytes"]
+
+
+class RouterTask:
+    """A function run on the router thread after every item submitted before it (see
+    :meth:`Router.call`). ``done`` is set when it has run; ``result`` holds what it returned."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        finally:
+            self.done.set()
 
 
 class StopGate(Protocol):
@@ -121,6 +137,10 @@ class Router:
         self.checkpointer = (Checkpointer(config.state.directory, config.state.checkpoint_interval_s)
                              if config.state.directory is not None else None)
         self.supervisor = Supervisor(self.table, self.queue, metrics, self.checkpointer)
+        self.restore_at_start = True
+        """Resume every checkpointed run at start (off for Kafka sources: a group's members may share
+        the state directory, so each resumes a run only when it reads the run again:
+        :meth:`Supervisor.resume <beamlens.daemon.supervision.Supervisor.resume>`)."""
         self.heartbeat = time.monotonic()
         """Monotonic time the loop last came round (idle or not); a stale value means a consumer hangs."""
 
@@ -140,7 +160,7 @@ class Router:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self.restore_at_start:
             self.supervisor.restore_checkpoints()
         self._thread = threading.Thread(target=self._loop, name="beamlens-router", daemon=True)
         self._thread.start()
@@ -176,6 +196,19 @@ class Router:
             self._in_flight += 1
         self.queue.put(document)
         self.metrics.queue_depth.labels("documents").set(self.queue.qsize())
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> RouterTask:
+        """Run ``fn`` on the router thread once everything submitted before has been routed.
+
+        Args:
+            timeout: wait at most this long for it to have run (None: do not wait); check
+                ``task.done`` for whether it did.
+        """
+        task = RouterTask(fn)
+        self.submit(task)
+        if timeout is not None:
+            task.done.wait(timeout)
+        return task
 
     def _wake(self) -> None:
         """A pool job finished (worker thread): wake the loop if it waits on an empty queue (one
@@ -246,7 +279,9 @@ class Router:
                     self._idle.notify_all()
 
     def _route(self, item: Any) -> None:
-        if isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
+        if isinstance(item, RouterTask):
+            item.run()
+        elif isinstance(item, (FrameBatch, SeriesEvent, FrameBarrier)):
             self.frames.handle(item)
         elif item.name == "event":
             batch = [item.doc]

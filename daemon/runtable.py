@@ -603,9 +603,11 @@ class RunTable:
             self.guard("finish", self._advance, run)
         return not self.finishing
 
-    def suspend(self, run: RunState) -> None:
+    def suspend(self, run: RunState, when: str = "at shutdown",
+                reason: str = "beamlens shut down; analysis resumes on restart") -> None:
         """Take an open run out of the table without closing it (checkpointed at shutdown, resumed
-        by the next daemon): status ``suspended``, its jobs cancelled, sinks told."""
+        by the next daemon, or handed over to another group member): status ``suspended``, its jobs
+        cancelled, sinks told (a synthetic ``abort`` RunStop carrying ``reason``)."""
         self.runs.pop(run.uid, None)
         self.descriptor_run = {d: r for d, r in self.descriptor_run.items() if r != run.uid}
         self.pool.cancel(list(self._jobs.pop(run.uid, ())))
@@ -615,8 +617,8 @@ class RunTable:
             self.guard("finish", hook, run)
         self.store.add(run)
         self.set_open_gauge()
-        log.info("run %s suspended at shutdown after %d events; resumes from its checkpoint", run.uid, run.events_done)
-        self.notify("stop", run, synthetic_stop(run, "abort", "beamlens shut down; analysis resumes on restart"))
+        log.info("run %s suspended %s after %d events; resumes from its checkpoint", run.uid, when, run.events_done)
+        self.notify("stop", run, synthetic_stop(run, "abort", reason))
 
     def adopt(self, run: RunState, descriptors: Iterable[str]) -> None:
         """Add a run rebuilt from a checkpoint to the open runs."""

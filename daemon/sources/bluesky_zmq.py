@@ -50,6 +50,15 @@ MAX_DRAIN_BYTES = 32 << 20
 """Stop draining once this many bytes are held (bounds memory whatever ``max_message_bytes`` is)."""
 
 
+
+def count_received(metrics: Metrics, source: str, docs: list[Document]) -> None:
+    """Count ``docs`` under ``beamlens_documents_received_total{source, type}`` (one increment per type)."""
+    counts: dict[str, int] = {}
+    for d in docs:
+        counts[d.name] = counts.get(d.name, 0) + 1
+    for name, n in counts.items():
+        metrics.documents_received.labels(source, name).inc(n)
+
 class BlueskyZmqSource:
     """Receives Bluesky documents from a 0MQ proxy in a background thread.
 
@@ -170,11 +179,7 @@ class BlueskyZmqSource:
                 return
 
     def _emit_all(self, docs: list[Document]) -> None:
-        counts: dict[str, int] = {}
-        for d in docs:
-            counts[d.name] = counts.get(d.name, 0) + 1
-        for name, n in counts.items():
-            self.metrics.documents_received.labels(self.name, name).inc(n)
+        count_received(self.metrics, self.name, docs)
         for d in coalesce_events(docs, MAX_DRAIN):
             self.emit(d)
 
