@@ -417,6 +417,20 @@ class Consumer:
         jobs: nothing more will arrive."""
 
 
+def main_signal(consumer: Consumer, info: SignalInfo, data_key: str | None) -> None:
+    """Check that ``info`` may become ``consumer``'s one main input (the first suitable signal
+    offered, or the one named ``data_key``); consumers record it as ``self.key`` once taken.
+
+    Raises:
+        NotApplicable: the consumer already has its main input, or ``data_key`` names another.
+    """
+    taken = getattr(consumer, "key", None)
+    if taken is not None:
+        raise NotApplicable(f"already analysing {taken!r}")
+    if data_key is not None and info.name != data_key:
+        raise NotApplicable(f"not the configured data key {data_key!r}")
+
+
 def array_signals(info: SignalInfo, ndim: int | tuple[int, ...] = (1, 2)) -> bool:
     """Whether ``info`` is an inline array of ``ndim`` dimensions (a spectrum has 1, a frame 2)."""
     ndims = (ndim,) if isinstance(ndim, int) else ndim

@@ -42,7 +42,10 @@ from skimage.filters import median, threshold_multiotsu
 from skimage.measure import label, regionprops
 from skimage.morphology import disk, remove_small_objects
 
-from .base import Batch, BufferSpec, Buffers, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals
+from .base import (
+    Batch, BufferSpec, Buffers, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals,
+    main_signal,
+)
 from .trend_store import TrendStore, default_store
 from .trends import ForecastConfig, count_points, forecast_specs, update_forecast
 
@@ -187,10 +190,7 @@ class FeaturesConsumer(Consumer):
 
     def signal(self, info: SignalInfo) -> list[BufferSpec]:
         p = self.params
-        if getattr(self, "key", None) is not None:
-            raise NotApplicable(f"already analysing {self.key!r}")
-        if p.data_key is not None and info.name != p.data_key:
-            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        main_signal(self, info, p.data_key)
         if not array_signals(info, 2):
             raise NotApplicable(f"{info.kind} signal {info.name!r} of shape {info.sig_shape} is not a 2-D image")
         meta = info.series.meta if info.series is not None else {}

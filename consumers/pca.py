@@ -20,7 +20,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals, finite_rows
+from .base import (
+    Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals,
+    finite_rows, main_signal,
+)
 from .spectral.consumer import last_of_each
 from .spectral.incremental import (MAX_SCATTER_CHANNELS, basis_of, catch_up, forget, merge_moments, moment_specs,
                                    principal_basis, snapshot)
@@ -64,10 +67,7 @@ class PCAConsumer(Consumer):
 
     def signal(self, info: SignalInfo) -> list[BufferSpec]:
         p = self.params
-        if getattr(self, "key", None) is not None:
-            raise NotApplicable(f"already analysing {self.key!r}")
-        if p.data_key is not None and info.name != p.data_key:
-            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        main_signal(self, info, p.data_key)
         if p.signal not in ("any", info.kind) or not array_signals(info):
             raise NotApplicable(f"{info.kind} signal {info.name!r} of shape {info.sig_shape} is not a spectrum or image")
         self.window: tuple[slice, ...] = ()

@@ -20,7 +20,10 @@ from typing import Literal
 
 import numpy as np
 
-from .base import Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals, finite_rows
+from .base import (
+    Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals,
+    finite_rows, main_signal,
+)
 from .kernels import frame_sum_max
 
 
@@ -57,10 +60,7 @@ class StatsConsumer(Consumer):
                 raise NotApplicable(f"normalize_by {p.normalize_by!r} has shape {info.sig_shape}, not a scalar")
             self.monitor = info.name
             return [BufferSpec("monitor", "nav", units=info.units, private=True, description=f"{info.name} per point")]
-        if getattr(self, "key", None) is not None:
-            raise NotApplicable(f"already reducing {self.key!r}")
-        if p.data_key is not None and info.name != p.data_key:
-            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        main_signal(self, info, p.data_key)
         if p.signal not in ("any", info.kind) or not array_signals(info):
             raise NotApplicable(f"{info.kind} signal {info.name!r} of shape {info.sig_shape} is not an array to reduce")
         self.key, self.kind, self.n_values = info.name, info.kind, int(np.prod(info.sig_shape))

@@ -22,7 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals
+from ..base import (
+    Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo, array_signals,
+    main_signal,
+)
 from .preprocess import AXIS_UNITS, Preprocessor, PreprocessParams, signal_axis
 
 
@@ -62,11 +65,8 @@ class SpectralConsumer(Consumer):
             NotApplicable: a second spectrum, a signal that is not a spectrum (or not the configured
                 one), an axis whose units cannot be converted, or preprocessing that cannot apply.
         """
-        if getattr(self, "key", None) is not None:
-            raise NotApplicable(f"already analysing {self.key!r}")
         p = self.params
-        if p.data_key is not None and info.name != p.data_key:
-            raise NotApplicable(f"not the configured data key {p.data_key!r}")
+        main_signal(self, info, p.data_key)
         if p.signal not in ("any", info.kind):
             raise NotApplicable(f"{info.kind} signals are not configured (signal: {p.signal})")
         self.n_raw = self.spectrum_length(info)
