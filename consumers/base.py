@@ -227,6 +227,12 @@ class SignalInfo:
         descriptor: the primary EventDescriptor (events), for configuration readings such as the
             energy axis; None for frames.
         series: the frame series (frames); None for events.
+        stream: the Bluesky stream of an event signal: ``"primary"`` (the scan's points), or
+            another named stream (``"baseline"``, a monitor) offered only to consumers that opt in
+            through :attr:`Consumer.streams`; then :attr:`name` is ``"<stream>/<data key>"``, only
+            numeric scalars are offered, and :attr:`Batch.nav_index` is the event's index in its
+            stream (``seq_num - 1``), not a point of the scan grid (such data goes in ``single``
+            or private buffers, never in nav buffers at that index).
     """
 
     name: str
@@ -237,13 +243,19 @@ class SignalInfo:
     axes: tuple[Axis, ...] = ()
     descriptor: Mapping[str, Any] | None = None
     series: SeriesInfo | None = None
+    stream: str = "primary"
+
+    @property
+    def key(self) -> str:
+        """The data key of an event signal (:attr:`name` without its ``"<stream>/"`` prefix)."""
+        return self.name if self.stream == "primary" else self.name.split("/", 1)[-1]
 
     @property
     def data_key(self) -> Mapping[str, Any]:
         """The descriptor's ``data_keys`` entry of an event signal (``{}`` for frames)."""
         if self.descriptor is None:
             return {}
-        return self.descriptor.get("data_keys", {}).get(self.name, {})
+        return self.descriptor.get("data_keys", {}).get(self.key, {})
 
 
 @dataclass
@@ -330,6 +342,10 @@ class Consumer:
     mergeable: ClassVar[bool] = True
     """Whether partial results of disjoint parts of a run combine with :meth:`merge` into the
     sequential result. ``False`` for order-dependent analyses: they run sequentially."""
+    streams: ClassVar[tuple[str, ...]] = ()
+    """Named event streams besides ``primary`` whose numeric scalar data keys this consumer is
+    offered (as ``"<stream>/<key>"`` signals, :attr:`SignalInfo.stream`), ``"*"`` for every one;
+    empty (the default): primary data keys and frame series only."""
 
     def __init__(self, params: ConsumerParams, run: RunInfo):
         self.params = params

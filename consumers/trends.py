@@ -7,9 +7,12 @@ value (``key: primary/capacity``) and another one, ``seq_num`` or ``time`` as it
 ``features/mean_particle_area`` with the x it stored (the cycle): consumers never read one another,
 so the store is the seam; trends takes the run's frame signals as the trigger, reads the run's new
 stored points after each batch (list it after the writer: consumers see a batch in config order)
-and at :meth:`TrendsConsumer.finish`. Event data keys of other streams (``baseline/cycle``) and
-metrics are refused at config time: the daemon offers consumers primary-stream keys only, and
-consumers do not read the daemon's metric registry.
+and at :meth:`TrendsConsumer.finish`. The x may also be a numeric data key of another named stream
+(``x: baseline/cycle``): one x per run, the first reading of that stream (bluesky's
+``SupplementalData(baseline=[...])`` reads it at run start), given to every point of the run; the
+consumer opts in to those signals (``streams = ("*",)``, :attr:`~beamlens.consumers.base.SignalInfo.stream`).
+Values of other streams and metrics are refused at config time: values are per point of the scan,
+and consumers do not read the daemon's metric registry.
 Every point (an event with both readings) is stored in the trend store
 (:mod:`beamlens.consumers.trend_store`, one SQLite file, by default
 ``<state.directory>/trends.sqlite``: the daemon validates params with its state directory as
@@ -78,8 +81,10 @@ class SeriesConfig(ForecastConfig):
         "events", description="events: the key is an event data key of the run; store: a series another consumer "
                               "writes to the trend store (the features consumer's 'features/<feature>'), x as it "
                               "stored it (the cycle); list trends after that consumer")
-    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s); reads: store: "
-                                          "'stored' (the default there)")
+    x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s); "
+                                          "'<stream>/<data key>' of another stream (baseline/cycle): the run's first "
+                                          "reading there, for all its points; reads: store: 'stored' (the default "
+                                          "there) or '<stream>/<data key>' (scope run)")
     relative_to_first: bool = Field(False, description="divide each run's values by its first (capacity retention)")
     scope: Literal["run", "all"] = "run"
     prior: Literal["earlier_runs", "none"] = Field("earlier_runs", description="scope run: learn a prior from earlier runs")
@@ -94,18 +99,26 @@ class SeriesConfig(ForecastConfig):
         if self.reads == "store":
             if not head or not tail:
                 raise ValueError(f"key {self.key!r}: a stored series is '<consumer>/<result>' (features/mean_particle_area)")
+            if self.x_stream is not None:
+                if self.scope != "run":
+                    raise ValueError(f"x {self.x!r}: a stored series with its x from another stream needs scope: run "
+                                     "(other runs' stored points carry their writer's x)")
+                return self
             if self.x not in ("seq_num", "stored"):
-                raise ValueError("x: a series read from the trend store has the x its writer stored (x: stored)")
+                raise ValueError("x: a series read from the trend store has the x its writer stored (x: stored) "
+                                 "or one of another stream ('baseline/cycle')")
             self.x = "stored"
             return self
         if head != "primary" or not tail:
             # the daemon offers consumers the data keys of the primary stream only (daemon/signals.py);
             # metrics live in the daemon's registry, which consumers do not read (layering)
-            raise ValueError(f"key {self.key!r}: only event data keys of the primary stream ('primary/<data key>') "
-                             "reach consumers; consumer results through the trend store (reads: store); other "
-                             "streams (baseline/...) and metrics are not offered to consumers")
-        if self.x not in ("seq_num", "time") and (not self.x.startswith("primary/") or len(self.x) <= len("primary/")):
-            raise ValueError("x must be 'seq_num', 'time' or 'primary/<data key>'")
+            raise ValueError(f"key {self.key!r}: a value is an event data key of the primary stream "
+                             "('primary/<data key>') or a consumer result through the trend store (reads: store); "
+                             "other streams (baseline/...) give x only (x: baseline/cycle), and metrics are not "
+                             "offered to consumers")
+        xhead, _, xtail = self.x.partition("/")
+        if self.x not in ("seq_num", "time") and (not xhead or not xtail):
+            raise ValueError("x must be 'seq_num', 'time', 'primary/<data key>' or '<stream>/<data key>'")
         return self
 
     @property
@@ -115,6 +128,12 @@ class SeriesConfig(ForecastConfig):
     @property
     def x_key(self) -> str | None:
         return self.x.split("/", 1)[1] if self.x.startswith("primary/") else None
+
+    @property
+    def x_stream(self) -> str | None:
+        """The stream of an x read from another stream than primary (``baseline``), else None."""
+        head, _, tail = self.x.partition("/")
+        return head if tail and head != "primary" else None
 
 
 class TrendsParams(ConsumerParams):
@@ -228,6 +247,7 @@ class TrendsConsumer(Consumer):
     Params = TrendsParams
     params: TrendsParams
     mergeable = False
+    streams = ("*",)  # x of a series may be a data key of any named stream (baseline/cycle)
 
     def __init__(self, params, run):
         super().__init__(params, run)
@@ -245,6 +265,9 @@ class TrendsConsumer(Consumer):
         stored = any(s.reads == "store" for s in self.params.series)
         if info.kind == "frame" and stored:
             pass  # the trigger of stored series: the frames their writer (features) analyses
+        elif info.kind == "event" and info.stream != "primary":
+            if info.name not in {s.x for s in self.params.series if s.x_stream} or info.sig_shape != ():
+                raise NotApplicable(f"{info.name!r} is not the x of a declared series")
         elif info.kind != "event" or info.sig_shape != ():
             raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
         else:
@@ -260,6 +283,9 @@ class TrendsConsumer(Consumer):
             specs += [BufferSpec(f"{s.name}_x", "nav", description=f"x ({s.x}) of {s.key}"),
                       BufferSpec(f"{s.name}_value", "nav", description=s.key),
                       BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store")]
+            if s.x_stream:
+                specs.append(BufferSpec(f"{s.name}_run_x", "single", extra_shape=(1,), private=True, merge=None,
+                                        description=f"the run's x: first reading of {s.x}"))
             if s.scope == "run" and s.prior == "earlier_runs" and self.store is not None:
                 self.priors[s.name] = None
                 self.run.submit(self._learn_prior, s, then=lambda prior, s=s: self._install_prior(s, prior))
@@ -300,6 +326,8 @@ class TrendsConsumer(Consumer):
     def process(self, batch: Batch, staged: object = None) -> bool:
         if batch.signal.kind == "frame":
             return self._read_stored()
+        if batch.signal.stream != "primary":
+            return self._run_x(batch)
         b = self.buffers
         pos = batch.nav_index
         values = batch.data.astype(np.float64)
@@ -313,17 +341,51 @@ class TrendsConsumer(Consumer):
                 b[f"{s.name}_x"][pos] = values
             if s.x in ("seq_num", "time") and batch.signal.name == s.value_key:
                 b[f"{s.name}_x"][pos] = batch.seq_num if s.x == "seq_num" else batch.time
-            new = pos[np.isfinite(b[f"{s.name}_x"][pos]) & np.isfinite(b[f"{s.name}_value"][pos])
-                      & np.isnan(b[f"{s.name}_stored"][pos])]
-            if len(new):
-                if self.store is not None:
-                    self.store.add(s.key, self.run.uid, new + 1, b[f"{s.name}_x"][new], b[f"{s.name}_value"][new])
-                b[f"{s.name}_stored"][new] = 1.0
-                count_points(b, s, len(new))
+            if s.x_stream and batch.signal.name == s.value_key:
+                b[f"{s.name}_x"][pos] = b[f"{s.name}_run_x"][0]  # NaN until the stream's reading arrives
+            if self._store_new(s, pos):
                 touched.append(s)
         for s in touched:
             self._update(s)
         return bool(touched)
+
+    def _store_new(self, s: SeriesConfig, pos: np.ndarray) -> bool:
+        """Store the points of ``s`` at nav ``pos`` that have both readings now and were not
+        stored yet; count them towards the next refit. Returns whether there were any."""
+        b = self.buffers
+        new = pos[np.isfinite(b[f"{s.name}_x"][pos]) & np.isfinite(b[f"{s.name}_value"][pos])
+                  & np.isnan(b[f"{s.name}_stored"][pos])]
+        if not len(new):
+            return False
+        if self.store is not None:
+            self.store.add(s.key, self.run.uid, new + 1, b[f"{s.name}_x"][new], b[f"{s.name}_value"][new])
+        b[f"{s.name}_stored"][new] = 1.0
+        count_points(b, s, len(new))
+        return True
+
+    def _run_x(self, batch: Batch) -> bool:
+        """A reading of another stream (``nav_index``: the event's index in that stream): the
+        first finite one becomes the run's x of the series that read it, given to the points
+        already there. Returns whether a series gained points."""
+        b, touched = self.buffers, []
+        order = np.argsort(batch.seq_num, kind="stable")
+        values = batch.data.astype(np.float64)[order]
+        finite = values[np.isfinite(values)]
+        for s in self.params.series:
+            if s.x != batch.signal.name or not len(finite) or np.isfinite(b[f"{s.name}_run_x"][0]):
+                continue
+            b[f"{s.name}_run_x"][0] = finite[0]
+            touched.append(s)
+            if s.reads == "store":
+                continue
+            pos = np.flatnonzero(np.isfinite(b[f"{s.name}_value"]))
+            b[f"{s.name}_x"][pos] = finite[0]
+            self._store_new(s, pos)
+        changed = any(s.reads == "store" for s in touched) and self._read_stored()
+        for s in touched:
+            if s.reads != "store":
+                self._update(s)
+        return bool(changed or any(s.reads != "store" for s in touched))
 
     def _read_stored(self) -> bool:
         """Copy this run's new points of the stored series (``reads: store``) from the trend store
@@ -334,6 +396,11 @@ class TrendsConsumer(Consumer):
             if s.reads != "store":
                 continue
             seq, x, y = self.store.points(s.key, self.run.uid)
+            if s.x_stream:
+                run_x = b[f"{s.name}_run_x"][0]
+                if not np.isfinite(run_x):
+                    continue  # until the stream's reading arrives (then _run_x reads them)
+                x = np.full(len(seq), run_x)
             pos = seq - 1
             keep = (pos >= 0) & (pos < len(b[f"{s.name}_x"]))
             pos, x, y = pos[keep], x[keep], y[keep]

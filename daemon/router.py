@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from typing import Any, Protocol
 import numpy as np
 from event_model import pack_event_page
 from threadpoolctl import threadpool_limits
+
+from beamlens.consumers.base import SignalInfo
 
 from .checkpoint import Checkpointer
 from .config import Config
@@ -52,7 +55,7 @@ from .metrics import Metrics
 from .midway import MidwayJoiner, lookups_from_config
 from .placement import flat_positions
 from .results import RunState, RunStore
-from .runtable import RunTable, result_budget_bytes, synthetic_stop
+from .runtable import RunTable, result_budget_bytes, synthetic_stop, wants_stream
 from .signals import event_batch, event_signals
 from .supervision import TICK_S, Supervisor
 
@@ -61,6 +64,8 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _WAKE = object()
 PRIMARY = "primary"
+STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+"""A stream name (other than primary) whose data keys may be offered to consumers."""
 
 __all__ = ["Router", "RouterTask", "StopGate", "result_budget_bytes"]
 
@@ -353,15 +358,32 @@ class Router:
         run.descriptor_streams[doc["uid"]] = doc.get("name", PRIMARY)
         run.last_activity = time.time()
         if doc.get("name", PRIMARY) != PRIMARY:
+            self._stream_descriptor(run, doc)
             return
         run.primary_descriptors.add(doc["uid"])
         t.call_all(run, "descriptor", doc)
         if not run.buffers_allocated:
-            run.signals = {s.name: s for s in event_signals(doc)}
-            t.offer(run, run.signals.values())
+            primary = {s.name: s for s in event_signals(doc)}
+            run.signals = {**primary, **{k: v for k, v in run.signals.items() if k not in primary}}  # + other streams
+            t.offer(run, primary.values())
             run.buffers_allocated = True
         t.notify("descriptor", run, doc)
         self.midway.descriptor_arrived(doc["uid"])
+
+    def _stream_descriptor(self, run: RunState, doc: dict[str, Any]) -> None:
+        """The first descriptor of another named stream (``baseline``, a monitor) offers its numeric
+        scalar data keys as ``"<stream>/<key>"`` signals to the consumers that opt in to it
+        (:attr:`Consumer.streams`); a stream name that is not a short identifier is not offered."""
+        stream = doc.get("name")
+        if not isinstance(stream, str) or not STREAM_NAME.fullmatch(stream):
+            return
+        if any(i.stream == stream for i in run.signals.values()) \
+                or not any(s.offerable and wants_stream(s.consumer, stream) for s in run.slots):
+            return
+        new = [i for i in event_signals(doc, stream) if i.name not in run.signals]
+        if new:
+            run.signals.update((i.name, i) for i in new)
+            self.table.offer(run, new)
 
     def _event_page(self, page: dict[str, Any], source: str) -> None:
         t = self.table
@@ -383,6 +405,7 @@ class Router:
         self.metrics.last_event_time.set(now)
         run.count_events(descriptor, page["seq_num"])
         if descriptor not in run.primary_descriptors:
+            self._stream_page(run, page, descriptor)
             return
         seq = np.asarray(page["seq_num"], dtype=np.int64)
         positions = flat_positions(seq, run.nav_shape, run.snaking)
@@ -405,12 +428,30 @@ class Router:
         times = page.get("time")
         times = [times[i] for i in np.flatnonzero(inside)] if isinstance(times, list) and len(times) == len(positions) else None
         data = page.get("data") if isinstance(page.get("data"), dict) else {}
-        for name, info in run.signals.items():
+        self._columns(run, [i for i in run.signals.values() if i.stream == PRIMARY], data, inside, nav, seq, times)
+
+    def _stream_page(self, run: RunState, page: dict[str, Any], descriptor: str) -> None:
+        """Events of another stream to the consumers that took its signals, ``nav_index`` the
+        event's index in its stream (``seq_num - 1``, seq_num already checked)."""
+        stream = run.descriptor_streams.get(descriptor)
+        signals = [i for i in run.signals.values() if i.stream == stream and i.stream != PRIMARY]
+        if not signals:
+            return
+        seq = np.asarray(page["seq_num"], dtype=np.int64)
+        times = page.get("time")
+        data = page.get("data") if isinstance(page.get("data"), dict) else {}
+        self._columns(run, signals, data, np.ones(len(seq), dtype=bool), seq - 1, seq,
+                      times if isinstance(times, list) and len(times) == len(seq) else None)
+
+    def _columns(self, run: RunState, signals: list[SignalInfo], data: dict[str, Any], inside: np.ndarray,
+                 nav: np.ndarray, seq: np.ndarray, times: list[Any] | None) -> None:
+        for info in signals:
+            name = info.name
             slots = self.table.takers(run, name)
             if not slots:
                 continue
-            values = data.get(name)
-            if isinstance(values, list) and len(values) == len(positions) and not inside.all():
+            values = data.get(info.key)
+            if isinstance(values, list) and len(values) == len(inside) and not inside.all():
                 values = [values[i] for i in np.flatnonzero(inside)]
             batch, bad = event_batch(info, values, nav, seq, times)
             if bad:

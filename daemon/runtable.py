@@ -56,6 +56,15 @@ STAGED_PER_WORKER = 2
 Listener = Callable[[str, RunState, dict[str, Any]], None]
 
 
+def wants_stream(consumer: Any, stream: str) -> bool:
+    """Whether ``consumer`` is offered event signals of ``stream``: always ``primary``; another
+    named stream only when its class opts in (``Consumer.streams`` names it, or ``"*"``)."""
+    if stream == "primary":
+        return True
+    wanted = getattr(type(consumer), "streams", ())
+    return isinstance(wanted, tuple) and (stream in wanted or "*" in wanted)
+
+
 def result_budget_bytes(config: Config) -> float:
     """The memory budget for result buffers: ``limits.memory_budget_mib`` less, per frame source,
     its queue (``frame_queue_mib``) and the batches it may have in flight (``frames_in_flight + 1``
@@ -256,6 +265,7 @@ class RunTable:
         consumer that took no event signal sits out with its refusals as the reason (still offered
         later frame series); one binding an unknown metric is set aside (a consumer bug)."""
         signals = list(signals)
+        other_stream = any(i.stream != "primary" for i in signals)
         declared: list[tuple[ConsumerSlot, list[BufferSpec]]] = []
         for slot in run.slots:
             if not slot.offerable or (frame_source is not None and not self.takes_frames_from(slot.name, frame_source)):
@@ -264,6 +274,8 @@ class RunTable:
             refusals: list[str] = []
             taken: list[SignalInfo] = []
             for info in signals:
+                if info.kind == "event" and not wants_stream(slot.consumer, info.stream):
+                    continue  # other streams only to consumers that opt in (Consumer.streams)
                 got = self.dispatcher.call(run, slot, "signal", info)
                 if isinstance(got, Refused):
                     refusals.append(got.reason)
@@ -286,7 +298,8 @@ class RunTable:
             if specs:
                 declared.append((slot, specs))
                 self._offered[id(slot)] = taken
-            if not slot.signals and slot.inactive_reason is None and refusals and frame_source is None:
+            if not slot.signals and slot.inactive_reason is None and refusals and frame_source is None \
+                    and not other_stream:
                 slot.inactive_reason, slot.refused_only = "; ".join(dict.fromkeys(refusals)), True
         try:
             self.allocate(run, declared)

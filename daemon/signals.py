@@ -10,6 +10,11 @@
 - **Event batches** (:func:`stack_events`): one data key's column of an EventPage is stacked once per
   page into ``(n, *sig_shape)`` float64 (integer readings int64); an event whose value has another
   shape (or is not numeric) is dropped and reported, the rest of the page goes on.
+- **Other streams** (``stream`` other than ``"primary"``, e.g. ``baseline``): offered only to
+  consumers that opt in (:attr:`Consumer.streams`), numeric scalars only, named
+  ``"<stream>/<data key>"``; their batches' ``nav_index`` is the event's index in its stream
+  (``seq_num - 1``): they are not points of the scan grid and are never placed or dropped as
+  outside the scan.
 - **Frame signals** (:func:`frame_signal`): one per detector series, named after the frame source,
   with ``row``/``col`` axes in px; frames keep their wire dtype.
 
@@ -60,12 +65,13 @@ def ordered_keys(descriptor: Mapping[str, Any]) -> list[str]:
     return hinted + [k for k in keys if k not in hinted]
 
 
-def event_signals(descriptor: Mapping[str, Any]) -> list[SignalInfo]:
-    """The signals of a primary EventDescriptor, in the order they are offered to consumers.
+def event_signals(descriptor: Mapping[str, Any], stream: str = "primary") -> list[SignalInfo]:
+    """The signals of an EventDescriptor of ``stream``, in the order they are offered to consumers.
 
     Returns:
-        one :class:`SignalInfo` per inline array key (dtype float64) and numeric scalar key
-        (``number``: float64, ``integer``: int64), ``descriptor`` attached.
+        primary: one :class:`SignalInfo` per inline array key (dtype float64) and numeric scalar
+        key (``number``: float64, ``integer``: int64), ``descriptor`` attached; another stream:
+        its numeric scalar keys only, named ``"<stream>/<data key>"``, ``stream`` set.
     """
     keys = descriptor.get("data_keys", {})
     out = []
@@ -76,15 +82,16 @@ def event_signals(descriptor: Mapping[str, Any]) -> list[SignalInfo]:
         kind, shape = dk.get("dtype"), _shape(dk.get("shape") if dk.get("shape") is not None else [])
         if shape is None:
             continue
-        if kind == "array" and shape:
+        if kind == "array" and shape and stream == "primary":
             dtype = "float64"
         elif kind in ("number", "integer") and shape == ():
             dtype = "int64" if kind == "integer" else "float64"
         else:
             continue
         units = dk.get("units")
-        out.append(SignalInfo(name=name, kind="event", sig_shape=shape, dtype=dtype,
-                              units=units if isinstance(units, str) else "", descriptor=descriptor))
+        out.append(SignalInfo(name=name if stream == "primary" else f"{stream}/{name}", kind="event",
+                              sig_shape=shape, dtype=dtype, units=units if isinstance(units, str) else "",
+                              descriptor=descriptor, stream=stream))
     return out
 
 
@@ -181,7 +188,7 @@ def signal_json(info: SignalInfo) -> dict[str, Any]:
         "axes": [{"name": a.name, "units": a.units,
                   "values": None if a.values is None else np.asarray(a.values, dtype=np.float64).tolist()}
                  for a in info.axes],
-        "descriptor": info.descriptor,
+        "descriptor": info.descriptor, "stream": info.stream,
         "series": None if info.series is None else {
             "source": info.series.source, "series_id": info.series.series_id,
             "sig_shape": list(info.series.sig_shape), "dtype": info.series.dtype, "n_frames": info.series.n_frames,
@@ -208,4 +215,4 @@ def signal_from_json(d: Mapping[str, Any]) -> SignalInfo:
         raise ValueError(f"signal kind {kind!r}")
     return SignalInfo(name=str(d["name"]), kind=kind, sig_shape=tuple(int(x) for x in d["sig_shape"]),
                       dtype=str(np.dtype(d["dtype"])), units=str(d.get("units", "")), axes=axes,
-                      descriptor=d.get("descriptor"), series=series)
+                      descriptor=d.get("descriptor"), series=series, stream=str(d.get("stream", "primary")))

@@ -63,3 +63,34 @@ def test_frame_signal_and_json_round_trip():
     (spectrum,) = [s for s in event_signals(DESCRIPTOR) if s.name == "spectrum"]
     again = signal_from_json(signal_json(spectrum))
     assert again.descriptor == DESCRIPTOR and again.sig_shape == (5,) and again.series is None
+
+
+def test_other_streams_offer_numeric_scalars_named_by_stream_and_round_trip():
+    from beamlens.consumers.base import Consumer
+    from beamlens.consumers.stats import StatsConsumer
+    from beamlens.consumers.trends import TrendsConsumer
+    from beamlens.daemon.runtable import wants_stream
+
+    desc = {"name": "baseline", "data_keys": {
+        "cycle": {"dtype": "integer", "shape": [], "units": "cycles", "source": "x"},
+        "temp": {"dtype": "number", "shape": [], "source": "x"},
+        "img": {"dtype": "array", "shape": [4, 4], "source": "x"},
+        "label": {"dtype": "string", "shape": [], "source": "x"}}}
+    sigs = event_signals(desc, "baseline")
+    assert [(s.name, s.key, s.stream, s.dtype) for s in sigs] == [
+        ("baseline/cycle", "cycle", "baseline", "int64"), ("baseline/temp", "temp", "baseline", "float64")]
+    assert sigs[0].data_key["units"] == "cycles"
+    assert [s.stream for s in event_signals({**desc, "name": "primary"})] == ["primary"] * 3
+    back = signal_from_json(signal_json(sigs[0]))
+    assert (back.name, back.stream, back.key) == ("baseline/cycle", "baseline", "cycle")
+    old = signal_json(event_signals({**desc, "name": "primary"})[0])
+    del old["stream"]  # a checkpoint written before streams existed
+    assert signal_from_json(old).stream == "primary"
+    # consumers that do not opt in are never offered other streams
+    assert Consumer.streams == () and StatsConsumer.streams == ()
+    assert not wants_stream(StatsConsumer.__new__(StatsConsumer), "baseline")
+    assert wants_stream(StatsConsumer.__new__(StatsConsumer), "primary")
+    assert wants_stream(TrendsConsumer.__new__(TrendsConsumer), "baseline")
+    # hostile values in a stream page: counted as wrong_shape, the rest goes on
+    batch, bad = event_batch(sigs[1], [1.5, "x", [1, 2]], np.array([0, 1, 2]), np.array([1, 2, 3]), [0.0, 0.0, 0.0])
+    assert bad == 2 and batch.data.tolist() == [1.5] and batch.nav_index.tolist() == [0]

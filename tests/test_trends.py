@@ -388,3 +388,67 @@ def test_stored_series_need_a_store_and_other_streams_are_refused_with_why():
     with pytest.raises(ValidationError, match="x: stored"):
         TrendsParams.model_validate({"store": "/tmp/x.sqlite", "series": [
             {"name": "a", "key": "features/void_area", "reads": "store", "x": "primary/cycle"}]})
+
+
+def test_x_from_the_baseline_stream_through_the_proxy(proxy, beamline, make_daemon, tmp_path):
+    """A real RunEngine with ophyd sim devices and ``SupplementalData(baseline=[cycle])``, through
+    the real proxy: each run's x is its baseline cycle reading at run start (the motor moves on
+    before the end-of-run baseline reading), the values the run's primary capacity readings; the
+    forecast spans runs (scope all). stats, which does not opt in to other streams, is never
+    offered the baseline keys."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+    from bluesky.preprocessors import SupplementalData
+    from ophyd import Signal
+    from ophyd.sim import SynAxis
+
+    store_path = tmp_path / "trends.sqlite"
+    daemon = make_daemon(source_yaml(proxy.out_address) + f"""
+consumers:
+  - name: stats
+    class: stats
+  - name: trends
+    class: trends
+    params:
+      store: {store_path}
+      series:
+        - {{name: capacity, key: primary/capacity, x: baseline/cycle, scope: all, threshold: 0.8, prior: none}}
+""")
+    subscribe(daemon, proxy)
+    cycle = SynAxis(name="cycle")
+    capacity = Signal(name="capacity", value=1.0)
+    beamline.RE.preprocessors.append(SupplementalData(baseline=[cycle]))
+
+    def checkup(c, q):
+        yield from bps.mv(cycle, c, capacity, q)
+
+        @bpp.run_decorator(md={"plan_name": "checkup"})
+        def run():  # baseline read at open_run (x = c); the cycler moves on before the close_run reading
+            for _ in range(2):
+                yield from bps.trigger_and_read([capacity])
+            yield from bps.mv(cycle, c + 50)
+
+        return (yield from run())
+
+    cycles = [100.0, 200.0, 300.0, 400.0, 500.0]
+    uids = []
+    for c in cycles:
+        (uid,) = beamline.RE(checkup(c, 1.0 - 0.0004 * c))
+        uids.append(uid)
+        wait_run_finished(daemon, uid)
+    last = daemon.store.get(uids[-1])
+    stats, trends = last.slots
+    assert all(i.stream == "primary" for i in stats.signals)
+    assert {i.name for i in trends.signals} == {"baseline/cycle", "capacity"}
+    x = daemon.store.snapshot(uids[-1], "trends", "capacity_x").data
+    assert x[:2].tolist() == [500.0, 500.0]  # the run-start reading, not the run-end one (550)
+    pts = daemon.store.snapshot(uids[-1], "trends", "capacity_points").data
+    ok = np.isfinite(pts[0])
+    assert sorted(pts[0][ok].tolist()) == sorted(np.repeat(cycles, 2).tolist())
+    assert np.allclose(pts[1][ok], 1.0 - 0.0004 * pts[0][ok])
+    crossing = daemon.store.snapshot(uids[-1], "trends", "crossing").data[0]
+    assert crossing == pytest.approx(500.0, abs=60.0)  # 1 - 0.0004 x reaches 0.8 at x = 500
+    with TrendStore(store_path) as store:
+        runs = store.runs("primary/capacity")
+        assert [r.run_uid for r in runs] == uids
+        assert [r.x.tolist() for r in runs] == [[c, c] for c in cycles]
