@@ -12,7 +12,7 @@ import pytest
 from event_model import compose_run
 from pydantic import ValidationError
 
-from beamlens.consumers.base import Batch, Buffers, RunInfo
+from beamlens.consumers.base import Batch, Buffers, NotApplicable, RunInfo
 from beamlens.consumers.trend_model import TrendModel, first_crossing, learn_prior
 from beamlens.consumers.trend_store import TrendStore
 from beamlens.consumers.trends import TrendsConsumer, TrendsParams
@@ -452,3 +452,91 @@ consumers:
         runs = store.runs("primary/capacity")
         assert [r.run_uid for r in runs] == uids
         assert [r.x.tolist() for r in runs] == [[c, c] for c in cycles]
+
+
+def baseline_signal(key: str = "cycle"):
+    from beamlens.daemon.signals import event_signals
+
+    desc = {"uid": "bl", "name": "baseline", "run_start": "run",
+            "data_keys": {key: {"source": "sim", "dtype": "number", "shape": [], "units": "cycles"}}}
+    (info,) = event_signals(desc, "baseline")
+    return info
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_x_from_another_stream_in_either_order_skips_bad_readings_and_round_trips(tmp_path, split):
+    """The run's x is the first *finite* reading of ``baseline/cycle`` (NaN and inf skipped, like
+    primary ones), whether it arrives before or after the primary values; the private ``_run_x``
+    survives a checkpoint (the baseline SignalInfo round-trips with its stream)."""
+    from partitions import assert_buffers_equal, checkpoint_round_trip
+
+    sb, sy = baseline_signal(), event_signal("capacity")
+    assert (sb.name, sb.stream) == ("baseline/cycle", "baseline")
+    params = {"series": [{"name": "q", "key": "primary/capacity", "x": "baseline/cycle", "threshold": 0.8,
+                          "prior": "none"}]}
+    y = np.array([1.0, 0.99, np.nan, 0.97, 0.96, 0.95])
+    nav = np.arange(6)
+    batches = [Batch(sy, y[:2], nav[:2], nav[:2] + 1, np.zeros(2)),
+               Batch(sb, np.array([np.nan, np.inf]), np.array([0, 1]), np.array([1, 2]), np.zeros(2)),
+               Batch(sb, np.array([300.0, 350.0]), np.array([2, 3]), np.array([3, 4]), np.zeros(2)),
+               Batch(sy, y[2:], nav[2:], nav[2:] + 1, np.zeros(4)),
+               Batch(sb, np.array([999.0]), np.array([4]), np.array([5]), np.zeros(1))]  # later readings: ignored
+    whole, resumed = checkpoint_round_trip(TrendsConsumer, params, [sy, sb], batches, 6, tmp_path / "t.ckpt",
+                                           split=split)
+    b = whole.buffers
+    assert b.q_run_x.tolist() == [300.0]
+    assert [v for v in b.q_x.tolist() if v == v] == [300.0] * 6
+    assert int(np.nansum(b.q_stored)) == 5  # the NaN value is not a point
+    assert_buffers_equal(whole, resumed, private=True)
+    with pytest.raises(NotApplicable):
+        TrendsConsumer(TrendsParams.model_validate(params), RunInfo(uid="r", nav_shape=(6,), start_doc={})).signal(
+            baseline_signal("temperature"))
+
+
+def test_stream_x_configs():
+    ok = TrendsParams.model_validate({"series": [{"name": "a", "key": "primary/q", "x": "baseline/cycle"}]})
+    assert ok.series[0].x_stream == "baseline" and ok.series[0].x_key is None
+    stored = TrendsParams.model_validate({"store": "/tmp/x.sqlite", "series": [
+        {"name": "a", "key": "features/void_area", "reads": "store", "x": "baseline/cycle"}]})
+    assert stored.series[0].x == "baseline/cycle"
+    with pytest.raises(ValidationError, match="scope: run"):
+        TrendsParams.model_validate({"store": "/tmp/x.sqlite", "series": [
+            {"name": "a", "key": "features/void_area", "reads": "store", "x": "baseline/cycle", "scope": "all"}]})
+    with pytest.raises(ValidationError, match="give x only"):
+        TrendsParams.model_validate({"series": [{"name": "a", "key": "baseline/cycle", "x": "primary/q"}]})
+
+
+@pytest.mark.parametrize("baseline_first", [True, False])
+def test_a_stored_result_takes_its_x_from_the_baseline_stream(tmp_path, baseline_first):
+    """``reads: store`` with ``x: baseline/cycle``: the features consumer's stored point of the run
+    gets the run's baseline cycle as x (not the writer's stored x), whichever arrives first."""
+    from dataclasses import replace
+
+    from beamlens.consumers.features import FeaturesConsumer, FeaturesParams
+    from beamlens.daemon.sim.electrode import ElectrodeGenerator
+    from partitions import frame_signal
+
+    store = tmp_path / "trends.sqlite"
+    tparams = TrendsParams.model_validate({"store": str(store), "series": [
+        {"name": "area", "key": "features/mean_particle_area", "reads": "store", "x": "baseline/cycle",
+         "prior": "none"}]})
+    img, _ = ElectrodeGenerator(seed=4).frame(100)
+    run = RunInfo(uid="r", nav_shape=(1,), start_doc={})
+    feats, trends = FeaturesConsumer(FeaturesParams(store=store), run), TrendsConsumer(tparams, run)
+    info, sb = frame_signal("sem", img.shape, dtype=str(img.dtype)), baseline_signal()
+    info = replace(info, series=replace(info.series, meta={"cycle": 100}))  # the writer's x: 100
+    feats.buffers = Buffers.allocate(feats.signal(info), 1)
+    trends.buffers = Buffers.allocate(trends.signal(sb) + trends.signal(info), 1)
+    frames = Batch(info, img[None], np.array([0]), np.array([1]), np.zeros(1))
+    base = Batch(sb, np.array([123.0]), np.array([0]), np.array([1]), np.zeros(1))
+    if baseline_first:
+        assert trends.process(base) is False  # no stored point of the run yet
+        feats.process(frames)
+        assert trends.process(frames) is True
+    else:
+        feats.process(frames)
+        assert trends.process(frames) is False  # the stored point waits for the run's x
+        assert trends.process(base) is True
+    assert trends.buffers.area_x[0] == 123.0
+    assert trends.buffers.area_value[0] == feats.buffers.mean_particle_area[0]
+    trends.stop({})
