@@ -214,8 +214,8 @@ class SignalInfo:
 
     Attributes:
         name: the event data key (``kind == "event"``) or the frame source name (``"frame"``).
-        kind: ``"event"`` (a data key of the run's primary stream) or ``"frame"`` (a detector frame
-            series).
+        kind: ``"event"`` (a data key of the run's primary stream, or of another stream, see
+            :attr:`stream`) or ``"frame"`` (a detector frame series).
         sig_shape: shape of one point's value: ``()`` for a scalar reading, ``(n_channels,)`` for a
             spectrum, ``(rows, cols)`` for a frame (px).
         dtype: numpy dtype string of :attr:`Batch.data` (event arrays and numbers: ``"float64"``,

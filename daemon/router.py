@@ -7,7 +7,9 @@ source) and, per run:
 - ``descriptor``: remembers shapes and streams; the first descriptor of the ``primary`` stream
   makes the run's event signals (:func:`beamlens.daemon.signals.event_signals`: arrays and numeric
   scalars, hinted first), which are offered to every consumer, whose declared buffers are then
-  allocated;
+  allocated; the first descriptor of another named stream (``baseline``) offers its numeric scalars
+  as ``"<stream>/<key>"`` signals only to consumers that opt in (``Consumer.streams``), their
+  events' ``nav_index`` the index in that stream (never placed in the scan);
 - ``event`` / ``event_page``: coalesces consecutive events of one descriptor into pages of at most
   ``max_page_size``, checks seq_nums, places each event in the map from its seq_num (events outside
   the scan are dropped and counted once, ``seq_num_outside_scan``), stacks each accepted signal's
