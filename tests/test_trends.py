@@ -540,3 +540,77 @@ def test_a_stored_result_takes_its_x_from_the_baseline_stream(tmp_path, baseline
     assert trends.buffers.area_x[0] == 123.0
     assert trends.buffers.area_value[0] == feats.buffers.mean_particle_area[0]
     trends.stop({})
+
+
+def test_a_run_with_a_baseline_x_resumes_after_a_router_restart(tmp_path):
+    """The daemon's own checkpoint of a run whose trends series takes x from ``baseline/cycle``:
+    the baseline SignalInfo (with its stream) is saved and offered again on restore, the run's x
+    survives, and after the restart the rest of the run's points get it. A baseline reading that is
+    not a number is counted (``wrong_shape``) and skipped, the next one is used; stats, which does
+    not opt in, never takes a baseline key, nor does a consumer that takes the first signal offered."""
+    from beamlens.daemon.config import load_config
+    from beamlens.daemon.documents import Document
+    from beamlens.daemon.metrics import Metrics
+    from beamlens.daemon.results import RunStore
+    from beamlens.daemon.router import Router
+
+    def router_on(metrics):
+        config = load_config(text=f"""
+consumers:
+  - {{name: stats, class: stats}}
+  - {{name: counting, class: "fault_consumers:Counting"}}
+  - name: trends
+    class: trends
+    params:
+      series: [{{name: q, key: primary/capacity, x: baseline/cycle, threshold: 0.8, prior: none}}]
+state: {{directory: '{tmp_path / "state"}', checkpoint_interval_s: 3600}}
+router: {{strict: true}}
+""", environ={})
+        store = RunStore()
+        router = Router(config, metrics, store)
+        router.start()
+        return router, store
+
+    def submit(router, docs):
+        for name, doc in docs:
+            router.submit(Document(name, doc, "test", 0.0))
+        assert router.wait_idle(120)
+
+    bundle = compose_run(metadata={"num_points": 6})
+    uid = bundle.start_doc["uid"]
+    base = bundle.compose_descriptor(name="baseline", data_keys={
+        "cycle": {"source": "cycler", "dtype": "number", "shape": [], "units": "cycles"}})
+    prim = bundle.compose_descriptor(name="primary", data_keys={
+        "capacity": {"source": "cycler", "dtype": "number", "shape": [], "units": "Ah"}})
+    b_ev = [base.compose_event(data={"cycle": v}, timestamps={"cycle": 0.0}) for v in ("n/a", 300.0, 350.0)]
+    p_ev = [prim.compose_event(data={"capacity": 1.0 - 0.01 * i}, timestamps={"capacity": 0.0}) for i in range(6)]
+    first = [("start", bundle.start_doc), ("descriptor", base.descriptor_doc), ("event", b_ev[0]),
+             ("descriptor", prim.descriptor_doc), *[("event", e) for e in p_ev[:2]], ("event", b_ev[1]),
+             ("event", p_ev[2])]
+    rest = [*[("event", e) for e in p_ev[3:]], ("event", b_ev[2]), ("stop", bundle.compose_stop())]
+
+    metrics = Metrics()
+    router, store = router_on(metrics)
+    submit(router, first)
+    assert metrics.registry.get_sample_value("beamlens_points_skipped_total",
+                                             {"consumer": "trends", "reason": "wrong_shape"}) == 1
+    router.stop()
+    assert store.get(uid).status == "suspended"
+    router, store = router_on(Metrics())
+    try:
+        run = store.get(uid)
+        assert run.signals["baseline/cycle"].stream == "baseline"
+        assert store.snapshot(uid, "trends", "q_x").data[:3].tolist() == [300.0] * 3
+        submit(router, rest)
+        assert store.wait_finished(uid, 60)
+    finally:
+        router.stop()
+    run = store.get(uid)
+    stats, counting, trends = run.slots
+    assert all(i.stream == "primary" for i in stats.signals)
+    # counting takes the first signal offered: the baseline descriptor came first, yet it got capacity
+    assert [i.name for i in counting.signals] == ["capacity"]
+    assert store.snapshot(uid, "counting", "total").data.tolist() == [1.0 - 0.01 * i for i in range(6)]
+    assert [i.name for i in trends.signals] == ["baseline/cycle", "capacity"]
+    assert store.snapshot(uid, "trends", "q_x").data.tolist() == [300.0] * 6
+    assert np.isfinite(store.snapshot(uid, "trends", "q_forecast").data).all()
