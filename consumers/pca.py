@@ -29,6 +29,9 @@ from .spectral.incremental import (MAX_SCATTER_CHANNELS, basis_of, catch_up, for
                                    principal_basis, snapshot)
 from .spectral.preprocess import energy_axis
 
+SCORE_BLOCK = 2048
+"""Points re-scored per block when a new basis is installed (a block of 123-channel spectra is 2 MB)."""
+
 
 class PCAParams(ConsumerParams):
     data_key: str | None = None
@@ -160,8 +163,25 @@ class PCAConsumer(Consumer):
         b.components[...] = comps
         b.mean[...] = mean
         b.explained_variance_ratio[...] = evr
-        pos = np.flatnonzero(np.isfinite(b.points).all(axis=1))
-        self._score(b.points[pos], pos, mean, comps)
+        self._score_stored(mean, comps)
+
+    def _score_stored(self, mean: np.ndarray, comps: np.ndarray) -> None:
+        """Re-score every stored point (finite row of ``points``) in the basis ``mean`` ``(c,)``,
+        ``comps`` ``(k, c)``: rows never stored (NaN) are dropped on their first value, the rest
+        gathered, centred and projected in blocks of :data:`SCORE_BLOCK` rows (one pass over the
+        stored points, no full-buffer temporaries)."""
+        points = self.buffers.points
+        stored = np.flatnonzero(np.isfinite(points[:, 0])) if points.shape[1] else np.zeros(0, dtype=np.int64)
+        for start in range(0, len(stored), SCORE_BLOCK):
+            pos = stored[start:start + SCORE_BLOCK]
+            x = points[pos]  # a copy (fancy index): centred in place
+            ok = finite_rows(x)
+            if not ok.all():
+                x, pos = x[ok], pos[ok]
+            x -= mean
+            scores = x @ comps.T
+            for i in range(self.k):
+                self.buffers[f"score_{i + 1}"][pos] = scores[:, i]
 
     def _score(self, x: np.ndarray, pos: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> None:
         scores = (x - mean) @ comps.T

@@ -128,6 +128,8 @@ def catch_up(buffers: Buffers, prefix: str, spectra: np.ndarray) -> None:
     pending = np.flatnonzero(added == 0)
     if not len(pending):
         return
+    if spectra.shape[1]:  # rows never stored are NaN throughout: drop them on one value each before the full check
+        pending = pending[np.isfinite(spectra[pending, 0])]
     pending = pending[np.isfinite(spectra[pending]).all(axis=1)]
     if len(pending):
         add_rows(buffers, prefix, spectra[pending])
