@@ -92,11 +92,29 @@ def _checked_dtype(descr: Any, kind: Any) -> np.dtype:
     return dtype
 
 
+_ARRAY_FORMS: dict[tuple[Any, ...], tuple[np.dtype, tuple[int, ...], int]] = {}
+"""``(descr, kind, *shape) -> (dtype, shape, bytes)`` of array forms already checked (a stream
+has a few; bounded below): the same form decodes without repeating the checks."""
+
+
 def _decode_ndarray(obj: dict[Any, Any]) -> Any:
     """msgpack object hook for msgpack-numpy arrays, refusing anything that is not plain numeric.
     The array is a read-only view of the bytes msgpack decoded (no further copy)."""
     if b"nd" not in obj:
         return obj
+    shape = obj.get(b"shape")
+    if obj[b"nd"] is True and type(shape) is list:
+        try:
+            form = _ARRAY_FORMS.get((obj.get(b"type"), obj.get(b"kind"), *shape))
+        except TypeError:  # an unhashable shape entry: the checks below say why it is refused
+            form = None
+        data = obj.get(b"data")
+        if form is not None and type(data) is bytes and len(data) == form[2]:
+            return np.frombuffer(data, dtype=form[0]).reshape(form[1])
+    return _checked_ndarray(obj)
+
+
+def _checked_ndarray(obj: dict[Any, Any]) -> Any:
     try:
         dtype = _checked_dtype(obj[b"type"], obj.get(b"kind"))
         data = obj[b"data"]
@@ -104,7 +122,10 @@ def _decode_ndarray(obj: dict[Any, Any]) -> Any:
             shape = tuple(int(n) for n in obj[b"shape"])
             if any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize != len(data):
                 raise DecodeError("bad_array", f"array of shape {shape} and dtype {dtype} does not match its {len(data)} bytes")
-            return np.frombuffer(data, dtype=dtype).reshape(shape)
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+            if len(_ARRAY_FORMS) < 256 and type(data) is bytes and type(obj[b"shape"]) is list:
+                _ARRAY_FORMS[(obj[b"type"], obj.get(b"kind"), *obj[b"shape"])] = (dtype, shape, len(data))
+            return array
         if len(data) != dtype.itemsize:
             raise DecodeError("bad_array", "numpy scalar of the wrong size")
         return np.frombuffer(data, dtype=dtype)[0]
@@ -131,6 +152,21 @@ def _depth(obj: Any, limit: int) -> int:
             return depth + 1 if any(isinstance(n, (dict, list)) and n for n in level) else depth
         level = nxt
     return depth
+
+
+def _shallow(doc: dict[str, Any]) -> bool:
+    """True when no value of ``doc``'s values is a dict or list (at most 3 deep, as an Event with
+    array or scalar readings is): the common case, answered without :func:`_depth`'s walk."""
+    for v in doc.values():
+        if isinstance(v, dict):
+            for w in v.values():
+                if isinstance(w, (dict, list)):
+                    return False
+        elif isinstance(v, list):
+            for w in v:
+                if isinstance(w, (dict, list)):
+                    return False
+    return True
 
 
 def _schema_view(name: str, doc: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +350,7 @@ def decode_document(name: str, payload: bytes, loads: Callable[[bytes], Any], *,
     doc = deserialize(payload, loads)
     if not isinstance(doc, dict):
         raise DecodeError("not_a_mapping", f"payload decodes to {type(doc).__name__}, not a document")
-    if _depth(doc, MAX_NESTING) > MAX_NESTING:
+    if not _shallow(doc) and _depth(doc, MAX_NESTING) > MAX_NESTING:
         raise DecodeError("too_deep", f"document nested deeper than {MAX_NESTING}")
     if max_data_keys is not None and name == "descriptor" and isinstance(doc.get("data_keys"), dict) \
             and len(doc["data_keys"]) > max_data_keys:
