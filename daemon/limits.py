@@ -56,6 +56,9 @@ def wire_shape(value: Any, max_points: int) -> tuple[int, ...] | None:
 def checked_seq_nums(seq_nums: Iterable[Any], hi: int) -> tuple[list[int], list[int]]:
     """Split a page's ``seq_num`` list into (indices of valid entries, their values); a valid
     seq_num is an int in ``[1, hi]``."""
+    if type(seq_nums) is list and seq_nums and all(type(s) is int for s in seq_nums) \
+            and min(seq_nums) >= 1 and max(seq_nums) <= hi:  # the usual page: all plain ints in range
+        return list(range(len(seq_nums))), list(seq_nums)
     keep, values = [], []
     for i, s in enumerate(seq_nums):
         v = wire_index(s, 1, hi)
