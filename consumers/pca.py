@@ -4,9 +4,10 @@ The principal basis comes from the exact, mergeable PCA statistics of every poin
 (count, mean and scatter matrix: :mod:`beamlens.consumers.spectral.incremental`): it equals a batch
 PCA (scikit-learn's ``PCA``) of the same points, whatever the batching, however the run is split
 across instances and merged. The points are kept (private nav buffer ``points``) so that every
-score map is recomputed in the current basis (:meth:`PCAConsumer.results`) each time ``batch_size``
-more points have arrived and at the end of the run; in between, new points are scored in the basis
-of the last update.
+score map is recomputed in the current basis each time ``batch_size`` more points have arrived
+and the stored points have grown by ``update_growth`` (1/8 by default) since the last update, and at
+the end of the run (:meth:`PCAConsumer.results`); in between, new points are scored in the basis of
+the last update.
 
 Inputs: an event data key holding a spectrum ``(n_channels,)`` or an image ``(rows, cols)`` per
 point (flattened), or a detector frame series (``signal: frame``, or the first array signal
@@ -42,7 +43,13 @@ class PCAParams(ConsumerParams):
     """Configuration key holding the energy axis (eV); default: any ``*energy`` key of matching length."""
     n_components: int = Field(3, ge=1, le=20)
     batch_size: int = Field(64, ge=2)
-    """Points between re-scorings of every point in the current basis."""
+    """Points between basis updates (each re-scores every point in the new basis)."""
+    update_growth: float = Field(0.125, ge=0.0, le=10.0)
+    """A basis update also waits until the stored points have grown by this fraction of those the
+    last update used (0: every ``batch_size`` points). Re-scoring is ``O(points)``, so updates every
+    ``batch_size`` points cost ``O(points² / batch_size)`` over a run; growing geometrically they
+    cost ``O(points / update_growth)``, while the basis shown is always that of at least
+    ``1 / (1 + update_growth)`` of the points. The end of the run always gives the exact basis of all."""
     roi: tuple[int, int, int, int] | None = None
     """For 2-D signals: ``(row_start, row_stop, col_start, col_stop)`` in px of the region analysed
     (numpy slices); default: the whole frame."""
@@ -89,6 +96,8 @@ class PCAConsumer(Consumer):
         self.k = min(p.n_components, self.n_values)
         self._basis_pending = False
         """A basis job was submitted and not installed yet (scheduling only, not result state)."""
+        self._updated_at = 0
+        """Points stored when the last basis update was submitted (scheduling only)."""
         energy = None
         if len(info.sig_shape) == 1 and info.descriptor is not None:
             energy = energy_axis(info.descriptor, self.n_values, p.energy_key)
@@ -135,9 +144,11 @@ class PCAConsumer(Consumer):
             self._score(x, pos, b.mean, b.components)
         step = self.params.batch_size
         n = int(b.n_points[0])
-        if n >= 2 and (before // step != n // step or not np.isfinite(b.mean).all()) and not self._basis_pending:
+        due = n >= self._updated_at * (1.0 + self.params.update_growth)
+        if n >= 2 and (before // step != n // step or not np.isfinite(b.mean).all()) and not self._basis_pending and due:
             catch_up(b, "pca", b.points)
             self._basis_pending = True
+            self._updated_at = n
             self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
         return False
 
