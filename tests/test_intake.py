@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import time
 
+import msgpack
 import numpy as np
 import pytest
 from event_model import DocumentNames, compose_run, pack_event_page, schema_validators
 from jsonschema.exceptions import ValidationError
 
-from beamlens.daemon.documents import DecodeError, Document, coalesce_events, decode_document, fast_valid, split_message
+from beamlens.daemon.documents import (MAX_NESTING, DecodeError, Document, coalesce_events, decode_document, fast_valid,
+                                       make_deserializer, msgpack_serializer, split_message)
 
 
 def _event():
@@ -91,3 +93,36 @@ def test_coalescing_keeps_order_and_every_event():
     assert out[2].doc["seq_num"] == [1, 2] and out[2].doc["data"]["x"] == [0.0, 1.0]
     assert out[3].doc["seq_num"] == 3 and out[4].doc is event_b.doc
     assert out[5].doc["seq_num"] == [4, 5]
+
+
+def test_a_known_array_form_is_checked_again_when_its_bytes_do_not_match():
+    """The cache of checked msgpack-numpy forms (descr, kind, shape) skips only the repeated checks:
+    a later array of that form with the wrong number of bytes, or data that is not bytes, is still
+    refused as bad_array, and an object array never enters it."""
+    loads = make_deserializer("msgpack")
+    good = np.arange(7, dtype="<f8")
+    doc = {"x": {b"nd": True, b"type": "<f8", b"kind": b"", b"shape": [7], b"data": good.tobytes()}}
+    for _ in range(2):  # the second decode takes the cached form
+        out = loads(msgpack.packb(doc))
+        assert np.array_equal(out["x"], good) and not out["x"].flags.writeable
+    for data in (good.tobytes()[:-8], good.tobytes() + b"\0" * 8, "not bytes"):
+        with pytest.raises(DecodeError) as err:
+            loads(msgpack.packb({"x": {**doc["x"], b"data": data}}))
+        assert err.value.reason == "bad_array"
+    with pytest.raises(DecodeError) as err:
+        loads(msgpack.packb({"x": {**doc["x"], b"type": "|O", b"kind": b"O"}}))
+    assert err.value.reason == "unsafe_array"
+    assert np.array_equal(loads(msgpack_serializer({"x": good}))["x"], good)
+
+
+def test_a_deep_document_is_still_refused_when_the_shallow_shortcut_does_not_apply():
+    """Documents whose values hold no containers skip the nesting walk; anything deeper still meets
+    it: an Event nested past MAX_NESTING is refused as too_deep."""
+    event, _ = _event()
+    deep: list = []
+    for _ in range(MAX_NESTING + 2):
+        deep = [deep]
+    with pytest.raises(DecodeError) as err:
+        decode_document("event", msgpack.packb({**event, "data": {"x": deep}}), make_deserializer("msgpack"))
+    assert err.value.reason == "too_deep"
+    assert decode_document("event", msgpack.packb(event), make_deserializer("msgpack"))["data"] == {"x": 1.0}
