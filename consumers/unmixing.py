@@ -419,7 +419,8 @@ class UnmixingConsumer(SpectralConsumer):
         n, p = int(self.buffers.n_points[0]), self.params
         if p.n_components == 0 or n < max(p.min_points, self.k) or self._refit_pending:
             return False
-        return n >= p.refit_growth * max(int(self.buffers.last_fit_n[0]), 1)
+        last = int(self.buffers.last_fit_n[0])
+        return last == 0 or n >= p.refit_growth * last  # the first fit at min_points, whatever the growth
 
     def _submit_refit(self) -> None:
         """Snapshot the stored spectra (copies, nav order) and submit a batch refit."""

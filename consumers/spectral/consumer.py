@@ -159,8 +159,14 @@ class SpectralConsumer(Consumer):
     def stored(self, buffers: Buffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(x (n, n_out) float64, nav indices (n,) int64)`` of every stored spectrum, in nav order."""
         s = (buffers or self.buffers).spectra
-        pos = np.flatnonzero(np.isfinite(s).all(axis=1)) if s.size else np.zeros(0, dtype=np.int64)
-        return s[pos], pos.astype(np.int64)
+        if not s.size:
+            return s[:0], np.zeros(0, dtype=np.int64)
+        pos = np.flatnonzero(np.isfinite(s[:, 0]))  # one copy of the candidate rows, checked whole
+        x = s[pos]
+        ok = np.isfinite(x).all(axis=1)
+        if not ok.all():
+            x, pos = x[ok], pos[ok]
+        return x, pos.astype(np.int64)
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
         """Default rules, after checking that both parts preprocessed with the same edge energy.
