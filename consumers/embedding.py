@@ -9,10 +9,14 @@ far), the score maps in it, and the progress map (fitted points at their fitted 
 other point mapped out of sample, :func:`~beamlens.consumers.spectral.manifold.transform`, with its
 off-manifold ratio).
 
-Event path (constant cost per spectrum): each spectrum is preprocessed, stored, added to the PCA
-statistics, scored in the basis of the last update and mapped into the current embedding. Every
-``batch_size`` spectra the basis is recomputed (a job on the daemon's pool) and all points
-re-scored.
+Event path (constant cost per spectrum): each spectrum is preprocessed, stored, scored in the
+basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra a
+basis update is a job on the daemon's pool
+(:func:`~beamlens.consumers.spectral.incremental.basis_update`): it adds the spectra stored since
+the last update to a copy of the PCA statistics (the ``O(m c²)`` rank update) and computes the
+eigendecomposition; installing it writes the statistics back (unless a re-measured point, a merge
+or :meth:`EmbeddingConsumer.results` changed them meanwhile: the spectra then stay pending and the
+next update or ``results()`` adds them) and re-scores every point.
 
 Background: the mLLE embedding is fitted once ``min_points`` spectra exist and refitted whenever
 the run has grown by ``refit_growth`` since the last fit, or as soon as the newest spectra lie off

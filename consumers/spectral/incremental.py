@@ -36,9 +36,9 @@ def moment_specs(prefix: str, n_channels: int) -> list[BufferSpec]:
     :func:`merge_moments` (rule ``None``: the consumer's :meth:`merge` calls it), and
     ``{prefix}_added`` (``nav``, uint8, ``fill``): 1 where the point's stored spectrum is in them.
 
-    Points are stored at once and added to the statistics in bulk by :func:`catch_up` (one
-    ``O(m c²)`` update per basis update instead of one per point); a merged or restored state
-    keeps its pending points pending, so the result is the same."""
+    Points are stored at once and added to the statistics in bulk by :func:`catch_up` or, off the
+    event path, :func:`basis_update` (one ``O(m c²)`` update per basis update instead of one per
+    point); a merged or restored state keeps its pending points pending, so the result is the same."""
     return [
         BufferSpec(f"{prefix}_added", "nav", dtype="uint8", private=True,
                    description="1 where the point's spectrum is in the PCA statistics"),
