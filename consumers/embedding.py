@@ -284,7 +284,13 @@ class EmbeddingConsumer(SpectralConsumer):
             b.pca_mean[...] = mean
             b.pca_scatter[...] = scatter
             b.pca_added[pending] = 1
-        self._write_basis(basis, *self.stored())
+        if basis is not None:
+            b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
+            # every point at once on the nav buffer (no copy of the stored rows): NaN rows, points
+            # not measured, score NaN, as they were
+            scores = (b.spectra - b.pca_basis_mean) @ b.pca_components.T
+            for i in range(self.k):
+                b[f"score_{i + 1}"][...] = scores[:, i]
 
     def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: np.ndarray,
                      pos: np.ndarray) -> None:

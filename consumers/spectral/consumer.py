@@ -146,12 +146,14 @@ class SpectralConsumer(Consumer):
         y, ok, dropped = self.prep(self.raw(batch), e0=e0 if np.isfinite(e0) else None)
         if self.prep.e0 is not None and not np.isfinite(e0) and self.prep.mode in ("pre_edge", "edge"):
             b.prep_e0[0] = self.prep.e0
-        self.run.skipped(self.prep.drop_reason, int(dropped.sum()))
-        self.run.skipped("nonfinite", int((~ok & ~dropped).sum()))
-        pos = batch.nav_index[ok]
-        y = y[ok]
-        keep = last_of_each(pos)
-        y, pos = y[keep], pos[keep]
+        pos = batch.nav_index
+        if not ok.all():  # the usual page has every spectrum usable: no counting, no copies
+            self.run.skipped(self.prep.drop_reason, int(dropped.sum()))
+            self.run.skipped("nonfinite", int((~ok & ~dropped).sum()))
+            pos, y = pos[ok], y[ok]
+        if len(pos) > 1:
+            keep = last_of_each(pos)
+            y, pos = y[keep], pos[keep]
         old = b.spectra[pos]
         b.spectra[pos] = y
         return y, pos, old
