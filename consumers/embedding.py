@@ -9,10 +9,14 @@ far), the score maps in it, and the progress map (fitted points at their fitted 
 other point mapped out of sample, :func:`~beamlens.consumers.spectral.manifold.transform`, with its
 off-manifold ratio).
 
-Event path (constant cost per spectrum): each spectrum is preprocessed, stored, added to the PCA
-statistics, scored in the basis of the last update and mapped into the current embedding. Every
-``batch_size`` spectra the basis is recomputed (a job on the daemon's pool) and all points
-re-scored.
+Event path (constant cost per spectrum): each spectrum is preprocessed, stored, scored in the
+basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra a
+basis update is a job on the daemon's pool
+(:func:`~beamlens.consumers.spectral.incremental.basis_update`): it adds the spectra stored since
+the last update to a copy of the PCA statistics (the ``O(m c²)`` rank update) and computes the
+eigendecomposition; installing it writes the statistics back (unless a re-measured point, a merge
+or :meth:`EmbeddingConsumer.results` changed them meanwhile: the spectra then stay pending and the
+next update or ``results()`` adds them) and re-scores every point.
 
 Background: the mLLE embedding is fitted once ``min_points`` spectra exist and refitted whenever
 the run has grown by ``refit_growth`` since the last fit, or as soon as the newest spectra lie off
@@ -47,7 +51,9 @@ from threadpoolctl import threadpool_limits
 from .base import Batch, Buffers, BufferSpec, SignalInfo
 from .spectral.background import in_worker
 from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
-from .spectral.incremental import basis_of, catch_up, forget, merge_moments, moment_specs, principal_basis, snapshot
+from .spectral.incremental import (
+    basis_update, catch_up, forget, merge_moments, moment_specs, pending_rows, principal_basis, snapshot,
+)
 from .spectral.manifold import ManifoldModel, embed, model_from, transform
 
 
@@ -120,6 +126,9 @@ class EmbeddingConsumer(SpectralConsumer):
         them all again only when the model changed; :meth:`process` maps new points in it)."""
         self._basis_pending = False
         """A basis job was submitted and not installed yet (scheduling only)."""
+        self._stats_changed = 0
+        """Counts changes of the PCA statistics (or of a stored spectrum) made on this thread: a
+        basis job's updated statistics are installed only if none happened since its snapshot."""
         self._refit_pending = False
         """A refit job was submitted and not installed yet (scheduling only, not result state)."""
         self._n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
@@ -161,25 +170,26 @@ class EmbeddingConsumer(SpectralConsumer):
         b = self.buffers
         before = self._n_stored()
         y, pos, old = self.preprocessed(batch)
+        has_basis = b.pca_basis_mean[0] == b.pca_basis_mean[0]  # written whole: finite iff published
         if len(y):
-            forget(b, "pca", pos, old)
-            b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())
-            if np.isfinite(b.pca_basis_mean).all():
+            was = np.isfinite(old).all(axis=1)
+            if was.any():  # re-measured points: their previous spectra leave the statistics
+                forget(b, "pca", pos[was], old[was])
+                self._stats_changed += 1
+            b.n_points[0] += len(y) - int(was.sum())
+            if has_basis:
                 self._score(y, pos)
             model = self._current_model()
             if model is not None:
                 coords, ratio = transform(model, y)
                 self._write_coords(pos, coords, ratio)
-                self._note_residual(float(np.median(ratio)))
+                self._note_residual(float(ratio[0] if len(ratio) == 1 else np.median(ratio)))
         if self._refit_due():
             self._submit_fit()
         step = self.params.batch_size
         n = self._n_stored()
-        if n >= 2 and (before // step != n // step or not np.isfinite(b.pca_basis_mean).all()) \
-                and not self._basis_pending:
-            catch_up(b, "pca", b.spectra)
-            self._basis_pending = True
-            self.run.submit(basis_of, *snapshot(b, "pca"), self.k, then=self._install_basis)
+        if n >= 2 and (before // step != n // step or not has_basis) and not self._basis_pending:
+            self._submit_basis()
         return False
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
@@ -188,6 +198,7 @@ class EmbeddingConsumer(SpectralConsumer):
         n_dest, n_src = (float(np.nan_to_num(x.lle_fit_n[0])) for x in (dest, src))
         super().merge(dest, src)
         merge_moments(dest, src, "pca")
+        self._stats_changed += 1
         if n_src > n_dest:
             dest.lle_fit[...] = src.lle_fit
             dest.lle_fit_n[...] = src.lle_fit_n
@@ -199,7 +210,8 @@ class EmbeddingConsumer(SpectralConsumer):
         sample)."""
         b = self.buffers
         x, pos = self.stored()
-        catch_up(b, "pca", b.spectra)
+        if catch_up(b, "pca", b.spectra):
+            self._stats_changed += 1
         self._write_basis(principal_basis(b, "pca", self.k), x, pos)
         self._derive_map(x, pos)
 
@@ -231,7 +243,8 @@ class EmbeddingConsumer(SpectralConsumer):
         return int(self.buffers.n_points[0])
 
     def _fit_n(self) -> int:
-        return int(np.nan_to_num(self.buffers.lle_fit_n[0]))
+        n = float(self.buffers.lle_fit_n[0])
+        return int(n) if n == n else 0  # NaN at allocation: no fit yet
 
     def _current_model(self) -> ManifoldModel | None:
         """The embedding of ``lle_fit`` (rebuilt from the buffers when the cache was cleared)."""
@@ -244,10 +257,40 @@ class EmbeddingConsumer(SpectralConsumer):
             self._model = model_from(b.spectra[pos], b.lle_fit[pos], n_neighbors=p.n_neighbors, n_pca=p.n_pca)
         return self._model
 
-    def _install_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
-        """A basis job finished (daemon thread): publish it and re-score every stored spectrum."""
+    def _submit_basis(self) -> None:
+        """Submit a basis update (:func:`~.spectral.incremental.basis_update`): copies of the
+        statistics and of the spectra stored since they were last updated; adding those spectra and
+        the eigendecomposition are the job's, off the event path."""
+        b = self.buffers
+        pending = pending_rows(b, "pca", b.spectra)
+        self._basis_pending = True
+        changed = self._stats_changed
+        self.run.submit(basis_update, *snapshot(b, "pca"), b.spectra[pending], self.k,
+                        then=lambda result: self._install_basis(result, b, pending, changed))
+
+    def _install_basis(self, result: tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None],
+                       buffers: Buffers, pending: np.ndarray, changed: int) -> None:
+        """A basis job finished (daemon thread): adopt its statistics (with ``pending`` added) when
+        nothing changed the statistics or a stored spectrum since its snapshot (else they stay
+        pending for the next update, and :meth:`results` adds them anyway), then publish the basis
+        and re-score every stored spectrum."""
         self._basis_pending = False
-        self._write_basis(basis, *self.stored())
+        b = self.buffers
+        if b is not buffers:  # restored or replaced meanwhile: the job's snapshot is of other buffers
+            return
+        n, mean, scatter, basis = result
+        if changed == self._stats_changed and len(pending):
+            b.pca_n[0] = n
+            b.pca_mean[...] = mean
+            b.pca_scatter[...] = scatter
+            b.pca_added[pending] = 1
+        if basis is not None:
+            b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
+            # every point at once on the nav buffer (no copy of the stored rows): NaN rows, points
+            # not measured, score NaN, as they were
+            scores = (b.spectra - b.pca_basis_mean) @ b.pca_components.T
+            for i in range(self.k):
+                b[f"score_{i + 1}"][...] = scores[:, i]
 
     def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: np.ndarray,
                      pos: np.ndarray) -> None:
@@ -281,11 +324,11 @@ class EmbeddingConsumer(SpectralConsumer):
         n, p, last = self._n_stored(), self.params, self._fit_n()
         if n < p.min_points or self._refit_pending:
             return False
-        if n >= p.refit_growth * max(last, 1):
+        if last == 0 or n >= p.refit_growth * last:  # the first fit at min_points, whatever the growth
             return True
         # an off-manifold refit waits for enough new points to form neighbourhoods of their own,
         # and for 10 % growth, so a heterogeneous scan (real STXM) does not refit continuously
-        off = float(np.nan_to_num(self.buffers.embedding_residual[0])) > p.refit_residual_ratio
+        off = float(self.buffers.embedding_residual[0]) > p.refit_residual_ratio  # NaN: False
         return off and n >= last + max(p.n_neighbors, last // 10)
 
     def _submit_fit(self) -> None:
@@ -361,6 +404,14 @@ def fit_coordinates(x: np.ndarray, settings: FitSettings) -> np.ndarray:
                      n_components=settings.n_embedding, n_pca=settings.n_pca)
 
 
+def fit_model(x: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, ManifoldModel]:
+    """:func:`fit_coordinates` of spectra ``x`` ``(m, c)`` and their out-of-sample model
+    (:func:`model_from`): the whole fit, wherever it runs (a module-level function: it may run in a
+    worker process, whose result, k-d tree included, comes back pickled)."""
+    coords = fit_coordinates(x, settings)
+    return coords, model_from(x, coords, n_neighbors=settings.n_neighbors, n_pca=settings.n_pca)
+
+
 def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
             in_process: bool) -> tuple[np.ndarray, np.ndarray, int, ManifoldModel]:
     """Background (daemon pool): fit the embedding of a snapshot.
@@ -368,12 +419,15 @@ def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
     Args:
         x: ``(m, c)`` float64 spectra to fit (a copy); pos: ``(m,)`` int64 their nav indices;
         n: spectra stored at the snapshot; settings: what the fit needs besides the spectra;
-        in_process: compute it in a worker process that ends with this job (:func:`in_worker`).
+        in_process: compute it in a worker process that ends with this job (:func:`in_worker`):
+            the embedding and its out-of-sample model are both built there, so the pool thread
+            holds the GIL only to unpickle the result.
 
     Returns:
         ``(pos, coordinates (m, n_embedding), n, model)``: the model for out-of-sample mapping is
-        built here (:func:`model_from`, deterministic: equal to the one rebuilt from the buffers),
-        so installing the fit costs the daemon's thread only the mapping of spectra stored since.
+        built with the fit (:func:`fit_model`, deterministic: equal to the one rebuilt from the
+        buffers), so installing the fit costs the daemon's thread only the mapping of spectra
+        stored since.
     """
-    coords = in_worker(fit_coordinates, x, settings) if in_process else fit_coordinates(x, settings)
-    return pos, coords, n, model_from(x, coords, n_neighbors=settings.n_neighbors, n_pca=settings.n_pca)
+    coords, model = in_worker(fit_model, x, settings) if in_process else fit_model(x, settings)
+    return pos, coords, n, model

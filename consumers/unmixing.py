@@ -203,6 +203,11 @@ class UnmixingConsumer(SpectralConsumer):
         self.free = np.r_[np.zeros(self.m, dtype=bool), np.ones(p.n_components, dtype=bool)]
         """Learned rows of the components (references first, held fixed)."""
         self._prepared: tuple[float, np.ndarray, np.ndarray | None] | None = None
+        self._x2: tuple[np.ndarray, np.ndarray] | None = None
+        """Cache: ``(spectra buffer, |x|² per nav point (NaN where none is stored))``, so that the
+        event path's reconstruction error costs O(points), not O(points x channels); rebuilt from
+        the buffer whenever it is another array (grown, restored), after a merge and in
+        :meth:`results`."""
         """Cache: (edge energy, preprocessed references (m, c), unit derivatives of the library)."""
         self._refit_pending = False
         """A refit job was submitted and not installed yet (scheduling only, not result state)."""
@@ -272,16 +277,17 @@ class UnmixingConsumer(SpectralConsumer):
         batch refit when one is due. Returns False: abundances of earlier points are rederived
         (:meth:`results`) when a refit is installed, after a merge and at the end of the run."""
         b = self.buffers
+        x2 = self._norms()
         y, pos, old = self.preprocessed(batch)
         if not len(y):
             return False
+        x2[pos] = np.einsum("ij,ij->i", y, y)
         b.n_points[0] += int((~np.isfinite(old).all(axis=1)).sum())  # points measured for the first time
         h = self._components()
         if h is not None:
             a, bb = self._statistics(b)
             w = online_step(y, h, a, bb, self.free)
             b.nmf_a[...], b.nmf_b[...] = a, bb
-            b.components[...] = h
             self._write_points(y, pos, w, h)
             self._publish_components(h)
             self._publish_error()
@@ -304,6 +310,7 @@ class UnmixingConsumer(SpectralConsumer):
         """
         h_dest, h_src = dest.components.copy(), src.components.copy()
         super().merge(dest, src)
+        self._x2 = None
         a_dest, b_dest = self._statistics(dest)
         a_src, b_src = self._statistics(src)
         if np.isfinite(h_dest).all() and np.isfinite(h_src).all():
@@ -342,6 +349,7 @@ class UnmixingConsumer(SpectralConsumer):
     def results(self) -> None:
         """Abundances of every stored spectrum by NNLS against the current components, residuals,
         reconstruction error and library matches (a function of the buffers alone)."""
+        self._x2 = None  # rederived from the buffers
         h = self._components()
         if h is None:
             return
@@ -384,7 +392,11 @@ class UnmixingConsumer(SpectralConsumer):
     @staticmethod
     def _statistics(b: Buffers) -> tuple[np.ndarray, np.ndarray]:
         """``(A, B)`` copies, zero where nothing was added yet (allocation fills NaN)."""
-        return np.nan_to_num(b.nmf_a, nan=0.0), np.nan_to_num(b.nmf_b, nan=0.0)
+        a, bb = b.nmf_a.copy(), b.nmf_b.copy()
+        for s in (a, bb):
+            if not np.isfinite(s).all():
+                np.nan_to_num(s, copy=False, nan=0.0)
+        return a, bb
 
     def _write_points(self, x: np.ndarray, pos: np.ndarray, w: np.ndarray, h: np.ndarray) -> None:
         b = self.buffers
@@ -395,12 +407,21 @@ class UnmixingConsumer(SpectralConsumer):
             b[f"abundance_{j + 1}"][pos] = w[:, j]
         b.residual[pos] = np.sqrt(r2 / np.maximum(x2, 1e-300))
 
+    def _norms(self) -> np.ndarray:
+        """``|x|²`` per nav point ``(nav,)`` of the stored spectra, NaN where none (cached, see ``_x2``)."""
+        s = self.buffers.spectra
+        if self._x2 is None or self._x2[0] is not s:
+            x, pos = self.stored()
+            x2 = np.full(len(s), np.nan)
+            x2[pos] = np.einsum("ij,ij->i", x, x)
+            self._x2 = (s, x2)
+        return self._x2[1]
+
     def _publish_error(self) -> None:
-        """``sqrt(Σ r² / Σ |x|²)`` over the stored points, from the per-point residuals."""
-        x, pos = self.stored()
-        x2 = np.einsum("ij,ij->i", x, x)
-        r = self.buffers.residual[pos]
-        ok = np.isfinite(r)
+        """``sqrt(Σ r² |x|² / Σ |x|²)`` over the stored points, from the per-point residuals."""
+        x2 = self._norms()
+        r = self.buffers.residual
+        ok = np.isfinite(r) & np.isfinite(x2)
         total = float(x2[ok].sum())
         self.buffers.reconstruction_error[0] = np.sqrt(float((r[ok] ** 2 * x2[ok]).sum()) / total) if total > 0 else np.nan
 
@@ -419,7 +440,8 @@ class UnmixingConsumer(SpectralConsumer):
         n, p = int(self.buffers.n_points[0]), self.params
         if p.n_components == 0 or n < max(p.min_points, self.k) or self._refit_pending:
             return False
-        return n >= p.refit_growth * max(int(self.buffers.last_fit_n[0]), 1)
+        last = int(self.buffers.last_fit_n[0])
+        return last == 0 or n >= p.refit_growth * last  # the first fit at min_points, whatever the growth
 
     def _submit_refit(self) -> None:
         """Snapshot the stored spectra (copies, nav order) and submit a batch refit."""

@@ -137,7 +137,7 @@ def test_refits_are_jobs_and_a_worker_process_ends_with_its_job():
     c.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
     feed(c, batches, acc)
     # one fit and one basis update in flight, none run on the event path, no second one submitted
-    assert sorted(job.__name__ for job, _, _ in jobs) == ["basis_of", "fit_job"]
+    assert sorted(job.__name__ for job, _, _ in jobs) == ["basis_update", "fit_job"]
     assert int(c.buffers.embedding_fits[0]) == 0 and np.isnan(c.buffers.progress).all()
     assert np.isnan(c.buffers.pca_components).all()
     before = set(multiprocessing.active_children())

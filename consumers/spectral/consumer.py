@@ -146,12 +146,14 @@ class SpectralConsumer(Consumer):
         y, ok, dropped = self.prep(self.raw(batch), e0=e0 if np.isfinite(e0) else None)
         if self.prep.e0 is not None and not np.isfinite(e0) and self.prep.mode in ("pre_edge", "edge"):
             b.prep_e0[0] = self.prep.e0
-        self.run.skipped(self.prep.drop_reason, int(dropped.sum()))
-        self.run.skipped("nonfinite", int((~ok & ~dropped).sum()))
-        pos = batch.nav_index[ok]
-        y = y[ok]
-        keep = last_of_each(pos)
-        y, pos = y[keep], pos[keep]
+        pos = batch.nav_index
+        if not ok.all():  # the usual page has every spectrum usable: no counting, no copies
+            self.run.skipped(self.prep.drop_reason, int(dropped.sum()))
+            self.run.skipped("nonfinite", int((~ok & ~dropped).sum()))
+            pos, y = pos[ok], y[ok]
+        if len(pos) > 1:
+            keep = last_of_each(pos)
+            y, pos = y[keep], pos[keep]
         old = b.spectra[pos]
         b.spectra[pos] = y
         return y, pos, old
@@ -159,8 +161,14 @@ class SpectralConsumer(Consumer):
     def stored(self, buffers: Buffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(x (n, n_out) float64, nav indices (n,) int64)`` of every stored spectrum, in nav order."""
         s = (buffers or self.buffers).spectra
-        pos = np.flatnonzero(np.isfinite(s).all(axis=1)) if s.size else np.zeros(0, dtype=np.int64)
-        return s[pos], pos.astype(np.int64)
+        if not s.size:
+            return s[:0], np.zeros(0, dtype=np.int64)
+        pos = np.flatnonzero(np.isfinite(s[:, 0]))  # one copy of the candidate rows, checked whole
+        x = s[pos]
+        ok = np.isfinite(x).all(axis=1)
+        if not ok.all():
+            x, pos = x[ok], pos[ok]
+        return x, pos.astype(np.int64)
 
     def merge(self, dest: Buffers, src: Buffers) -> None:
         """Default rules, after checking that both parts preprocessed with the same edge energy.

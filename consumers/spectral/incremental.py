@@ -36,9 +36,9 @@ def moment_specs(prefix: str, n_channels: int) -> list[BufferSpec]:
     :func:`merge_moments` (rule ``None``: the consumer's :meth:`merge` calls it), and
     ``{prefix}_added`` (``nav``, uint8, ``fill``): 1 where the point's stored spectrum is in them.
 
-    Points are stored at once and added to the statistics in bulk by :func:`catch_up` (one
-    ``O(m c²)`` update per basis update instead of one per point); a merged or restored state
-    keeps its pending points pending, so the result is the same."""
+    Points are stored at once and added to the statistics in bulk by :func:`catch_up` or, off the
+    event path, :func:`basis_update` (one ``O(m c²)`` update per basis update instead of one per
+    point); a merged or restored state keeps its pending points pending, so the result is the same."""
     return [
         BufferSpec(f"{prefix}_added", "nav", dtype="uint8", private=True,
                    description="1 where the point's spectrum is in the PCA statistics"),
@@ -90,8 +90,14 @@ def add_rows(buffers: Buffers, prefix: str, x: np.ndarray, remove: np.ndarray | 
     if not len(x):
         return
     nb = buffers[f"{prefix}_n"]
-    mean, scatter = buffers[f"{prefix}_mean"], buffers[f"{prefix}_scatter"]
-    n1 = float(nb[0]) if nb[0] > 0 else 0.0
+    nb[0] = _add(float(nb[0]), buffers[f"{prefix}_mean"], buffers[f"{prefix}_scatter"], x)
+
+
+def _add(n1: float, mean: np.ndarray, scatter: np.ndarray, x: np.ndarray) -> float:
+    """Add spectra ``x`` ``(m, c)`` (m >= 1) to the statistics ``(n1, mean, scatter)`` in place
+    (NaN or 0 ``n1``: nothing seen yet, the arrays are reset); returns the new count. The one
+    arithmetic of :func:`add_rows` and :func:`basis_update`, so both give the same bits."""
+    n1 = n1 if n1 > 0 else 0.0
     if n1 == 0.0:
         mean[...] = 0.0
         scatter[...] = 0.0
@@ -102,7 +108,7 @@ def add_rows(buffers: Buffers, prefix: str, x: np.ndarray, remove: np.ndarray | 
     rows = np.vstack([x - mb, np.sqrt(n1 * m / n) * d]) if m > 1 else (np.sqrt(n1 * m / n) * d)[None]
     scatter += rows.T @ rows  # S1 + S2 + (n1 n2 / n) d dᵀ (Chan et al.)
     mean += d * (m / n)
-    nb[0] = n
+    return n
 
 
 def _batch(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -121,19 +127,42 @@ def forget(buffers: Buffers, prefix: str, pos: np.ndarray, old: np.ndarray) -> N
         added[pos[was]] = 0
 
 
-def catch_up(buffers: Buffers, prefix: str, spectra: np.ndarray) -> None:
+def pending_rows(buffers: Buffers, prefix: str, spectra: np.ndarray) -> np.ndarray:
+    """Nav indices ``(m,)`` int64, in nav order, of the stored spectra (finite rows of the nav
+    buffer ``spectra`` ``(nav, c)``) not yet in the statistics."""
+    pending = np.flatnonzero(buffers[f"{prefix}_added"] == 0)
+    if len(spectra.shape) < 2 or not spectra.shape[1] or not len(pending):
+        return pending
+    pending = pending[np.isfinite(spectra[pending, 0])]  # cheap first pass; then whole rows of those
+    return pending[np.isfinite(spectra[pending]).all(axis=1)]
+
+
+def catch_up(buffers: Buffers, prefix: str, spectra: np.ndarray) -> bool:
     """Add every stored spectrum (finite rows of the nav buffer ``spectra`` ``(nav, c)``) not yet
-    in the statistics, in nav order, in one update."""
-    added = buffers[f"{prefix}_added"]
-    pending = np.flatnonzero(added == 0)
+    in the statistics, in nav order, in one update. Returns True when the statistics changed."""
+    pending = pending_rows(buffers, prefix, spectra)
     if not len(pending):
-        return
-    if spectra.shape[1]:  # rows never stored are NaN throughout: drop them on one value each before the full check
-        pending = pending[np.isfinite(spectra[pending, 0])]
-    pending = pending[np.isfinite(spectra[pending]).all(axis=1)]
-    if len(pending):
-        add_rows(buffers, prefix, spectra[pending])
-        added[pending] = 1
+        return False
+    add_rows(buffers, prefix, spectra[pending])
+    buffers[f"{prefix}_added"][pending] = 1
+    return True
+
+
+def basis_update(n: float, mean: np.ndarray, scatter: np.ndarray, x: np.ndarray, k: int
+                 ) -> tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """Background (daemon pool): the statistics of a :func:`snapshot` ``(n, mean (c,), scatter
+    (c, c))`` (copies, updated in place) with the pending spectra ``x`` ``(m, c)`` added, as
+    :func:`catch_up` would add them (the same arithmetic, bit for bit), and their principal basis
+    (:func:`basis_of`). The ``O(m c²)`` update and the eigendecomposition run here, off the event
+    path (numpy and LAPACK release the GIL); the consumer installs the statistics on its own thread
+    when nothing changed them in between.
+
+    Returns:
+        ``(n, mean, scatter, basis)``.
+    """
+    if len(x):
+        n = _add(n, mean, scatter, x)
+    return n, mean, scatter, basis_of(n, mean, scatter, k)
 
 
 def merge_moments(dest: Buffers, src: Buffers, prefix: str) -> None:

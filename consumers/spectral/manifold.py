@@ -59,12 +59,11 @@ def barycenter_weights(z: np.ndarray, neighbours: np.ndarray, reg: float) -> np.
     ``neighbours[i]`` ``(n, k, p)``, summing to 1 (Roweis & Saul 2000; regularisation as
     scikit-learn's ``barycenter_weights``: ``reg * trace`` added to the local Gram diagonal)."""
     g = neighbours - z[:, None, :]
-    c = np.einsum("nkp,nlp->nkl", g, g)
-    tr = np.trace(c, axis1=1, axis2=2)
-    r = np.where(tr > 0, reg * tr, reg)
-    k = c.shape[1]
-    c[:, np.arange(k), np.arange(k)] += r[:, None]
-    w = np.linalg.solve(c, np.ones((len(z), k, 1)))[..., 0]
+    c = g @ g.transpose(0, 2, 1)
+    diag = np.einsum("nkk->nk", c)  # a writable view of the diagonals
+    tr = diag.sum(axis=1)
+    diag += np.where(tr > 0, reg * tr, reg)[:, None]
+    w = np.linalg.solve(c, np.ones(c.shape[:2] + (1,)))[..., 0]
     return w / w.sum(axis=1, keepdims=True)
 
 
@@ -141,9 +140,26 @@ def transform(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Returns:
         ``(coordinates (m, d), off-manifold ratio (m,))``.
     """
+    if len(x) == 1:
+        return _transform_one(model, x[0])
     z = (x - model.mean) @ model.comps.T
     idx = model.tree.query(z, model.n_neighbors)[1]
-    w = barycenter_weights(z, model.z_train[idx], model.reg)
-    y = np.einsum("nk,nkd->nd", w, model.y_train[idx])
-    resid = np.linalg.norm(x - np.einsum("nk,nkc->nc", w, model.x_train[idx]), axis=1)
-    return y, resid / model.baseline
+    w = barycenter_weights(z, model.z_train[idx], model.reg)[:, None, :]
+    y = (w @ model.y_train[idx])[:, 0]
+    d = x - (w @ model.x_train[idx])[:, 0]
+    return y, np.sqrt(np.einsum("nc,nc->n", d, d)) / model.baseline
+
+
+def _transform_one(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`transform` of one spectrum ``x`` ``(c,)``: the same arithmetic in 2-D arrays (the
+    event path's usual batch is one point; this is a third of the batched path's overhead)."""
+    z = (x - model.mean) @ model.comps.T
+    idx = model.tree.query(z, model.n_neighbors)[1]
+    g = model.z_train[idx] - z
+    c = g @ g.T
+    tr = float(np.trace(c))
+    c.flat[::len(c) + 1] += model.reg * tr if tr > 0 else model.reg
+    w = np.linalg.solve(c, np.ones(len(c)))
+    w /= w.sum()
+    d = x - w @ model.x_train[idx]
+    return (w @ model.y_train[idx])[None], np.array([np.sqrt(d @ d) / model.baseline])

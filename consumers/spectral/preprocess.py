@@ -283,7 +283,10 @@ def repair_nonfinite(x: np.ndarray, max_fraction: float) -> np.ndarray:
     Returns:
         bool ``(n,)``: rows that are all finite afterwards.
     """
-    bad = ~np.isfinite(x)
+    finite = np.isfinite(x)
+    if finite.all():
+        return np.ones(len(x), dtype=bool)
+    bad = ~finite
     counts = bad.sum(axis=1)
     fixable = np.flatnonzero((counts > 0) & (counts <= max_fraction * x.shape[1]) & (counts < x.shape[1] - 1))
     idx = np.arange(x.shape[1])
@@ -335,6 +338,8 @@ class Preprocessor:
             self.window = (self.raw_axis >= lo) & (self.raw_axis <= hi)
             if self.window.sum() < 3:
                 raise ValueError(f"window {lo}-{hi} selects {int(self.window.sum())} channels")
+        self.full_window = bool(self.window.all())
+        """No channel is cut (the window is the whole axis): pages are not re-indexed."""
         self.axis = self.raw_axis[self.window]
         """Values of the analysed channels ``(n_out,)`` in the axis kind's units."""
         self.energy = None if self.raw_energy is None else self.axis
@@ -366,7 +371,7 @@ class Preprocessor:
         if self.mode in ("pre_edge", "edge") and ok.any():
             x, no_edge = self._normalize(x, ok)
             ok &= ~no_edge
-        y = x[:, self.window]
+        y = x if self.full_window else x[:, self.window]
         if self.mode in ("max", "area", "l2"):
             scale = self.signal_scale(np.where(ok[:, None], y, 0.0))
             no_edge = ok & ~(scale > 0)
