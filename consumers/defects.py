@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import sklearn
 from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -493,11 +492,10 @@ class DefectsConsumer(Consumer):
         b, p = self.buffers, self.params
         k = p.n_classes
         if len(centres):
-            gmm = self._gmm()
             feats = self._project(patches)
-            with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-                classes = gmm.predict(feats)
-            n_res, kc = int(b.reservoir_n[0]), feats.shape[1]
+            kc = feats.shape[1]
+            classes = classify(feats, b.gmm_weights, b.gmm_means[:, :kc], b.gmm_precisions_cholesky[:, :kc, :kc])
+            n_res = int(b.reservoir_n[0])
             kept = np.concatenate([b.reservoir[:n_res, :kc], feats])[-p.reservoir:]
             b.reservoir[:len(kept), :kc] = kept
             b.reservoir_n[0] = len(kept)
@@ -583,6 +581,30 @@ def project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarr
     """PCA features ``(x - mean) @ components.T``, float64 ``(n, k)``, of float ``(n, d)`` rows,
     for a float64 ``(d,)`` mean and ``(k, d)`` principal axes."""
     return (np.asarray(x, dtype=np.float64) - mean) @ components.T
+
+
+def classify(feats: np.ndarray, weights: np.ndarray, means: np.ndarray, precisions_cholesky: np.ndarray) -> np.ndarray:
+    """Most probable mixture component of each row: what ``GaussianMixture.predict`` returns for a
+    full-covariance mixture (scikit-learn's ``_estimate_weighted_log_prob``: log weight plus the
+    Gaussian log density through the Cholesky factor of the precision, argmax, first on ties),
+    computed from the mixture's arrays without rebuilding the estimator or its input validation
+    per frame (a few hundred microseconds each, on the daemon's thread).
+
+    Args:
+        feats: float64 ``(m, k)`` features.
+        weights: ``(K,)`` mixture weights; means: ``(K, k)``; precisions_cholesky: ``(K, k, k)``.
+
+    Returns:
+        int64 ``(m,)`` component indices.
+    """
+    k = feats.shape[1]
+    log_prob = np.empty((len(feats), len(weights)))
+    for j, (mu, chol) in enumerate(zip(means, precisions_cholesky)):
+        y = feats @ chol - mu @ chol
+        log_prob[:, j] = np.einsum("ij,ij->i", y, y)
+    log_det = np.log(np.diagonal(precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
+    log_prob = -0.5 * (k * np.log(2 * np.pi) + log_prob) + log_det + np.log(weights)
+    return log_prob.argmax(axis=1).astype(np.int64)
 
 
 def _fit_gmm(gmm: GaussianMixture, feats: np.ndarray) -> None:

@@ -305,3 +305,18 @@ def test_checkpoint_in_the_daemon_format_resumes_to_the_uninterrupted_result(mov
                                            len(frames), tmp_path / "defects.ckpt", split=split)
     assert whole.buffers.frames_analysed[0] == len(frames)
     assert_buffers_equal(whole, resumed, private=True)
+
+
+def test_classify_gives_the_fitted_mixtures_predictions():
+    from sklearn.mixture import GaussianMixture
+
+    from beamlens.consumers.defects import classify
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(c, s, size=(200, 4)) for c, s in ((0, 1), (3, 0.5), (-4, 2))])
+    gmm = GaussianMixture(3, covariance_type="full", reg_covar=1e-3, random_state=0).fit(x)
+    probe = rng.normal(0, 4, size=(500, 4))
+    got = classify(probe, gmm.weights_, gmm.means_, gmm.precisions_cholesky_)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, gmm.predict(probe))
+    assert classify(np.empty((0, 4)), gmm.weights_, gmm.means_, gmm.precisions_cholesky_).shape == (0,)
