@@ -17,7 +17,9 @@ Per frame:
    -> per-class diffusion coefficients (lag-1 MSD estimator) and the class transition matrix.
 
 Steps 1-2 are :meth:`DefectsConsumer.stage`: stateless, so the daemon runs them on its pool,
-concurrently for several batches; steps 3-4 are :meth:`DefectsConsumer.process`, order-dependent,
+concurrently for several batches, pipelined: at most ``cores // threads`` network calls at once (one
+with the default ``threads: 0``, which gives each call every core), so one batch's blobs and patches
+overlap the next batch's inference rather than two inferences sharing the cores; steps 3-4 are :meth:`DefectsConsumer.process`, order-dependent,
 on the daemon's thread in batch order (``mergeable = False``). The consumer starts no thread.
 
 State: everything is a declared buffer (private ones for the PCA projection, the mixture's
@@ -40,6 +42,7 @@ their nav index: an open-ended series whose rolling window moves on while frames
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +54,8 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from beamlens.models.defect_net import MODELS, DefectNet, find_defects, load_card, load_session, normalise
+from beamlens.models.defect_net import (MODELS, DefectNet, available_cores, find_defects, load_card, load_session,
+                                       normalise)
 
 from .base import BadData, Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .tracking import DefectTracker, diffusion, transition_matrix
@@ -185,6 +189,13 @@ class DefectsConsumer(Consumer):
         if min(info.sig_shape) < tile:
             raise NotApplicable(f"frames of {info.sig_shape} px are smaller than the model tile {tile} px")
         self.net = DefectNet(load_session(model, card, p.providers, p.threads, p.spinning), card)
+        intra = max(1, int(self.net.session.get_session_options().intra_op_num_threads))
+        self.inference_slots = max(1, available_cores() // intra)
+        """Network calls of concurrent stages allowed at once: the cores this process may use over the
+        intra-op threads of one call (1 by default, where one call takes every core), so the daemon's
+        pool overlaps one batch's blob finding and patches with the next batch's inference instead of
+        running two inferences that share the cores (and the caches) with each other."""
+        self._inference = threading.BoundedSemaphore(self.inference_slots)
         self.model_path, self.card = model, card
         self.model_sha256 = str(card["sha256"])  # recorded in run files and derived documents
         post = card["postprocessing"]
@@ -291,7 +302,8 @@ class DefectsConsumer(Consumer):
         z = z[usable] if not usable.all() else z
         if not len(z):
             return StagedFrames(usable, [], [], None)
-        prob = self.net.probability_normalised(z)
+        with self._inference:
+            prob = self.net.probability_normalised(z)
         centres = [find_defects(pmap, self.threshold, self.min_area, self.max_area) for pmap in prob]
         patches = [self._patches(frame, c) for frame, c in zip(z, centres)]
         return StagedFrames(usable, centres, patches, _bin_mean(z[-1], self.frame_bin))

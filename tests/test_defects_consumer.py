@@ -320,3 +320,42 @@ def test_classify_gives_the_fitted_mixtures_predictions():
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, gmm.predict(probe))
     assert classify(np.empty((0, 4)), gmm.weights_, gmm.means_, gmm.precisions_cholesky_).shape == (0,)
+
+
+class _CountingSession:
+    """The consumer's real onnxruntime session, counting the ``run`` calls in progress at once."""
+
+    def __init__(self, session):
+        import threading
+
+        self._session, self._lock = session, threading.Lock()
+        self.running = self.most = self.calls = 0
+
+    def run(self, *args, **kwargs):
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_concurrent_stages_run_at_most_cores_over_threads_inferences_at_once(movie, threads):
+    """Pipelining on the daemon's pool: with every core in one network call (threads 0), stages on
+    several threads still infer one batch at a time, and post-process beside the next inference."""
+    from beamlens.models.defect_net import available_cores
+
+    _, frames, _ = movie
+    frames = frames[:16]
+    consumer, info = make_consumer(frames.shape[1:], len(frames), threads=threads)
+    assert consumer.inference_slots == max(1, available_cores() // (threads or available_cores()))
+    counting = consumer.net.session = _CountingSession(consumer.net.session)
+    batches = [frame_batch(info, frames[a:a + 2], a) for a in range(0, len(frames), 2)]
+    with ThreadPoolExecutor(4) as pool:
+        staged = list(pool.map(consumer.stage, batches))
+    assert counting.calls == len(batches) and all(s is not None for s in staged)
+    assert 1 <= counting.most <= consumer.inference_slots
