@@ -435,13 +435,15 @@ class DefectsConsumer(Consumer):
         DefectTracker.reset(b)
 
     def _patches(self, frame: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """float32 ``(m, p, p)`` patches of ``frame`` around the rounded ``centres``, mirrored at
+        the frame edges (``np.pad(frame, p // 2, mode="reflect")``, without padding a copy of
+        the whole frame for every frame: only the patches' pixels are read)."""
         p = self.params.patch_px
-        h = p // 2
-        padded = np.pad(frame, h, mode="reflect")
-        out = np.empty((len(centres), p, p), dtype=np.float32)
-        for i, (r, c) in enumerate(np.round(centres).astype(int)):
-            out[i] = padded[r:r + p, c:c + p]
-        return out
+        offsets = np.arange(p) - p // 2
+        idx = np.round(centres).astype(np.intp)
+        rows = _reflect(idx[:, :1] + offsets, frame.shape[0])
+        cols = _reflect(idx[:, 1:] + offsets, frame.shape[1])
+        return frame[rows[:, :, None], cols[:, None, :]].astype(np.float32, copy=False)
 
     def _project(self, patches: np.ndarray) -> np.ndarray:
         """PCA features float64 ``(m, pca_k)`` of float ``(m, p, p)`` patches."""
@@ -625,6 +627,13 @@ def _fit_gmm(gmm: GaussianMixture, feats: np.ndarray) -> None:
         gmm.fit(feats)
     if not gmm.converged_:
         log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
+
+
+def _reflect(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside ``[0, n)`` mirrored about the edge pixels (numpy's ``reflect`` padding:
+    -1 -> 1, n -> n - 2), for indices within ``n - 1`` of the frame."""
+    index = np.abs(index)
+    return np.where(index > n - 1, 2 * (n - 1) - index, index)
 
 
 def _bin_mean(frame: np.ndarray, f: int) -> np.ndarray:

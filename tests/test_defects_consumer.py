@@ -359,3 +359,15 @@ def test_concurrent_stages_run_at_most_cores_over_threads_inferences_at_once(mov
         staged = list(pool.map(consumer.stage, batches))
     assert counting.calls == len(batches) and all(s is not None for s in staged)
     assert 1 <= counting.most <= consumer.inference_slots
+
+
+def test_patches_mirror_the_frame_at_its_edges_as_reflect_padding():
+    consumer, _ = make_consumer((256, 256), 4, patch_px=24)
+    frame = np.random.default_rng(3).normal(size=(256, 256)).astype(np.float32)
+    centres = np.array([[0.2, 0.0], [255.0, 255.4], [3.6, 250.2], [128.5, 7.0], [40.0, 60.0]])
+    padded = np.pad(frame, 12, mode="reflect")
+    want = np.stack([padded[r:r + 24, c:c + 24] for r, c in np.round(centres).astype(int)])
+    got = consumer._patches(frame, centres)
+    assert got.dtype == np.float32 and got.shape == (5, 24, 24)
+    np.testing.assert_array_equal(got, want)
+    assert consumer._patches(frame, np.empty((0, 2))).shape == (0, 24, 24)
