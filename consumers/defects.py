@@ -19,8 +19,9 @@ Per frame:
 Steps 1-2 are :meth:`DefectsConsumer.stage`: stateless, so the daemon runs them on its pool,
 concurrently for several batches, pipelined: at most ``cores // threads`` network calls at once (one
 with the default ``threads: 0``, which gives each call every core), so one batch's blobs and patches
-overlap the next batch's inference rather than two inferences sharing the cores; steps 3-4 are :meth:`DefectsConsumer.process`, order-dependent,
-on the daemon's thread in batch order (``mergeable = False``). The consumer starts no thread.
+overlap the next batch's inference rather than two inferences sharing the cores; steps 3-4 are
+:meth:`DefectsConsumer.process`, order-dependent, on the daemon's thread in batch order
+(``mergeable = False``). The consumer starts no thread.
 
 State: everything is a declared buffer (private ones for the PCA projection, the mixture's
 parameters, the reservoir, the patch sums, the tracker, the counters and the held frames), so a
@@ -82,7 +83,8 @@ class DefectsParams(ConsumerParams):
     (OpenVINO with the optional ``beamlens[openvino]`` extra)."""
     threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads per inference call (0: the cores this process may run on,
-    ``os.sched_getaffinity``). The daemon may run stages of several batches at once."""
+    ``os.sched_getaffinity`` capped by the cgroup CPU quota). The daemon may run stages of several
+    batches at once; at most ``cores // threads`` of them (at least one) are in the network at a time."""
     spinning: bool = False
     """Let onnxruntime's idle threads spin-wait between calls (faster alone, slower beside the
     daemon's receive, decode and post-processing threads, which then lose their cores)."""
