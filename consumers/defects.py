@@ -17,8 +17,11 @@ Per frame:
    -> per-class diffusion coefficients (lag-1 MSD estimator) and the class transition matrix.
 
 Steps 1-2 are :meth:`DefectsConsumer.stage`: stateless, so the daemon runs them on its pool,
-concurrently for several batches; steps 3-4 are :meth:`DefectsConsumer.process`, order-dependent,
-on the daemon's thread in batch order (``mergeable = False``). The consumer starts no thread.
+concurrently for several batches, pipelined: at most ``cores // threads`` network calls at once (one
+with the default ``threads: 0``, which gives each call every core), so one batch's blobs and patches
+overlap the next batch's inference rather than two inferences sharing the cores; steps 3-4 are
+:meth:`DefectsConsumer.process`, order-dependent, on the daemon's thread in batch order
+(``mergeable = False``). The consumer starts no thread.
 
 State: everything is a declared buffer (private ones for the PCA projection, the mixture's
 parameters, the reservoir, the patch sums, the tracker, the counters and the held frames), so a
@@ -40,19 +43,20 @@ their nav index: an open-ended series whose rolling window moves on while frames
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import sklearn
 from pydantic import Field
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from beamlens.models.defect_net import MODELS, DefectNet, find_defects, load_card, load_session, normalise
+from beamlens.models.defect_net import (MODELS, DefectNet, available_cores, find_defects, load_card, load_session,
+                                       normalise)
 
 from .base import BadData, Batch, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .tracking import DefectTracker, diffusion, transition_matrix
@@ -79,7 +83,8 @@ class DefectsParams(ConsumerParams):
     (OpenVINO with the optional ``beamlens[openvino]`` extra)."""
     threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads per inference call (0: the cores this process may run on,
-    ``os.sched_getaffinity``). The daemon may run stages of several batches at once."""
+    ``os.sched_getaffinity`` capped by the cgroup CPU quota). The daemon may run stages of several
+    batches at once; at most ``cores // threads`` of them (at least one) are in the network at a time."""
     spinning: bool = False
     """Let onnxruntime's idle threads spin-wait between calls (faster alone, slower beside the
     daemon's receive, decode and post-processing threads, which then lose their cores)."""
@@ -186,6 +191,13 @@ class DefectsConsumer(Consumer):
         if min(info.sig_shape) < tile:
             raise NotApplicable(f"frames of {info.sig_shape} px are smaller than the model tile {tile} px")
         self.net = DefectNet(load_session(model, card, p.providers, p.threads, p.spinning), card)
+        intra = max(1, int(self.net.session.get_session_options().intra_op_num_threads))
+        self.inference_slots = max(1, available_cores() // intra)
+        """Network calls of concurrent stages allowed at once: the cores this process may use over the
+        intra-op threads of one call (1 by default, where one call takes every core), so the daemon's
+        pool overlaps one batch's blob finding and patches with the next batch's inference instead of
+        running two inferences that share the cores (and the caches) with each other."""
+        self._inference = threading.BoundedSemaphore(self.inference_slots)
         self.model_path, self.card = model, card
         self.model_sha256 = str(card["sha256"])  # recorded in run files and derived documents
         post = card["postprocessing"]
@@ -292,7 +304,8 @@ class DefectsConsumer(Consumer):
         z = z[usable] if not usable.all() else z
         if not len(z):
             return StagedFrames(usable, [], [], None)
-        prob = self.net.probability_normalised(z)
+        with self._inference:
+            prob = self.net.probability_normalised(z)
         centres = [find_defects(pmap, self.threshold, self.min_area, self.max_area) for pmap in prob]
         patches = [self._patches(frame, c) for frame, c in zip(z, centres)]
         return StagedFrames(usable, centres, patches, _bin_mean(z[-1], self.frame_bin))
@@ -424,13 +437,15 @@ class DefectsConsumer(Consumer):
         DefectTracker.reset(b)
 
     def _patches(self, frame: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """float32 ``(m, p, p)`` patches of ``frame`` around the rounded ``centres``, mirrored at
+        the frame edges (``np.pad(frame, p // 2, mode="reflect")``, without padding a copy of
+        the whole frame for every frame: only the patches' pixels are read)."""
         p = self.params.patch_px
-        h = p // 2
-        padded = np.pad(frame, h, mode="reflect")
-        out = np.empty((len(centres), p, p), dtype=np.float32)
-        for i, (r, c) in enumerate(np.round(centres).astype(int)):
-            out[i] = padded[r:r + p, c:c + p]
-        return out
+        offsets = np.arange(p) - p // 2
+        idx = np.round(centres).astype(np.intp)
+        rows = _reflect(idx[:, :1] + offsets, frame.shape[0])
+        cols = _reflect(idx[:, 1:] + offsets, frame.shape[1])
+        return frame[rows[:, :, None], cols[:, None, :]].astype(np.float32, copy=False)
 
     def _project(self, patches: np.ndarray) -> np.ndarray:
         """PCA features float64 ``(m, pca_k)`` of float ``(m, p, p)`` patches."""
@@ -493,11 +508,10 @@ class DefectsConsumer(Consumer):
         b, p = self.buffers, self.params
         k = p.n_classes
         if len(centres):
-            gmm = self._gmm()
             feats = self._project(patches)
-            with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-                classes = gmm.predict(feats)
-            n_res, kc = int(b.reservoir_n[0]), feats.shape[1]
+            kc = feats.shape[1]
+            classes = classify(feats, b.gmm_weights, b.gmm_means[:, :kc], b.gmm_precisions_cholesky[:, :kc, :kc])
+            n_res = int(b.reservoir_n[0])
             kept = np.concatenate([b.reservoir[:n_res, :kc], feats])[-p.reservoir:]
             b.reservoir[:len(kept), :kc] = kept
             b.reservoir_n[0] = len(kept)
@@ -585,12 +599,43 @@ def project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarr
     return (np.asarray(x, dtype=np.float64) - mean) @ components.T
 
 
+def classify(feats: np.ndarray, weights: np.ndarray, means: np.ndarray, precisions_cholesky: np.ndarray) -> np.ndarray:
+    """Most probable mixture component of each row: what ``GaussianMixture.predict`` returns for a
+    full-covariance mixture (scikit-learn's ``_estimate_weighted_log_prob``: log weight plus the
+    Gaussian log density through the Cholesky factor of the precision, argmax, first on ties),
+    computed from the mixture's arrays without rebuilding the estimator or its input validation
+    per frame (a few hundred microseconds each, on the daemon's thread).
+
+    Args:
+        feats: float64 ``(m, k)`` features.
+        weights: ``(K,)`` mixture weights; means: ``(K, k)``; precisions_cholesky: ``(K, k, k)``.
+
+    Returns:
+        int64 ``(m,)`` component indices.
+    """
+    k = feats.shape[1]
+    log_prob = np.empty((len(feats), len(weights)))
+    for j, (mu, chol) in enumerate(zip(means, precisions_cholesky)):
+        y = feats @ chol - mu @ chol
+        log_prob[:, j] = np.einsum("ij,ij->i", y, y)
+    log_det = np.log(np.diagonal(precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
+    log_prob = -0.5 * (k * np.log(2 * np.pi) + log_prob) + log_det + np.log(weights)
+    return log_prob.argmax(axis=1).astype(np.int64)
+
+
 def _fit_gmm(gmm: GaussianMixture, feats: np.ndarray) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gmm.fit(feats)
     if not gmm.converged_:
         log.warning("defect-class mixture did not converge on %d patches; keeping its last iterate", len(feats))
+
+
+def _reflect(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside ``[0, n)`` mirrored about the edge pixels (numpy's ``reflect`` padding:
+    -1 -> 1, n -> n - 2), for indices within ``n - 1`` of the frame."""
+    index = np.abs(index)
+    return np.where(index > n - 1, 2 * (n - 1) - index, index)
 
 
 def _bin_mean(frame: np.ndarray, f: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from importlib.resources import files
@@ -58,12 +59,69 @@ def load_card(card_path: Path = CARD_PATH) -> dict[str, Any]:
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (``os.sched_getaffinity``: honours taskset, cgroup cpusets
-    and container CPU pinning, unlike ``os.cpu_count``)."""
+    """CPU cores this process may run on: ``os.sched_getaffinity`` (honours taskset, cgroup cpusets
+    and container CPU pinning, unlike ``os.cpu_count``), capped by the cgroup CPU quota rounded up
+    (``docker run --cpus``, Kubernetes CPU limits; :func:`cgroup_cpu_limit`), which the affinity
+    mask does not show: threads beyond the quota are only throttled."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_limit()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota - 1e-9)))
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroups allow (quota / period), the smallest along its
+    cgroup path up to the root, or None when unlimited or unreadable.
+
+    Follows the kernel's cgroup v2 ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``) and
+    cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: unlimited), with the paths named
+    in ``/proc/self/cgroup`` (Linux ``Documentation/admin-guide/cgroup-v2.rst``, ``cgroup-v1/cpu``).
+    """
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, read = root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            base = next((root / d for d in (controllers, "cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
+            if base is None:
+                continue
+            read = _cfs_quota
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for d in (here, *here.parents):
+            limit = read(d)
+            if limit is not None:
+                limits.append(limit)
+            if d == base:
+                break
+    return min(limits) if limits else None
+
+
+def _cpu_max(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(d: Path) -> float | None:
+    try:
+        quota, period = int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = None,

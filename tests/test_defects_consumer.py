@@ -305,3 +305,69 @@ def test_checkpoint_in_the_daemon_format_resumes_to_the_uninterrupted_result(mov
                                            len(frames), tmp_path / "defects.ckpt", split=split)
     assert whole.buffers.frames_analysed[0] == len(frames)
     assert_buffers_equal(whole, resumed, private=True)
+
+
+def test_classify_gives_the_fitted_mixtures_predictions():
+    from sklearn.mixture import GaussianMixture
+
+    from beamlens.consumers.defects import classify
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(c, s, size=(200, 4)) for c, s in ((0, 1), (3, 0.5), (-4, 2))])
+    gmm = GaussianMixture(3, covariance_type="full", reg_covar=1e-3, random_state=0).fit(x)
+    probe = rng.normal(0, 4, size=(500, 4))
+    got = classify(probe, gmm.weights_, gmm.means_, gmm.precisions_cholesky_)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, gmm.predict(probe))
+    assert classify(np.empty((0, 4)), gmm.weights_, gmm.means_, gmm.precisions_cholesky_).shape == (0,)
+
+
+class _CountingSession:
+    """The consumer's real onnxruntime session, counting the ``run`` calls in progress at once."""
+
+    def __init__(self, session):
+        import threading
+
+        self._session, self._lock = session, threading.Lock()
+        self.running = self.most = self.calls = 0
+
+    def run(self, *args, **kwargs):
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_concurrent_stages_run_at_most_cores_over_threads_inferences_at_once(movie, threads):
+    """Pipelining on the daemon's pool: with every core in one network call (threads 0), stages on
+    several threads still infer one batch at a time, and post-process beside the next inference."""
+    from beamlens.models.defect_net import available_cores
+
+    _, frames, _ = movie
+    frames = frames[:16]
+    consumer, info = make_consumer(frames.shape[1:], len(frames), threads=threads)
+    assert consumer.inference_slots == max(1, available_cores() // (threads or available_cores()))
+    counting = consumer.net.session = _CountingSession(consumer.net.session)
+    batches = [frame_batch(info, frames[a:a + 2], a) for a in range(0, len(frames), 2)]
+    with ThreadPoolExecutor(4) as pool:
+        staged = list(pool.map(consumer.stage, batches))
+    assert counting.calls == len(batches) and all(s is not None for s in staged)
+    assert 1 <= counting.most <= consumer.inference_slots
+
+
+def test_patches_mirror_the_frame_at_its_edges_as_reflect_padding():
+    consumer, _ = make_consumer((256, 256), 4, patch_px=24)
+    frame = np.random.default_rng(3).normal(size=(256, 256)).astype(np.float32)
+    centres = np.array([[0.2, 0.0], [255.0, 255.4], [3.6, 250.2], [128.5, 7.0], [40.0, 60.0]])
+    padded = np.pad(frame, 12, mode="reflect")
+    want = np.stack([padded[r:r + 24, c:c + 24] for r, c in np.round(centres).astype(int)])
+    got = consumer._patches(frame, centres)
+    assert got.dtype == np.float32 and got.shape == (5, 24, 24)
+    np.testing.assert_array_equal(got, want)
+    assert consumer._patches(frame, np.empty((0, 2))).shape == (0, 24, 24)

@@ -2,10 +2,13 @@
 the fp32 network's on the same frames, and its selection in the consumer's config."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from beamlens.models.defect_net import MODELS, DefectNet, available_cores, evaluate, load_card, load_session, sha256_file
+from beamlens.models.defect_net import (MODELS, DefectNet, available_cores, cgroup_cpu_limit, evaluate, load_card,
+                                        load_session, sha256_file)
 from beamlens.models.quantize_defects import MAX_LOSS
 
 from defects_helpers import feed, make_consumer
@@ -48,7 +51,9 @@ def test_consumer_runs_the_int8_network_when_configured():
 def test_thread_count_follows_the_cores_this_process_may_use():
     import os
 
-    assert available_cores() == len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_limit()
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cores() == (affinity if quota is None else max(1, min(affinity, math.ceil(quota - 1e-9))))
     session = load_session(providers=["CPUExecutionProvider"], threads=0)
     assert session.get_session_options().intra_op_num_threads == available_cores()
     assert load_session(providers=["CPUExecutionProvider"], threads=1).get_session_options().intra_op_num_threads == 1
@@ -60,3 +65,27 @@ def test_unknown_precision_is_a_config_error():
     from beamlens.consumers.defects import DefectsConsumer
     with pytest.raises(ValidationError):
         DefectsConsumer.Params(precision="fp16")
+
+
+def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
+    """cgroup v2 cpu.max and v1 cfs quota along the process's cgroup path: the smallest counts."""
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "kubepods" / "cpu.max").write_text("400000 100000\n")
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "self_v2").write_text("0::/kubepods/pod1\n")
+    assert cgroup_cpu_limit(v2, tmp_path / "self_v2") == 1.5
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(v2, tmp_path / "self_v2") == 4.0
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "self_v1").write_text("4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
+    assert cgroup_cpu_limit(v1, tmp_path / "self_v1") == 2.0
+    (tmp_path / "self_none").write_text("2:cpu,cpuacct:/elsewhere\n")
+    assert cgroup_cpu_limit(v1, tmp_path / "self_none") is None  # root unlimited, own cgroup not mounted here
+    assert cgroup_cpu_limit(v1, tmp_path / "missing") is None
