@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         _logging(config.log_level)
         from .app import Daemon
-        return Daemon(config).run_until_signalled()
+        try:
+            daemon = Daemon(config)
+        except ConfigError as exc:  # checks that need the built daemon (metric names of trends series)
+            print(exc, file=sys.stderr)
+            raise SystemExit(2) from None
+        return daemon.run_until_signalled()
     if args.command == "simulate-detector":
         _logging("INFO")
         from .sim.detectors import simulate_detector
