@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
-from .config import Config, ConfigError
+from .config import Config
 from .isolation import ThreadWatch
-from .metric_trends import MetricSampler, metric_key_errors, metric_series
+from .metric_trends import MetricSampler, check_metric_names
 from .metrics import Metrics
 from .results import RunStore
 from .router import Router
@@ -58,11 +58,8 @@ class Daemon:
         kafka_names = [s.name for s in config.sources.kafka]
         self.metrics.declare([s.name for s in config.sources.bluesky] + kafka_names, [s.name for s in config.sources.frames],
                              [c.name for c in config.consumers], kafka_sources=kafka_names)
-        sampled = metric_series(config)  # trends series of daemon metrics: every name must be in the registry
-        errors = metric_key_errors(sampled, self.metrics.registry)
-        if errors:
-            raise ConfigError("<daemon>", errors)
-        self.metric_sampler = MetricSampler(sampled, self.metrics)
+        # trends series of daemon metrics: every name must be in the registry (else ConfigError)
+        self.metric_sampler = MetricSampler(check_metric_names(config, self.metrics.registry), self.metrics)
         self.store = RunStore(config.router.keep_runs, config.limits.keep_runs_mib * 2**20)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit, max_data_keys=config.limits.max_data_keys)

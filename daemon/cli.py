@@ -41,7 +41,10 @@ def default_demo_config() -> Path:
 
 def _load(path: str | Path, warn: bool = True) -> Config:
     try:
-        return load_config(path, warn=warn)
+        config = load_config(path, warn=warn)
+        from .metric_trends import check_metric_names
+        check_metric_names(config, source=str(path))  # trends series of daemon metrics name metrics the daemon exports
+        return config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
@@ -93,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         _logging(config.log_level)
         from .app import Daemon
-        try:
-            daemon = Daemon(config)
-        except ConfigError as exc:  # checks that need the built daemon (metric names of trends series)
-            print(exc, file=sys.stderr)
-            raise SystemExit(2) from None
-        return daemon.run_until_signalled()
+        return Daemon(config).run_until_signalled()
     if args.command == "simulate-detector":
         _logging("INFO")
         from .sim.detectors import simulate_detector

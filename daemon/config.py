@@ -701,10 +701,6 @@ def load_config(path: str | Path | None = None, *, text: str | None = None,
             consumer_params(cls, consumer.params, config)
         except ValidationError as exc:
             errors += [(yaml_path(("consumers", i, "params", *e["loc"])), e["msg"]) for e in exc.errors()]
-    if not errors:  # trends series of daemon metrics name a gauge or counter the daemon exports
-        from .metric_trends import metric_key_errors, metric_series
-        from .metrics import Metrics
-        errors = metric_key_errors(metric_series(config), Metrics().registry)
     if errors:
         raise ConfigError(source, errors)
     config._ignored_environment = tuple(ignored)

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from beamlens.consumers.trend_store import TrendStore, parse_metric_key
 from beamlens.consumers.trends import TrendsParams
 
-from .config import Config, consumer_params
+from .config import Config, ConfigError, consumer_params
 from .isolation import RateLimitedLog, guarded
 from .metrics import Metrics
 
@@ -112,6 +112,23 @@ def metric_key_errors(series: list[MetricSeries], registry: CollectorRegistry) -
             errors.append((s.path, f"{s.name!r} is not a gauge or counter of this daemon's /metrics"
                                    + (f" (similar: {', '.join(near[:5])})" if near else "")))
     return errors
+
+
+def check_metric_names(config: Config, registry: CollectorRegistry | None = None,
+                       source: str = "<config>") -> list[MetricSeries]:
+    """The metric series of ``config`` (:func:`metric_series`), checked against ``registry`` (the
+    daemon's; by default a fresh :class:`~beamlens.daemon.metrics.Metrics` registry, which has
+    every metric the daemon exports: ``beamlens check-config``); ``source`` names the config in
+    the error.
+
+    Raises:
+        ConfigError: a series names no gauge or counter of the registry, with its YAML path.
+    """
+    series = metric_series(config)
+    errors = metric_key_errors(series, registry if registry is not None else Metrics().registry)
+    if errors:
+        raise ConfigError(source, errors)
+    return series
 
 
 def read_sample(registry: CollectorRegistry, name: str, labels: tuple[tuple[str, str], ...]) -> float | str:

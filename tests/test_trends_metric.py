@@ -13,7 +13,8 @@ from beamlens.consumers.base import Buffers, RunInfo
 from beamlens.consumers.trend_store import TrendStore, check_series_key, parse_metric_key
 from beamlens.consumers.trends import TrendsConsumer, TrendsParams
 from beamlens.daemon.app import Daemon
-from beamlens.daemon.config import Config, ConfigError, load_config
+from beamlens.daemon.cli import main
+from beamlens.daemon.config import ConfigError, load_config
 from beamlens.daemon.metric_trends import MetricSampler, MetricSeries, metric_key_errors, read_sample
 from beamlens.daemon.metrics import Metrics
 from helpers import scrape, source_yaml, subscribe, wait_for, wait_run_finished
@@ -72,23 +73,28 @@ consumers:
 """
 
 
-def test_an_unknown_metric_fails_at_start_with_the_yaml_path(tmp_path):
+def test_an_unknown_metric_fails_at_start_with_the_yaml_path(tmp_path, capsys):
+    """The daemon checks the names against its own registry once built (a histogram is not
+    sampled); ``beamlens check-config`` and ``beamlens run`` report them like any bad field."""
     text = trends_yaml("{name: ok, key: metric/beamlens_runs_open}",
                        "{name: bad, key: metric/beamlens_no_such_metric}",
-                       "{name: hist, key: metric/beamlens_frame_age_seconds}",  # a histogram: not sampled
+                       "{name: hist, key: metric/beamlens_frame_age_seconds}",
                        store=str(tmp_path / "t.sqlite"))
+    config = load_config(text=text, environ={})  # each field is valid on its own
     with pytest.raises(ConfigError) as err:
-        load_config(text=text, environ={})
-    assert [p for p, _ in err.value.errors] == ["consumers[1].params.series[1].key", "consumers[1].params.series[2].key"]
-    assert "beamlens_no_such_metric" in str(err.value)
-    # the daemon checks against its own registry too (a Config built without load_config)
-    import yaml
-    config = Config.model_validate(yaml.safe_load(text))
-    with pytest.raises(ConfigError, match=r"consumers\[1\]\.params\.series\[1\]\.key"):
         Daemon(config)
-    ok = load_config(text=trends_yaml('{name: q, key: "metric/beamlens_queue_depth{queue=\\"documents\\"}"}',
-                                      store=str(tmp_path / "t.sqlite")), environ={})
-    assert ok.consumers[1].params["series"][0]["key"] == 'metric/beamlens_queue_depth{queue="documents"}'
+    assert [p for p, _ in err.value.errors] == ["consumers[1].params.series[1].key", "consumers[1].params.series[2].key"]
+    assert "'beamlens_no_such_metric' is not a gauge or counter" in str(err.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+        assert exit_.value.code == 2
+        assert "consumers[1].params.series[1].key: 'beamlens_no_such_metric'" in capsys.readouterr().err
+    path.write_text(trends_yaml('{name: q, key: "metric/beamlens_queue_depth{queue=\\"documents\\"}"}',
+                                store=str(tmp_path / "t.sqlite")))
+    assert main(["check-config", str(path)]) == 0
 
 
 # -- the sampler against a real registry ------------------------------------------------------
