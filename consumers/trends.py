@@ -304,7 +304,6 @@ class TrendsConsumer(Consumer):
         self.metric_series = [s for s in params.series if s.reads == "metric"]
         self.trigger: str | None = None
         """The signal taken only as the trigger of the metric series (the run's first offered)."""
-        self._metric_seen: dict[str, int] = {}   # series name -> newest store row id read
         self._metric_checked: dict[str, float] = {}  # series name -> monotonic time of the last check
 
     @property
@@ -326,8 +325,10 @@ class TrendsConsumer(Consumer):
             return []
         specs = []
         for s in self.params.series:
-            if s.reads == "metric":
-                continue  # no points of the run: samples come from the store
+            if s.reads == "metric":  # no points of the run: samples come from the store
+                specs.append(BufferSpec(f"{s.name}_seen", "single", extra_shape=(1,), private=True, merge=None,
+                                        description="newest trend-store row id of the samples read"))
+                continue
             specs += [BufferSpec(f"{s.name}_x", "nav", description=f"x ({s.x}) of {s.key}"),
                       BufferSpec(f"{s.name}_value", "nav", description=s.key),
                       BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store")]
@@ -489,9 +490,10 @@ class TrendsConsumer(Consumer):
             if not force and now - self._metric_checked.get(s.name, -math.inf) < self.refresh_s:
                 continue
             self._metric_checked[s.name] = now
-            last, n = self.store.new_points(s.key, self._metric_seen.get(s.name, 0))
+            seen = self.buffers[f"{s.name}_seen"]  # a buffer: checkpointed with the run
+            last, n = self.store.new_points(s.key, 0 if np.isnan(seen[0]) else int(seen[0]))
             if n:
-                self._metric_seen[s.name] = last
+                seen[0] = last
                 count_points(self.buffers, s, n)
                 touched.append(s)
         for s in touched:

@@ -179,6 +179,50 @@ def test_consumer_forecasts_a_stored_linear_ramp_and_refreshes_at_most_once_a_se
         c.stop({})
 
 
+@pytest.mark.parametrize("split", [1, 4])
+def test_checkpoint_round_trip_gives_the_uninterrupted_result(tmp_path, split, monkeypatch):
+    """A run with a metric series and an event series, checkpointed after ``split`` batches, new
+    samples stored while it is down, restored into a fresh instance: the same forecasts and refits
+    as without the interruption (the newest sample read is a private buffer: none counted twice)."""
+    from beamlens.daemon.checkpoint import FORMAT, consumer_record, read_checkpoint, restore_consumer, write_checkpoint
+    from partitions import assert_buffers_equal, feed, make_batches, new_instance
+
+    monkeypatch.setattr(TrendsConsumer, "refresh_s", 0.0)  # every batch looks for new samples
+    t0, sq = 1.7e9, event_signal("q")
+    batches = make_batches(sq, 1.0 - 0.1 * np.arange(12.0), batch_size=2)
+
+    def sample(path, ks):
+        with TrendStore(path) as s:
+            s.add(EVENTS, "metrics:boot", np.asarray(ks) + 1, t0 + np.asarray(ks, float), 3.0 * np.asarray(ks, float))
+
+    def params(path):
+        return TrendsParams.model_validate({"store": str(path), "series": [
+            series(threshold=90.0, direction="above", refit_every=3), {"name": "q", "key": "primary/q", "threshold": 0.0}]})
+
+    out = []
+    for interrupted in (False, True):
+        path = tmp_path / f"{interrupted}.sqlite"
+        sample(path, range(10))
+        c, accepted = new_instance(TrendsConsumer, params(path), [sq], 12)
+        feed(c, batches[:split], accepted)
+        if interrupted:
+            record, arrays = consumer_record(c, accepted, "s0")
+            write_checkpoint(tmp_path / "c.ckpt", {"format": FORMAT, "slot": record}, arrays)
+            c.stop({})
+        sample(path, range(10, 14))  # the sampler goes on
+        if interrupted:
+            state, arrays = read_checkpoint(tmp_path / "c.ckpt")
+            c = TrendsConsumer(params(path), RunInfo(uid="run", nav_shape=(12,), start_doc={}))
+            accepted = restore_consumer(c, {"uid": "run", "time": 0.0, "num_points": 12}, state["slot"], arrays)
+        feed(c, batches[split:], accepted)
+        c.finish()
+        out.append(c)
+    whole, resumed = out
+    assert whole.buffers.crossing[0] == pytest.approx(t0 + 30.0, abs=1.0)  # 3 (t - t0) = 90 at t0 + 30 s
+    assert np.isfinite(whole.buffers.m_points[0]).sum() == 14  # every sample, those stored while down too
+    assert_buffers_equal(whole, resumed, private=True)
+
+
 # -- the whole daemon --------------------------------------------------------------------------
 def counting_run(beamline, n, delay):
     import bluesky.plans as bp
@@ -193,35 +237,41 @@ def counting_run(beamline, n, delay):
 def test_daemon_trends_its_own_metrics_through_the_proxy_and_a_restart(proxy, beamline, make_daemon, tmp_path):
     """``beamlens_last_event_timestamp_seconds`` (the Unix time of the newest routed event) ramps
     with slope 1 while a RunEngine ``count`` sends events through the proxy; the daemon samples it
-    every 0.1 s into the store; the forecast of when it reaches a time T a minute ahead, scraped
+    every 0.1 s into the store; the forecast of when it reaches a time T 40 s ahead, scraped
     from /metrics, is near T. A restarted daemon continues the series (the event counter's history,
     across both starts); label matchers matching no sample or several are counted and skipped."""
     import time
 
     store_path = tmp_path / "state" / "trends.sqlite"
     stamp = "metric/beamlens_last_event_timestamp_seconds"
-    target = time.time() + 60.0
+    target = time.time() + 40.0
     text = source_yaml(proxy.out_address) + f"state:\n  directory: {tmp_path / 'state'}\n" + trends_yaml(
-        f"{{name: last_event, key: {stamp}, sample_every_s: 0.1, window: 20, threshold: {target:.3f}, "
+        f"{{name: last_event, key: {stamp}, sample_every_s: 0.1, window: 40, threshold: {target:.3f}, "
         "direction: above, horizon: 120, alert_within: 3600}",
         f"{{name: history, key: {EVENTS}, sample_every_s: 0.1, window: 2000}}",
         '{name: none, key: "metric/beamlens_documents_received_total{source=\\"elsewhere\\"}", sample_every_s: 0.1}',
         '{name: several, key: "metric/beamlens_documents_received_total{source=\\"test\\"}", sample_every_s: 0.1}')
     daemon = make_daemon(text)
     subscribe(daemon, proxy)
-    n = 50
+    n = 70
     uid = counting_run(beamline, n, 0.08)
     wait_run_finished(daemon, uid)
     pts = daemon.store.snapshot(uid, "trends", "last_event_points").data
     ok = np.isfinite(pts[0])
     x, y = pts[0][ok], pts[1][ok]
-    assert len(x) == 20 and np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0)
-    assert np.all(np.abs(y - x) < 1.0)  # the gauge tracks the events: value = time of the newest one
+    assert len(x) == 40 and np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0)
+    assert np.all(np.abs(y - x) < 2.5)  # the gauge tracks the events: the time of the newest (stalls on a busy machine)
     metrics = scrape(daemon.http.url)
     label = (("consumer", "trends"), ("series", "last_event"))
     crossing = metrics[("beamlens_forecast_crossing", label)]
     assert math.isfinite(crossing)
-    assert crossing == pytest.approx(target, abs=0.1 * (target - x[-1]))  # within 10 % of the lead time
+    # the straight line through the samples it was conditioned on: slope 1 when events flow at an even pace (a
+    # busy machine delays them: 0.84-0.99 measured here), so near it and, more loosely, near the target itself
+    slope, icpt = np.polyfit(x - x[0], y - x[0], 1)
+    line = x[0] + (target - x[0] - icpt) / slope
+    lead = target - x[-1]
+    assert 0.5 < slope < 1.2
+    assert crossing == pytest.approx(line, abs=0.2 * lead) and crossing == pytest.approx(target, abs=0.35 * lead)
     assert metrics[("beamlens_forecast_remaining", label)] == pytest.approx(crossing - x[-1], abs=1e-3)
     assert metrics[("beamlens_forecast_alert_within", label)] == 3600.0
     for reason, key in (("no_match", 'metric/beamlens_documents_received_total{source="elsewhere"}'),
