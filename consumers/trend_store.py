@@ -1,10 +1,12 @@
 """The trend store: figures trended across runs and daemon restarts, in one SQLite file.
 
 One row per point: ``(series, x, value, run_uid, seq, timestamp)`` — the series key as declared in
-the config (``primary/capacity``, ``features/mean_particle_area``), the x of the point in the
-series' units (cycle number, time, run index), its value, the RunStart uid of the run it came from,
-its sequence number within that run (the event's ``seq_num``, the frame number + 1), and the Unix
-time it was stored. ``(series, run_uid, seq)`` is unique, so a point delivered twice (a run resumed
+the config (``primary/capacity``, ``features/mean_particle_area``, a daemon metric
+``metric/beamlens_reconstruction_error_ratio{consumer="unmixing"}``: :func:`parse_metric_key`), the
+x of the point in the series' units (cycle number, time, run index), its value, the RunStart uid of
+the run it came from (for metric samples ``metrics:<id of the daemon's start>``), its sequence
+number within that run (the event's ``seq_num``, the frame number + 1, the sample number), and the
+Unix time it was stored. ``(series, run_uid, seq)`` is unique, so a point delivered twice (a run resumed
 from a checkpoint) is stored once.
 
 SQLite (the standard library's :mod:`sqlite3`) in WAL mode with ``synchronous=FULL``: each
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SERIES_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
+METRIC_PREFIX = "metric/"
+"""Series keys with this prefix name a sample of the daemon's Prometheus registry (:func:`parse_metric_key`)."""
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\x00-\x1f]{0,100}"'
+METRIC_KEY = re.compile(rf'^metric/(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{{(?P<labels>(?:{_LABEL})(?:,{_LABEL})*)?\}})?$')
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+MAX_KEY = 200
 MAX_RUN_UID = 200
 #: Points returned by one query at most (newest kept): bounds what a hostile or runaway series can
 #: make a reader allocate.
@@ -50,6 +58,7 @@ CREATE TABLE IF NOT EXISTS points (
     UNIQUE (series, run_uid, seq)
 );
 CREATE INDEX IF NOT EXISTS points_series ON points (series, run_uid, x);
+CREATE INDEX IF NOT EXISTS points_series_id ON points (series, id);
 """
 
 
@@ -95,14 +104,43 @@ class RunSeries:
 
 
 def check_series_key(key: str) -> str:
-    """Return ``key`` if it is a valid series key (``[A-Za-z0-9_.:/-]``, 1–200 characters).
+    """Return ``key`` if it is a valid series key: ``[A-Za-z0-9_.:/-]``, 1–200 characters, or a
+    metric key (:func:`parse_metric_key`, at most 200 characters too).
 
     Raises:
         ValueError: otherwise.
     """
+    if isinstance(key, str) and key.startswith(METRIC_PREFIX):
+        parse_metric_key(key)
+        return key
     if not isinstance(key, str) or not SERIES_KEY.match(key):
         raise ValueError(f"invalid series key {key!r} (letters, digits, _.:/- ; 1-200 characters)")
     return key
+
+
+def parse_metric_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Split a metric series key ``metric/<sample name>`` or ``metric/<sample name>{l1="v1",...}``
+    into the Prometheus sample name and the label matcher (equality only, as in PromQL's
+    ``name{label="value"}``; Prometheus exposition names: https://prometheus.io/docs/concepts/data_model/).
+
+    The sample name is the one ``/metrics`` shows: a counter with its ``_total``. Label values are
+    at most 100 characters without ``"``, ``\\`` or control characters; the key at most 200.
+
+    Returns:
+        ``(name, ((label, value), ...))`` in the key's order.
+
+    Raises:
+        ValueError: not such a key, or too long.
+    """
+    m = METRIC_KEY.match(key) if isinstance(key, str) and len(key) <= MAX_KEY else None
+    if m is None:
+        raise ValueError(f"invalid metric series key {key!r}: 'metric/<metric name>' optionally with a label matcher "
+                         "{label=\"value\",...} (at most 200 characters)")
+    pairs = tuple(_LABEL_PAIR.findall(m.group("labels") or ""))
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metric series key {key!r}: a label is matched twice")
+    return m.group("name"), pairs
 
 
 class TrendStore:
@@ -229,6 +267,15 @@ class TrendStore:
             out.append(RunSeries(uid, a[o, 0], a[o, 1], float(a[:, 2].min())))
         out.sort(key=lambda r: r.first_timestamp)
         return out
+
+    def new_points(self, series: str, after_id: int = 0) -> tuple[int, int]:
+        """``(newest row id, rows with id > after_id)`` of ``series`` (``(after_id, 0)`` when none):
+        a cheap check (index ``(series, id)``) for points added since a reader last looked."""
+        check_series_key(series)
+        with self._lock:
+            last, n = self._db.execute("SELECT MAX(id), COUNT(*) FROM points WHERE series = ? AND id > ?",
+                                       (series, int(after_id))).fetchone()
+        return (int(last), int(n)) if n else (int(after_id), 0)
 
     def points(self, series: str, run_uid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(seq int64, x float64, value float64)`` of one run's points of ``series``, by seq."""

@@ -11,8 +11,20 @@ and at :meth:`TrendsConsumer.finish`. The x may also be a numeric data key of an
 (``x: baseline/cycle``): one x per run, the first reading of that stream (bluesky's
 ``SupplementalData(baseline=[...])`` reads it at run start), given to every point of the run; the
 consumer opts in to those signals (``streams = ("*",)``, :attr:`~beamlens.consumers.base.SignalInfo.stream`).
-Values of other streams and metrics are refused at config time: values are per point of the scan,
-and consumers do not read the daemon's metric registry.
+Values of other streams are refused at config time: values are per point of the scan.
+
+A daemon metric is a series too (``key: metric/<metric name>``, optionally with a label matcher
+``metric/beamlens_reconstruction_error_ratio{consumer="unmixing"}``, :func:`~beamlens.consumers.trend_store.parse_metric_key`):
+the ``metric/`` prefix makes it one (``reads: metric``, set from the prefix). Consumers never read the
+daemon's registry; the daemon samples it every ``sample_every_s`` into the trend store (its
+``metric_trends`` module, run ``metrics:<start id>``, x = the sample's Unix time), and this consumer
+reads the samples back from there. A metric spans runs, so such a series is ``scope: all`` with
+``x: time`` (both the defaults there; anything else is refused), its x, ``crossing`` and
+``horizon`` are Unix times and ``remaining`` and ``alert_within`` seconds (``horizon``: seconds
+ahead of the newest sample). It takes the first signal of every run as its trigger: after each
+batch of a run it took (at most once per second per series, a cheap check for new samples) and at
+:meth:`TrendsConsumer.finish` it refits on the newest ``window`` samples. Its forecast therefore
+moves while runs are routed, and stands still between runs.
 Every point (an event with both readings) is stored in the trend store
 (:mod:`beamlens.consumers.trend_store`, one SQLite file, by default
 ``<state.directory>/trends.sqlite``: the daemon validates params with its state directory as
@@ -41,6 +53,8 @@ Not mergeable (refits depend on the order of points).
 """
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -50,9 +64,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .base import Batch, Buffers, BufferSpec, Consumer, ConsumerParams, NotApplicable, SignalInfo
 from .trend_model import EARLY_REFITS, Prior, TrendModel, learn_prior
-from .trend_store import TrendStore, check_series_key, default_store
+from .trend_store import METRIC_PREFIX, TrendStore, check_series_key, default_store
 
 N_GRID = 200
+SAMPLE_EVERY_S = 30.0
+"""Default ``sample_every_s`` of a metric series, s."""
+METRIC_REFRESH_S = 1.0
+"""A metric series looks for new samples in the store at most this often per consumer, s."""
 
 
 class ForecastConfig(BaseModel):
@@ -77,10 +95,11 @@ class SeriesConfig(ForecastConfig):
 
     key: str = Field(description="value: 'primary/<data key>', or with reads: store another consumer's stored "
                                  "result ('features/mean_particle_area'); also the trend-store series key")
-    reads: Literal["events", "store"] = Field(
+    reads: Literal["events", "store", "metric"] = Field(
         "events", description="events: the key is an event data key of the run; store: a series another consumer "
                               "writes to the trend store (the features consumer's 'features/<feature>'), x as it "
-                              "stored it (the cycle); list trends after that consumer")
+                              "stored it (the cycle); list trends after that consumer; metric: set by a "
+                              "'metric/<name>{label=\"value\"}' key, samples of a daemon metric")
     x: str = Field("seq_num", description="'primary/<data key>', 'seq_num' or 'time' (Unix s); "
                                           "'<stream>/<data key>' of another stream (baseline/cycle): the run's first "
                                           "reading there, for all its points; reads: store: 'stored' (the default "
@@ -91,10 +110,17 @@ class SeriesConfig(ForecastConfig):
     min_prior_runs: int = Field(3, ge=2, description="earlier runs needed for a prior")
     prior_floor: float | None = Field(None, description="prior fitted on earlier points not past this value; "
                                                         "default threshold -/+ 0.25 of the value range")
+    sample_every_s: float | None = Field(None, ge=0.05, le=86400.0,
+                                         description="metric series: the daemon samples the metric this often "
+                                                     f"(default {SAMPLE_EVERY_S:g} s)")
 
     @model_validator(mode="after")
     def _keys(self) -> SeriesConfig:
         check_series_key(self.key)
+        if self.key.startswith(METRIC_PREFIX) or self.reads == "metric":
+            return self._metric()
+        if self.sample_every_s is not None:
+            raise ValueError("sample_every_s: only a metric series (key: metric/<name>) is sampled")
         head, _, tail = self.key.partition("/")
         if self.reads == "store":
             if not head or not tail:
@@ -110,15 +136,34 @@ class SeriesConfig(ForecastConfig):
             self.x = "stored"
             return self
         if head != "primary" or not tail:
-            # the daemon offers consumers the data keys of the primary stream only (daemon/signals.py);
-            # metrics live in the daemon's registry, which consumers do not read (layering)
+            # the daemon offers consumers the data keys of the primary stream only (daemon/signals.py)
             raise ValueError(f"key {self.key!r}: a value is an event data key of the primary stream "
-                             "('primary/<data key>') or a consumer result through the trend store (reads: store); "
-                             "other streams (baseline/...) give x only (x: baseline/cycle), and metrics are not "
-                             "offered to consumers")
+                             "('primary/<data key>'), a consumer result through the trend store (reads: store) or "
+                             "a daemon metric the daemon samples into the store ('metric/<metric name>'); "
+                             "other streams (baseline/...) give x only (x: baseline/cycle)")
         xhead, _, xtail = self.x.partition("/")
         if self.x not in ("seq_num", "time") and (not xhead or not xtail):
             raise ValueError("x must be 'seq_num', 'time', 'primary/<data key>' or '<stream>/<data key>'")
+        return self
+
+    def _metric(self) -> SeriesConfig:
+        """Checks and defaults of a metric series (see the module docstring)."""
+        if not self.key.startswith(METRIC_PREFIX):
+            raise ValueError(f"key {self.key!r}: reads: metric needs a key 'metric/<metric name>'")
+        if self.reads == "store":
+            raise ValueError(f"key {self.key!r}: a 'metric/' key is a daemon metric (reads: metric), not a stored "
+                             "consumer result")
+        self.reads = "metric"
+        given = self.model_fields_set
+        if "scope" in given and self.scope != "all":
+            raise ValueError("scope: a metric series spans runs and daemon restarts (scope: all)")
+        if "x" in given and self.x not in ("time", "stored"):
+            raise ValueError(f"x {self.x!r}: a metric series' x is the sample's Unix time (x: time)")
+        if self.relative_to_first:
+            raise ValueError("relative_to_first: a metric series has no first point of a run to divide by")
+        self.scope, self.x = "all", "time"
+        if self.sample_every_s is None:
+            self.sample_every_s = SAMPLE_EVERY_S
         return self
 
     @property
@@ -149,10 +194,11 @@ class TrendsParams(ConsumerParams):
             raise ValueError(f"series names must be unique (got {names})")
         unset = self.store is None
         self.store = default_store(self.store, info.context)
-        stored = [s.name for s in self.series if s.reads == "store"]
+        stored = [s.name for s in self.series if s.reads in ("store", "metric")]
         if self.store is None and stored:
-            raise ValueError(f"store: series {stored} read the trend store (reads: store), which defaults to "
-                             "<state.directory>/trends.sqlite; set state.directory or store: <file>")
+            raise ValueError(f"store: series {stored} read the trend store (reads: store, or a metric the daemon "
+                             "samples into it), which defaults to <state.directory>/trends.sqlite; set "
+                             "state.directory or store: <file>")
         if self.store is None and unset and info.context is not None:
             across = [s.name for s in self.series if s.scope == "all"]
             if across:
@@ -202,13 +248,13 @@ def count_points(buffers: Buffers, cfg: ForecastConfig, n: int) -> None:
 
 
 def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: ForecastConfig, x: np.ndarray,
-                    y: np.ndarray, prior: Prior | None = None) -> None:
+                    y: np.ndarray, prior: Prior | None = None, horizon: float | None = None) -> None:
     """Fit ``(x, y)`` (float ``(n,)``, x increasing) of series ``s`` and write its forecast buffers
     (:func:`forecast_specs`): hyper-parameters re-optimised once ``refit_every`` points were
     counted since the last refit (:func:`count_points`), at every point of a short series
     (fewer than ``EARLY_REFITS * refit_every`` points) or when none are saved, else the saved ones
     (``<name>_theta``); with a prior, its fixed hyper-parameters. Fewer than 2 points: only the
-    threshold is written."""
+    threshold is written. ``horizon`` (x units) overrides the series' ``horizon``."""
     b, i = buffers, [t.name for t in cfgs].index(s.name)
     b.threshold[i] = np.nan if s.threshold is None else s.threshold
     b.alert_within[i] = np.nan if s.alert_within is None else s.alert_within
@@ -227,7 +273,7 @@ def update_forecast(buffers: Buffers, cfgs: Sequence[ForecastConfig], s: Forecas
         theta[:] = np.nan
         theta[:n_theta] = model.kernel_.theta
         since[0] = 0
-    horizon = s.horizon if s.horizon is not None else model.horizon()
+    horizon = horizon if horizon is not None else s.horizon if s.horizon is not None else model.horizon()
     f = model.forecast(np.linspace(float(model.x[0]), max(horizon, float(model.x[-1])), N_GRID))
     b[f"{s.name}_forecast"][...] = np.stack([f.x, f.mean, f.lower, f.upper, np.full(N_GRID, b.threshold[i])])
     pts = b[f"{s.name}_points"]
@@ -248,12 +294,17 @@ class TrendsConsumer(Consumer):
     params: TrendsParams
     mergeable = False
     streams = ("*",)  # x of a series may be a data key of any named stream (baseline/cycle)
+    refresh_s = METRIC_REFRESH_S
 
     def __init__(self, params, run):
         super().__init__(params, run)
         self.taken: set[str] = set()
         self.priors: dict[str, Prior | None] = {}
         self._store: TrendStore | None = None
+        self.metric_series = [s for s in params.series if s.reads == "metric"]
+        self.trigger: str | None = None
+        """The signal taken only as the trigger of the metric series (the run's first offered)."""
+        self._metric_checked: dict[str, float] = {}  # series name -> monotonic time of the last check
 
     @property
     def store(self) -> TrendStore | None:
@@ -262,24 +313,22 @@ class TrendsConsumer(Consumer):
         return self._store
 
     def signal(self, info: SignalInfo) -> list[BufferSpec]:
-        stored = any(s.reads == "store" for s in self.params.series)
-        if info.kind == "frame" and stored:
-            pass  # the trigger of stored series: the frames their writer (features) analyses
-        elif info.kind == "event" and info.stream != "primary":
-            if info.name not in {s.x for s in self.params.series if s.x_stream} or info.sig_shape != ():
-                raise NotApplicable(f"{info.name!r} is not the x of a declared series")
-        elif info.kind != "event" or info.sig_shape != ():
-            raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
-        else:
-            wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
-            if info.name not in wanted:
-                raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
+        try:
+            self._applicable(info)
+        except NotApplicable:
+            if not self.metric_series or self.taken:
+                raise
+            self.trigger = info.name  # any first signal: metric series refresh on the run's batches
         first = not self.taken
         self.taken.add(info.name)
         if not first:
             return []
         specs = []
         for s in self.params.series:
+            if s.reads == "metric":  # no points of the run: samples come from the store
+                specs.append(BufferSpec(f"{s.name}_seen", "single", extra_shape=(1,), private=True, merge=None,
+                                        description="newest trend-store row id of the samples read"))
+                continue
             specs += [BufferSpec(f"{s.name}_x", "nav", description=f"x ({s.x}) of {s.key}"),
                       BufferSpec(f"{s.name}_value", "nav", description=s.key),
                       BufferSpec(f"{s.name}_stored", "nav", private=True, description="1 once in the trend store")]
@@ -291,6 +340,21 @@ class TrendsConsumer(Consumer):
                 self.run.submit(self._learn_prior, s, then=lambda prior, s=s: self._install_prior(s, prior))
         specs += forecast_specs(self.params.series)
         return specs
+
+    def _applicable(self, info: SignalInfo) -> None:
+        """Raise :class:`NotApplicable` unless ``info`` is a value, x or trigger of a declared series."""
+        stored = any(s.reads == "store" for s in self.params.series)
+        if info.kind == "frame" and stored:
+            pass  # the trigger of stored series: the frames their writer (features) analyses
+        elif info.kind == "event" and info.stream != "primary":
+            if info.name not in {s.x for s in self.params.series if s.x_stream} or info.sig_shape != ():
+                raise NotApplicable(f"{info.name!r} is not the x of a declared series")
+        elif info.kind != "event" or info.sig_shape != ():
+            raise NotApplicable(f"{info.kind} signal {info.name!r} is not a scalar event reading")
+        else:
+            wanted = {s.value_key for s in self.params.series} | {s.x_key for s in self.params.series if s.x_key}
+            if info.name not in wanted - {None}:
+                raise NotApplicable(f"{info.name!r} is not a value or x of a declared series")
 
     # -- priors (on the daemon's pool) ---------------------------------------------------------
     def _learn_prior(self, s: SeriesConfig) -> Prior | None:
@@ -324,16 +388,19 @@ class TrendsConsumer(Consumer):
 
     # -- points --------------------------------------------------------------------------------
     def process(self, batch: Batch, staged: object = None) -> bool:
+        changed = self._read_metrics() if self.metric_series else False
+        if batch.signal.name == self.trigger:
+            return changed
         if batch.signal.kind == "frame":
-            return self._read_stored()
+            return self._read_stored() or changed
         if batch.signal.stream != "primary":
-            return self._run_x(batch)
+            return self._run_x(batch) or changed
         b = self.buffers
         pos = batch.nav_index
         values = batch.data.astype(np.float64)
         touched = []
         for s in self.params.series:
-            if s.reads == "store":
+            if s.reads != "events":
                 continue
             if batch.signal.name == s.value_key:
                 b[f"{s.name}_value"][pos] = values
@@ -347,7 +414,7 @@ class TrendsConsumer(Consumer):
                 touched.append(s)
         for s in touched:
             self._update(s)
-        return bool(touched)
+        return bool(touched) or changed
 
     def _store_new(self, s: SeriesConfig, pos: np.ndarray) -> bool:
         """Store the points of ``s`` at nav ``pos`` that have both readings now and were not
@@ -414,14 +481,38 @@ class TrendsConsumer(Consumer):
             self._update(s)
         return bool(touched)
 
+    def _read_metrics(self, force: bool = False) -> bool:
+        """Refit the metric series with new samples in the trend store (each looked at most once
+        per ``refresh_s``, :data:`METRIC_REFRESH_S`, unless ``force``). Returns whether any had new
+        samples."""
+        now, touched = time.monotonic(), []
+        for s in self.metric_series:
+            if not force and now - self._metric_checked.get(s.name, -math.inf) < self.refresh_s:
+                continue
+            self._metric_checked[s.name] = now
+            seen = self.buffers[f"{s.name}_seen"]  # a buffer: checkpointed with the run
+            last, n = self.store.new_points(s.key, 0 if np.isnan(seen[0]) else int(seen[0]))
+            if n:
+                seen[0] = last
+                count_points(self.buffers, s, n)
+                touched.append(s)
+        for s in touched:
+            self._update(s)
+        return bool(touched)
+
     def finish(self) -> None:
         if any(s.reads == "store" for s in self.params.series) and self.buffers:
             self._read_stored()  # points the writer stored after the last frame reached us
+        if self.metric_series and self.buffers:
+            self._read_metrics(force=True)
 
     def _points(self, s: SeriesConfig) -> tuple[np.ndarray, np.ndarray]:
         b = self.buffers
         if s.scope == "all" and self.store is not None:
-            runs = self.store.runs(s.key)
+            # a metric: only the newest window of samples (row ids grow with the sample time)
+            runs = self.store.runs(s.key, limit=s.window) if s.reads == "metric" else self.store.runs(s.key)
+            if s.reads == "metric" and not runs:
+                return np.empty(0), np.empty(0)
             if runs:
                 x = np.concatenate([r.x for r in runs])
                 y = np.concatenate([r.value for r in runs])
@@ -436,7 +527,8 @@ class TrendsConsumer(Consumer):
     def _update(self, s: SeriesConfig) -> None:
         """Fit the series' points and write its forecast buffers (daemon thread)."""
         x, y = self._points(s)
-        update_forecast(self.buffers, self.params.series, s, x, y, self.priors.get(s.name))
+        ahead = s.horizon + float(x[-1]) if s.reads == "metric" and s.horizon is not None and len(x) else None
+        update_forecast(self.buffers, self.params.series, s, x, y, self.priors.get(s.name), horizon=ahead)
 
     def stop(self, doc) -> None:
         if self._store is not None:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from .config import Config
 from .isolation import ThreadWatch
+from .metric_trends import MetricSampler, check_metric_names
 from .metrics import Metrics
 from .results import RunStore
 from .router import Router
@@ -57,6 +58,8 @@ class Daemon:
         kafka_names = [s.name for s in config.sources.kafka]
         self.metrics.declare([s.name for s in config.sources.bluesky] + kafka_names, [s.name for s in config.sources.frames],
                              [c.name for c in config.consumers], kafka_sources=kafka_names)
+        # trends series of daemon metrics: every name must be in the registry (else ConfigError)
+        self.metric_sampler = MetricSampler(check_metric_names(config, self.metrics.registry), self.metrics)
         self.store = RunStore(config.router.keep_runs, config.limits.keep_runs_mib * 2**20)
         self.router = Router(config, self.metrics, self.store)
         self.sources = [BlueskyZmqSource(c, self.metrics, self.router.submit, max_data_keys=config.limits.max_data_keys)
@@ -100,6 +103,7 @@ class Daemon:
         if not self._running:
             return
         yield self.router.thread
+        yield self.metric_sampler.thread
         for source in self.frame_sources:
             yield from source.threads
         for part in (*self.sources, self.files, self.http):
@@ -123,6 +127,7 @@ class Daemon:
         if self.tiled is not None:
             self.tiled.start()
         self.router.start()
+        self.metric_sampler.start()
         self.http.start()
         if self.epics is not None:
             self.epics.start()
@@ -141,6 +146,7 @@ class Daemon:
         self.systemd.stop()
         for source in [*self.sources, *self.frame_sources]:
             source.stop()
+        self.metric_sampler.stop()
         alive = self.router.thread is not None and self.router.thread.is_alive()
         if alive and not self.router.wait_idle(drain_timeout):
             log.error("document queue not drained within %.0f s", drain_timeout)

@@ -41,7 +41,10 @@ def default_demo_config() -> Path:
 
 def _load(path: str | Path, warn: bool = True) -> Config:
     try:
-        return load_config(path, warn=warn)
+        config = load_config(path, warn=warn)
+        from .metric_trends import check_metric_names
+        check_metric_names(config, source=str(path))  # trends series of daemon metrics name metrics the daemon exports
+        return config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None

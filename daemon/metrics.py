@@ -166,6 +166,11 @@ class Metrics:
             "Times a configured limit refused or downgraded something, by limit (memory_budget, open_runs, run_start_rate, "
             "series_start_rate, data_keys, gap, retention) and action (refused, rolling_window, closed_oldest, released, ...).",
             ["limit", "action"], registry=r)
+        self.metric_samples_skipped = Counter(
+            "beamlens_metric_samples_skipped_total",
+            "Samples of a daemon metric for a trends series (key metric/<name>{...}) not stored, by series key and "
+            "reason: no_match (no sample with the matcher's labels yet), ambiguous (more than one matches), "
+            "not_finite.", ["series", "reason"], registry=r)
         self.result_buffer_bytes = Gauge(
             "beamlens_result_buffer_bytes", "Bytes of result buffers held by open and kept runs (counted against limits.memory_budget_mib).",
             registry=r)
