@@ -29,7 +29,7 @@ paced run with no refit after the first (``*_paced_no_refits``); for mLLE both w
 worker process (the default) and on the pool thread itself (``refit_in_process: false``).
 
 Prints one JSON line per figure: ``{"benchmark", "figure", "value", "unit", "target"}``.
-Run: ``python benchmarks/spectral.py`` (about a minute).
+Run: ``python benchmarks/spectral.py`` (about two minutes; ``--lle-only`` or ``--nmf-only`` for one half).
 """
 from __future__ import annotations
 

@@ -1,0 +1,74 @@
+"""The embedding's PCA statistics are updated in its basis job, off the event path: the job's
+update equals the one the daemon thread would make, bit for bit; a job whose snapshot went stale
+(a point re-measured while it ran) installs its basis but not its statistics, and the run's PCA
+still ends exact."""
+from __future__ import annotations
+
+import numpy as np
+from partitions import feed, make_batches, new_instance
+from sklearn.decomposition import PCA
+
+from beamlens.consumers.base import Buffers
+from beamlens.consumers.embedding import EmbeddingConsumer
+from beamlens.consumers.spectral.incremental import add_rows, basis_update, catch_up, moment_specs, snapshot
+from beamlens.daemon.sim.datasets import reaction_path_map
+
+from spectral_drive import event_signals, map_descriptor
+
+
+def test_basis_update_equals_catch_up_bit_for_bit():
+    rng = np.random.default_rng(3)
+    spectra = rng.random((40, 12))
+    spectra[[5, 17]] = np.nan  # points not measured yet
+    b = Buffers.allocate(moment_specs("pca", 12), 40)
+    first = np.flatnonzero(np.isfinite(spectra[:20]).all(axis=1))  # the first half already in the statistics
+    add_rows(b, "pca", spectra[first])
+    b.pca_added[:] = 0
+    b.pca_added[first] = 1
+    pending = np.flatnonzero((b.pca_added == 0) & np.isfinite(spectra).all(axis=1))
+    n, mean, scatter, basis = basis_update(*snapshot(b, "pca"), spectra[pending], 3)
+    catch_up(b, "pca", spectra)
+    assert n == b.pca_n[0] == 38
+    np.testing.assert_array_equal(mean, b.pca_mean)
+    np.testing.assert_array_equal(scatter, b.pca_scatter)
+    assert basis is not None and basis[1].shape == (3, 12)
+
+
+def _run():
+    data = reaction_path_map(seed=2)
+    ny, nx = data.shape
+    n = ny * nx
+    _, desc = map_descriptor(len(data.energy), data.energy, (ny, nx))
+    signals = event_signals(desc)
+    flat = data.spectra.reshape(n, -1).astype(np.float64)
+    return signals, flat, n
+
+
+def test_a_stale_basis_job_leaves_the_statistics_and_results_stay_exact():
+    signals, flat, n = _run()
+    c, acc = new_instance(EmbeddingConsumer, {"batch_size": 32, "final_refit": False}, signals, n)
+    jobs = []
+    c.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
+    feed(c, make_batches(signals[0], flat[:40], np.arange(40), 1), acc)
+    basis_jobs = [j for j in jobs if j[0].__name__ == "basis_update"]
+    assert len(basis_jobs) == 1
+    job, args, then = basis_jobs[0]
+    pending = int(np.sum(c.buffers.pca_added[:40] == 0))
+    # point 1 re-measured while the job runs: its snapshot holds the old spectrum
+    feed(c, make_batches(signals[0], flat[100:101], np.array([1]), 1), acc)
+    then(job(*args))
+    assert np.isfinite(c.buffers.pca_components).all()  # the basis is published
+    assert int(np.sum(c.buffers.pca_added[:40] == 0)) == pending  # its statistics were not installed
+    # a fresh job with nothing changed meanwhile installs them
+    jobs.clear()
+    c._submit_basis()
+    job, args, then = jobs[0]
+    then(job(*args))
+    assert int(np.sum(c.buffers.pca_added[:40] == 0)) == 0 and c.buffers.pca_n[0] == 40
+    c.results()
+    x = flat[:40].copy()
+    x[1] = flat[100]
+    ref = PCA(3).fit(x)
+    got = c.buffers.pca_components
+    np.testing.assert_allclose(np.abs(got @ ref.components_.T), np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(c.buffers.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-9)
