@@ -159,13 +159,37 @@ class TrendStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise TrendStoreError(f"{self.path}: not a usable trend store ({exc})") from exc
+        self._db: sqlite3.Connection | None = None
+        deadline, pause = time.monotonic() + timeout_s, 0.005
+        while True:
+            try:
+                self._open(timeout_s)
+                return
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL takes an exclusive lock and SQLite answers "database
+                # is locked" at once, without its busy handler, when another connection (the
+                # metric sampler's thread, another process) opens the same new file at that moment
+                # (https://sqlite.org/wal.html#sometimes_queries_return_sqlite_busy_in_wal_mode):
+                # retry the open until timeout_s.
+                self._discard()
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise TrendStoreError(f"{self.path}: not a usable trend store ({exc})") from exc
+                time.sleep(pause)
+                pause = min(2 * pause, 0.2)
+            except sqlite3.DatabaseError as exc:
+                self._discard()
+                raise TrendStoreError(f"{self.path}: not a usable trend store ({exc})") from exc
+
+    def _discard(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _open(self, timeout_s: float) -> None:
+        self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
 
     def _migrate(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -36,6 +37,31 @@ def test_round_trip_grouped_by_run_and_idempotent(tmp_path):
         check_series_key("bad key; DROP TABLE")
     with TrendStore(tmp_path / "state" / "trends.sqlite") as store, pytest.raises(ValueError, match="one length"):
         store.add("a", "run", [1, 2], [1.0], [1.0])
+
+
+def test_threads_opening_a_new_store_at_once_all_get_it(tmp_path):
+    """The daemon's metric sampler and the trends consumer open the same new file at the same
+    moment: switching it to WAL answers "database is locked" to one of them at once (no busy
+    handler), which the store retries instead of refusing the file."""
+    for attempt in range(20):
+        path, errors, start = tmp_path / f"t{attempt}.sqlite", [], threading.Barrier(4)
+
+        def open_and_add(i, path=path, errors=errors, start=start):
+            start.wait()
+            try:
+                with TrendStore(path) as store:
+                    store.add("metric/m", f"run-{i}", [1], [0.0], [float(i)])
+            except Exception as exc:  # collected: a thread's exception would not fail the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_add, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with TrendStore(path) as store:
+            assert store.count("metric/m") == 4
 
 
 def test_newer_schema_and_foreign_files_are_refused(tmp_path):
