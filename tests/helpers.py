@@ -33,6 +33,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def wait_for_count(read: Callable[[], float], target: float, stall: float = 120.0, interval: float = 0.05) -> float:
+    """Poll a counter ``read()`` until it reaches ``target``; fail the test only when it has not
+    moved for ``stall`` s (a hung pipeline), however long the whole wait takes (a loaded machine).
+    Returns the count reached, which the caller checks (it may overshoot ``target``)."""
+    last, moved = read(), time.monotonic()
+    while last < target:
+        if time.monotonic() - moved > stall:
+            raise AssertionError(f"count stuck at {last} (waiting for {target}) for {stall} s")
+        time.sleep(interval)
+        now = read()
+        if now != last:
+            last, moved = now, time.monotonic()
+    return last
+
+
 def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

@@ -141,6 +141,43 @@ def test_subscribers_see_the_map_grow_while_the_run_goes(make_daemon, tiled_serv
     assert len(updates) >= 1
 
 
+def test_a_run_first_written_after_its_stop_reads_success_only_once_complete(make_daemon, tiled_server, client):
+    """The race a loaded machine showed: the sink's first pass for a run comes after its RunStop.
+    Its container must not read "success" while its buffers are still being written (a reader
+    waiting for "success" would see a half-written run). Deterministic: the sink's pass is called
+    here, after the run has finished, and every buffer write looks at the status on the server."""
+    from beamlens.daemon.config import load_config
+    from beamlens.daemon.metrics import Metrics
+    from beamlens.daemon.sinks.tiled import TiledSink
+
+    daemon = make_daemon(CONSUMERS)
+    config = load_config(text=tiled_yaml(tiled_server), environ={}).outputs.tiled
+    seen: list[str] = []
+    reader = from_uri(tiled_server.uri)
+
+    class Watched(TiledSink):
+        def _write_buffer(self, nodes, consumer, snap):
+            seen.append(reader["beamlens"][uid].metadata["status"])
+            super()._write_buffer(nodes, consumer, snap)
+
+    sink = Watched(config, Metrics(), daemon.store)  # never started: no writer thread, only this pass
+    daemon.router.listeners.append(sink)
+    uid, head, events, stop, spectra = grid_docs()
+    for name, doc in head + events + [stop]:
+        daemon.router.submit(Document(name, doc, "test", time.time()))
+    assert daemon.router.wait_idle(30) and daemon.store.wait_finished(uid, 30)
+    assert daemon.store.get(uid).status == "success"
+    try:
+        sink.write_pass()
+        assert len(seen) >= 3 and set(seen) == {"open"}, seen  # stats and pca buffers, all while "open"
+        run = client["beamlens"][uid]
+        assert run.metadata["status"] == "success" and set(run) >= {"stats", "pca", "axes"}
+        np.testing.assert_allclose(run["stats"]["total"].read(), spectra.sum(axis=1).reshape(NY, NX), rtol=1e-12)
+    finally:
+        reader.context.close()
+        sink._disconnect()
+
+
 def test_frame_run_of_unknown_length_grows_with_extend(make_daemon, tiled_server, client):
     frames = list(synthetic_frames(9, (16, 16), seed=5))
     with DetectorEmulator("dectris-v2") as emu:

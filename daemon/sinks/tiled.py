@@ -5,7 +5,9 @@ Layout under the configured container (``outputs.tiled.path``, default ``beamlen
 
     <path>/                         container, created if missing
         <raw run uid>/              container; metadata: raw_run_uid, scan_id, plan_name, sample,
-                                    status (open | success | abort | fail | incomplete), nav_shape,
+                                    status (open | finishing | success | abort | fail | incomplete;
+                                    a closed one only once every buffer and the axes are written),
+                                    nav_shape,
                                     beamlens_version, raw_start (the raw RunStart)
             <consumer>/             container; metadata: the consumer's provenance (class, params,
                                     version, model_sha256)
@@ -200,7 +202,10 @@ class TiledSink:
         status = run.status
         nodes = self._runs.get(uid)
         if nodes is None:
-            nodes = self._runs[uid] = _RunNodes(self._container(root, uid, self._run_metadata(run)))
+            # never a closed status before _finish: a reader that waits for "success" must find every
+            # buffer and the axes written (a run first seen closed reads "open" until then)
+            shown = status if status in LIVE_STATUSES else "open"
+            nodes = self._runs[uid] = _RunNodes(self._container(root, uid, self._run_metadata(run, shown)))
         for slot in run.slots:
             if not slot.specs:
                 continue
@@ -232,10 +237,10 @@ class TiledSink:
         return parent.create_container(key, metadata=metadata)
 
     @staticmethod
-    def _run_metadata(run: RunState) -> dict[str, Any]:
+    def _run_metadata(run: RunState, status: str) -> dict[str, Any]:
         start = run.start_doc
         return _jsonable({"raw_run_uid": run.uid, "scan_id": start.get("scan_id"), "plan_name": start.get("plan_name"),
-                          "sample": start.get("sample"), "status": run.status,
+                          "sample": start.get("sample"), "status": status,
                           "nav_shape": list(run.published_nav_shape), "beamlens_version": __version__,
                           "raw_start": start})
 
@@ -280,4 +285,4 @@ class TiledSink:
             if axis.name not in container:
                 container.write_array(np.asarray(axis.values, dtype=np.float64), key=axis.name,
                                       metadata={"units": axis.units, "dim": axis.dim}, dims=[f"scan_dim_{axis.dim}"])
-        nodes.container.update_metadata(metadata=self._run_metadata(run))
+        nodes.container.update_metadata(metadata=self._run_metadata(run, run.status))
