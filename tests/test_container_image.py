@@ -83,7 +83,15 @@ def test_check_config_runs_inside_the_image(container):
     assert "/etc/beamlens/config.yaml: valid" in run.stdout
 
 
-def test_short_demo_inside_the_image_answers_health(container):
+#: runc's start-up copy of its own binary into a sealed memfd fails now and then with EBUSY (a
+#: race in runc's cloned-binary code, not in the image: opencontainers/runc#3973 and its memfd
+#: threads); the container never started, so one such start is retried.
+RUNC_TRANSIENT = "sealing memfd copy"
+
+
+def run_demo(container: str) -> tuple[int, tuple | None, str]:
+    """Start a short demo inside the image and read its ``/health`` from outside while it runs:
+    ``(exit status, (HTTP status, body) or None, output)``."""
     port = free_port()
     proc = subprocess.Popen(buildah_run(container, "beamlens", "demo", "--stxm-points", "10", "--no-serve",
                                         env={"BEAMLENS_HTTP__HOST": "127.0.0.1", "BEAMLENS_HTTP__PORT": str(port)}),
@@ -103,6 +111,13 @@ def test_short_demo_inside_the_image_answers_health(container):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-    assert proc.returncode == 0, out[-4000:]
+    return proc.returncode, health, out
+
+
+def test_short_demo_inside_the_image_answers_health(container):
+    returncode, health, out = run_demo(container)
+    if returncode != 0 and health is None and RUNC_TRANSIENT in out:
+        returncode, health, out = run_demo(container)
+    assert returncode == 0, out[-4000:]
     assert health is not None and health[0] == 200, (health, out[-4000:])
     assert "STXM image: 100 points" in out and "STEM defect movie: 150" in out, out[-4000:]
