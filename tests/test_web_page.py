@@ -59,14 +59,17 @@ def wait_js(page, expression: str, timeout: float = UI_MS) -> None:
     page.wait_for_function(f"() => ({expression})", timeout=timeout)
 
 
-def pixel_centre(canvas, r: int, c: int, rows: int, cols: int) -> tuple[float, float]:
-    """Screen position of map point [r, c], drawn y up (row 0 at the bottom for a rising slow axis)."""
+def pixel_centre(canvas, r: int, c: int, rows: int, cols: int) -> dict[str, float]:
+    """Position of map point [r, c] in the map canvas (CSS px from its top-left corner), drawn y
+    up (row 0 at the bottom for a rising slow axis), for ``canvas.click(position=...)`` and
+    ``canvas.hover(position=...)``: Playwright then scrolls the canvas into view, waits until its
+    box is stable and checks that it receives the pointer, so a page still laying out (or
+    scrolled away by an earlier screenshot) cannot take the click elsewhere."""
     g = json.loads(canvas.get_attribute("data-geometry"))
-    box = canvas.bounding_box()
-    scale = box["width"] / g["W"]
+    scale = canvas.bounding_box()["width"] / g["W"]
     dc = cols - 1 - c if g["flipX"] else c
     dr = r if g["flipY"] else rows - 1 - r
-    return box["x"] + (g["L"] + (dc + 0.5) * g["s"]) * scale, box["y"] + (g["T"] + (dr + 0.5) * g["s"]) * scale
+    return {"x": (g["L"] + (dc + 0.5) * g["s"]) * scale, "y": (g["T"] + (dr + 0.5) * g["s"]) * scale}
 
 
 @pytest.fixture
@@ -150,7 +153,7 @@ def test_map_values_by_hover_and_keyboard(proxy, beamline, make_daemon, browser_
     assert "6 by 8 points" in label and "OD" in label
 
     r, c = 4, 6
-    page.mouse.move(*pixel_centre(canvas, r, c, rows=6, cols=8))
+    canvas.hover(position=pixel_centre(canvas, r, c, rows=6, cols=8))
     tip = page.text_content("#tooltip")
     assert tip.startswith(f"stats/total[{r}, {c}] = ") and " OD" in tip
     assert float(re.search(r"= (\S+)", tip).group(1)) == pytest.approx(expected[r, c], rel=1e-3)
@@ -193,7 +196,7 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
 
     # click a pixel: the model spectrum drawn equals the API's answer for that point
     r, c = 9, 3
-    page.mouse.click(*pixel_centre(canvas, r, c, rows=12, cols=16))
+    canvas.click(position=pixel_centre(canvas, r, c, rows=12, cols=16))
     card = "figure.point-card[data-consumer='pca'] canvas.plot"
     page.wait_for_selector(card, timeout=UI_MS)
     drawn = page.evaluate(f"document.querySelector(\"{card}\").__series")
@@ -267,7 +270,7 @@ def test_scientist_steers_from_the_page(proxy, beamline, make_daemon, browser_pa
     page.select_option("#run-picker", uid)
     wait_js(page, f"document.querySelector(\"{sel}\")?.getAttribute('aria-label')?.includes('192 measured')",
                            timeout=UI_MS)
-    page.mouse.click(*pixel_centre(page.locator(sel), r, c, rows=12, cols=16))
+    page.locator(sel).click(position=pixel_centre(page.locator(sel), r, c, rows=12, cols=16))
     page.wait_for_selector(card, timeout=UI_MS)
     page.mouse.move(0, 0)
     ARTIFACTS.mkdir(exist_ok=True)

@@ -150,6 +150,13 @@ class MapCard {
     // a frame-shaped image (sig buffer) is not a scan point: only maps of the scan pick one
     this.canvas.addEventListener("click", (e) => { const rc = this.cell(e); if (rc && !this.spec.sigImage) pickPoint(rc); });
     this.canvas.addEventListener("keydown", (e) => this.key_(e));
+    // Take the drawn size now, from the run's nav shape, so that maps filling in one after the
+    // other do not move each other (and the point under a pending click) as they first draw.
+    const nav = run && run.nav_shape;
+    if (!spec.sigImage && nav && nav.length === 2 && nav[0] > 0 && nav[1] > 0) {
+      const g = this.geometry(nav[0], nav[1]);
+      sizeCanvas(this.canvas, g.W, g.H);
+    }
   }
 
   modeChanged() {
@@ -188,12 +195,12 @@ class MapCard {
   }
 
   // display geometry: which canvas cell a map index [r, c] lands in (y up, x right, in motor units)
-  geometry() {
-    const [ya, xa] = this.spec.sigImage ? [{ start: 1, stop: 0, num: this.rows }, { start: 0, stop: 1, num: this.cols }]
-      : mapAxes(this.run, this.rows, this.cols);
-    const s = Math.max(1, Math.min(Math.floor(300 / this.cols), Math.floor(300 / this.rows)));
+  geometry(rows = this.rows, cols = this.cols) {
+    const [ya, xa] = this.spec.sigImage ? [{ start: 1, stop: 0, num: rows }, { start: 0, stop: 1, num: cols }]
+      : mapAxes(this.run, rows, cols);
+    const s = Math.max(1, Math.min(Math.floor(300 / cols), Math.floor(300 / rows)));
     const L = this.spec.sigImage ? 4 : 72, B = this.spec.sigImage ? 4 : 40, T = 6, R = this.spec.sigImage ? 4 : 26;
-    return { ya, xa, s, L, B, T, R, W: L + this.cols * s + R, H: T + this.rows * s + B,
+    return { ya, xa, s, L, B, T, R, W: L + cols * s + R, H: T + rows * s + B,
       flipX: xa.stop < xa.start, flipY: ya.stop < ya.start };
   }
   toScreen(g, r, c) {
