@@ -10,8 +10,8 @@ other point mapped out of sample, :func:`~beamlens.consumers.spectral.manifold.t
 off-manifold ratio).
 
 Event path (constant cost per spectrum): each spectrum is preprocessed, stored, scored in the
-basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra a
-basis update is a job on the daemon's pool
+basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra, once
+the stored spectra have grown by ``update_growth`` since the last update, a basis update is a job on the daemon's pool
 (:func:`~beamlens.consumers.spectral.incremental.basis_update`): it adds the spectra stored since
 the last update to a copy of the PCA statistics (the ``O(m c²)`` rank update) and computes the
 eigendecomposition; installing it writes the statistics back (unless a re-measured point, a merge
@@ -61,7 +61,13 @@ class EmbeddingParams(SpectralParams):
     n_components: int = Field(3, ge=1, le=20)
     """Principal components published as score maps."""
     batch_size: int = Field(32, ge=2)
-    """Spectra per IncrementalPCA ``partial_fit``."""
+    """Spectra between basis updates (each adds the spectra stored since to the PCA statistics
+    and re-scores every point in the new basis)."""
+    update_growth: float = Field(0.125, ge=0.0, le=10.0)
+    """A basis update also waits until the stored spectra have grown by this fraction of those
+    the last update was submitted at (0: every ``batch_size`` spectra), as ``pca``'s: re-scoring is
+    ``O(points)``, so the router thread's cost over a run grows as ``O(points / update_growth)``
+    instead of ``O(points² / batch_size)``. The end of the run always gives the exact basis of all."""
     n_neighbors: int = Field(12, ge=3)
     """mLLE neighbourhood size (10-15 for a few hundred spectra)."""
     n_embedding: int = Field(2, ge=1, le=5)
@@ -126,6 +132,8 @@ class EmbeddingConsumer(SpectralConsumer):
         them all again only when the model changed; :meth:`process` maps new points in it)."""
         self._basis_pending = False
         """A basis job was submitted and not installed yet (scheduling only)."""
+        self._updated_at = 0
+        """Spectra stored when the last basis update was submitted (scheduling only)."""
         self._stats_changed = 0
         """Counts changes of the PCA statistics (or of a stored spectrum) made on this thread: a
         basis job's updated statistics are installed only if none happened since its snapshot."""
@@ -164,8 +172,8 @@ class EmbeddingConsumer(SpectralConsumer):
     # -- the contract ------------------------------------------------------------------------
     def process(self, batch: Batch, staged: object = None) -> bool:
         """Store, score and map the batch's spectra; submit a refit when one is due. Each time the
-        count passes a multiple of ``batch_size`` the pending spectra join the PCA statistics and a
-        basis update is submitted (the eigendecomposition runs on the daemon's pool), whose result
+        count passes a multiple of ``batch_size`` (and has grown by ``update_growth`` since the
+        last update) the pending spectra join the PCA statistics and a basis update is submitted (the eigendecomposition runs on the daemon's pool), whose result
         re-scores every spectrum. Returns False."""
         b = self.buffers
         before = self._n_stored()
@@ -188,7 +196,8 @@ class EmbeddingConsumer(SpectralConsumer):
             self._submit_fit()
         step = self.params.batch_size
         n = self._n_stored()
-        if n >= 2 and (before // step != n // step or not has_basis) and not self._basis_pending:
+        due = n >= self._updated_at * (1.0 + self.params.update_growth)
+        if n >= 2 and (before // step != n // step or not has_basis) and not self._basis_pending and due:
             self._submit_basis()
         return False
 
@@ -264,6 +273,7 @@ class EmbeddingConsumer(SpectralConsumer):
         b = self.buffers
         pending = pending_rows(b, "pca", b.spectra)
         self._basis_pending = True
+        self._updated_at = self._n_stored()
         changed = self._stats_changed
         self.run.submit(basis_update, *snapshot(b, "pca"), b.spectra[pending], self.k,
                         then=lambda result: self._install_basis(result, b, pending, changed))
@@ -288,7 +298,7 @@ class EmbeddingConsumer(SpectralConsumer):
             b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
             # every point at once on the nav buffer (no copy of the stored rows): NaN rows, points
             # not measured, score NaN, as they were
-            scores = (b.spectra - b.pca_basis_mean) @ b.pca_components.T
+            scores = b.spectra @ b.pca_components.T - b.pca_components @ b.pca_basis_mean
             for i in range(self.k):
                 b[f"score_{i + 1}"][...] = scores[:, i]
 
@@ -302,7 +312,7 @@ class EmbeddingConsumer(SpectralConsumer):
 
     def _score(self, x: np.ndarray, pos: np.ndarray) -> None:
         b = self.buffers
-        scores = (x - b.pca_basis_mean) @ b.pca_components.T
+        scores = x @ b.pca_components.T - b.pca_components @ b.pca_basis_mean
         for i in range(self.k):
             b[f"score_{i + 1}"][pos] = scores[:, i]
 

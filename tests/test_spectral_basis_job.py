@@ -5,11 +5,13 @@ still ends exact."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from partitions import feed, make_batches, new_instance
 from sklearn.decomposition import PCA
 
 from beamlens.consumers.base import Buffers
 from beamlens.consumers.embedding import EmbeddingConsumer
+from beamlens.consumers.pca import PCAConsumer
 from beamlens.consumers.spectral.incremental import add_rows, basis_update, catch_up, moment_specs, snapshot
 from beamlens.daemon.sim.datasets import reaction_path_map
 
@@ -72,3 +74,40 @@ def test_a_stale_basis_job_leaves_the_statistics_and_results_stay_exact():
     got = c.buffers.pca_components
     np.testing.assert_allclose(np.abs(got @ ref.components_.T), np.eye(3), atol=1e-9)
     np.testing.assert_allclose(c.buffers.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [PCAConsumer, EmbeddingConsumer])
+@pytest.mark.parametrize("growth", [0.0, 0.25])
+def test_basis_updates_wait_for_update_growth_and_the_run_still_ends_exact(cls, growth):
+    """One spectrum per batch: a basis update is submitted each time the count passes a multiple of
+    ``batch_size`` and, with ``update_growth``, only once the count has grown by that fraction since
+    the last one (re-scoring every point costs O(points) on the router thread). Whatever the
+    schedule, the run ends on the exact PCA of every spectrum."""
+    signals, flat, n = _run()
+    params = {"batch_size": 16, "update_growth": growth, "n_components": 3}
+    if cls is EmbeddingConsumer:
+        params |= {"final_refit": False, "refit_in_process": False}
+    c, acc = new_instance(cls, params, signals, n)
+    at: list[int] = []
+
+    def submit(job, *args, then=None):
+        if job.__name__ in ("basis_of", "basis_update"):
+            at.append(int(c.buffers.n_points[0]))
+        result = job(*args)
+        if then is not None:
+            then(result)
+
+    c.run.submit = submit
+    feed(c, make_batches(signals[0], flat, np.arange(n), 1), acc)
+    assert at[0] == 2 and all(m % 16 == 0 for m in at[1:]), at
+    steps = np.diff(at[1:])
+    if growth == 0:
+        assert (steps == 16).all(), at
+    else:
+        assert all(b >= a * (1 + growth) for a, b in zip(at[1:], at[2:])), at
+        assert len(at) < 1 + n // 16 // 2, at  # geometric, not one per batch
+    c.results()
+    ref = PCA(3).fit(flat)
+    comps = c.buffers.pca_components if cls is EmbeddingConsumer else c.buffers.components
+    np.testing.assert_allclose(np.abs(comps @ ref.components_.T), np.eye(3), atol=1e-8)
+    np.testing.assert_allclose(c.buffers.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-8)

@@ -135,3 +135,20 @@ def test_out_of_sample_weights_reproduce_scikit_learn_transform():
     idx = lle.nbrs_.kneighbors(z[250:], 10, return_distance=False)
     w = barycenter_weights(z[250:], z[:250][idx], lle.reg)
     np.testing.assert_allclose(np.einsum("nk,nkd->nd", w, lle.embedding_[idx]), lle.transform(z[250:]), atol=1e-12)
+
+
+def test_one_spectrum_path_equals_the_batched_mapping():
+    """The event path maps one spectrum at a time (LAPACK's Cholesky solve of the local Gram
+    system); a page goes through the batched path (``numpy.linalg.solve``). Both give the same
+    coordinates and off-manifold ratios, for spectra on and off the fitted manifold, and for an
+    exact duplicate of a fitted spectrum (its local Gram matrix is singular but for the
+    regularisation)."""
+    data = corroding_steel_map(seed=0)
+    x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
+    model = fit_manifold(x[:300], np.arange(300.0))
+    new = np.vstack([x[300:], x[:5], x[300:310] * 3.0 + 0.5])
+    y_page, ratio_page = transform(model, new)
+    for i, spectrum in enumerate(new):
+        y_one, ratio_one = transform(model, spectrum[None])
+        np.testing.assert_allclose(y_one[0], y_page[i], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ratio_one[0], ratio_page[i], rtol=1e-9, atol=1e-12)

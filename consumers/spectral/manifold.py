@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg.lapack import dposv
 from scipy.spatial import cKDTree
 from sklearn.manifold import LocallyLinearEmbedding
 
@@ -36,6 +37,7 @@ class ManifoldModel:
         n_neighbors, reg: barycentric-weight parameters (as scikit-learn's).
         baseline: median leave-one-out reconstruction residual of the fitted points.
         loo_ratio: ``(n,)`` each fitted point's leave-one-out residual over ``baseline``.
+        offset: ``(p,)`` ``comps @ mean`` (a spectrum's scores are ``comps @ x - offset``).
     """
 
     mean: np.ndarray
@@ -48,6 +50,7 @@ class ManifoldModel:
     reg: float
     baseline: float
     loo_ratio: np.ndarray
+    offset: np.ndarray
 
     @property
     def n_fit(self) -> int:
@@ -119,7 +122,7 @@ def model_from(x: np.ndarray, y: np.ndarray, *, n_neighbors: int = 12, n_pca: in
     w = barycenter_weights(z, z[idx], reg)
     loo = np.linalg.norm(x - np.einsum("nk,nkc->nc", w, x[idx]), axis=1)
     baseline = float(np.median(loo)) or 1.0
-    return ManifoldModel(mean, comps, tree, z, x, y, n_neighbors, reg, baseline, loo / baseline)
+    return ManifoldModel(mean, comps, tree, z, x, y, n_neighbors, reg, baseline, loo / baseline, comps @ mean)
 
 
 def fit_manifold(x: np.ndarray, edge: np.ndarray, *, n_neighbors: int = 12, n_components: int = 2,
@@ -151,15 +154,20 @@ def transform(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _transform_one(model: ManifoldModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`transform` of one spectrum ``x`` ``(c,)``: the same arithmetic in 2-D arrays (the
-    event path's usual batch is one point; this is a third of the batched path's overhead)."""
-    z = (x - model.mean) @ model.comps.T
+    """:func:`transform` of one spectrum ``x`` ``(c,)``: the same arithmetic in 2-D arrays, the
+    local Gram system solved by LAPACK's Cholesky solver ``dposv`` (it is symmetric positive
+    definite once regularised; ``numpy.linalg.solve`` if the factorisation fails). The event
+    path's usual batch is one point, where numpy's per-call overhead is most of the cost."""
+    z = model.comps @ x - model.offset
     idx = model.tree.query(z, model.n_neighbors)[1]
     g = model.z_train[idx] - z
     c = g @ g.T
-    tr = float(np.trace(c))
+    tr = float(c.trace())
     c.flat[::len(c) + 1] += model.reg * tr if tr > 0 else model.reg
-    w = np.linalg.solve(c, np.ones(len(c)))
+    ones = np.ones(len(c))
+    _, w, info = dposv(c, ones)
+    if info:
+        w = np.linalg.solve(c, ones)
     w /= w.sum()
     d = x - w @ model.x_train[idx]
     return (w @ model.y_train[idx])[None], np.array([np.sqrt(d @ d) / model.baseline])
