@@ -7,7 +7,8 @@ once to a bare SUB socket that only receives (``raw``), once to bluesky's own ``
 with a no-op callback subscribed (the peer: what a bluesky callback process gets), once to the
 daemon running the ``stats`` and ``pca`` consumers, and once to the daemon with no consumers at all
 (intake alone). It reports events/s of each and the daemon's ratios (median of ``--rounds``
-interleaved rounds), and the events lost on the way (the proxy's PUB drops at its high-water mark
+interleaved rounds), the CPU seconds per event of the daemon and of the RemoteDispatcher (what a
+subscriber costs a core, whatever rate the source can deliver), and the events lost on the way (the proxy's PUB drops at its high-water mark
 when a subscriber lags; the daemon counts those as missing from the RunStop).
 
 ``transport_limit`` is the same documents pre-serialized and sent as fast as 0MQ takes them into
@@ -190,31 +191,37 @@ consumers: []
 """
 
 
-def daemon_rate(proxy: ProxyProcess, sender: PublisherProcess, config: str = CONFIG, mode: str = "publisher") -> tuple[float, int]:
-    """(events/s analysed by the daemon, events it counted as missing when the run stopped), timed
-    from the go to the publisher to the run finished."""
+def daemon_rate(proxy: ProxyProcess, sender: PublisherProcess, config: str = CONFIG,
+                mode: str = "publisher") -> tuple[float, int, float]:
+    """(events/s analysed by the daemon, events it counted as missing when the run stopped, CPU
+    seconds per event analysed), timed from the go to the publisher to the run finished. CPU time
+    is this process's (``time.process_time``: every daemon thread; the publisher and the proxy run
+    in processes of their own, and the benchmark's own thread only waits)."""
     daemon = Daemon(load_config(text=config.format(address=proxy.out_address), environ={}))
     daemon.start()
     try:
         nonce = uuid.uuid4().hex
         sender.warm(b"", nonce, "warm-" + nonce)
         _wait(lambda: daemon.sources[0].probe_seen(nonce), "the daemon never received the probe")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         sender.send(mode)
         if not daemon.store.wait_finished(sender.run_uid, 300):
             raise RuntimeError("the run's stop never reached the daemon")
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         sender.wait_sent()
         value = daemon.metrics.registry.get_sample_value
-        return value("beamlens_events_processed_total") / dt, int(value("beamlens_events_missing_total") or 0)
+        processed = value("beamlens_events_processed_total")
+        return processed / dt, int(value("beamlens_events_missing_total") or 0), cpu / processed
     finally:
         daemon.stop()
 
 
-def dispatcher_rate(proxy: ProxyProcess, sender: PublisherProcess, n_events: int, mode: str = "publisher") -> tuple[float, int]:
+def dispatcher_rate(proxy: ProxyProcess, sender: PublisherProcess, n_events: int,
+                    mode: str = "publisher") -> tuple[float, int, float]:
     """(events/s through a bluesky ``RemoteDispatcher`` (msgpack, no-op callback, its default
-    settings), events it lost), timed like the daemon: from the go to the RunStop dispatched (or,
-    when the proxy dropped the stop at its high-water mark, to the last event after 10 s of silence)."""
+    settings), events it lost, CPU seconds per event dispatched), timed like the daemon: from the
+    go to the RunStop dispatched (or, when the proxy dropped the stop at its high-water mark, to the
+    last event after 10 s of silence; CPU time to when that was seen, the dispatcher idle)."""
     prefix = b"peer"
     dispatcher = RemoteDispatcher(proxy.out_address, prefix=prefix, deserializer=make_deserializer("msgpack"))
     nonce = uuid.uuid4().hex
@@ -246,17 +253,17 @@ def dispatcher_rate(proxy: ProxyProcess, sender: PublisherProcess, n_events: int
         sender.warm(prefix, nonce, warm_uid)
         if not seen.wait(30):
             raise RuntimeError("the RemoteDispatcher never received the warm-up document")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         sender.send(mode)
         sender.wait_sent()
         last = -1
         while not done.wait(10) and counts["event"] != last:  # 10 s without progress: the stop was lost
             last = counts["event"]
-        dt = counts["last"] - t0
+        dt, cpu = counts["last"] - t0, time.process_time() - cpu0
     finally:
         dispatcher.loop.call_soon_threadsafe(dispatcher._task.cancel)  # ends start(), which closes the socket
         thread.join(10)
-    return counts["event"] / dt, n_events - counts["event"]
+    return counts["event"] / dt, n_events - counts["event"], cpu / counts["event"]
 
 
 def main() -> None:
@@ -279,7 +286,8 @@ def main() -> None:
         finally:
             sender.close()
     lim, r = statistics.median(x for x, _ in limit), statistics.median(x for x, _ in raw)
-    d, p, i = statistics.median(x for x, _ in daemon), statistics.median(x for x, _ in peer), statistics.median(intake)
+    d, p, i = statistics.median(x[0] for x in daemon), statistics.median(x[0] for x in peer), statistics.median(intake)
+    d_cpu, p_cpu = statistics.median(x[2] for x in daemon), statistics.median(x[2] for x in peer)
     for figure, value, unit, target in [
         # pre-serialized bytes as fast as 0MQ takes them: the proxy's own ceiling (it drops the excess)
         ("transport_limit_events_per_s", lim, "events/s", None),
@@ -291,6 +299,11 @@ def main() -> None:
         ("daemon_over_raw_ratio", d / r, "ratio", ">= 0.5"),
         ("daemon_over_remote_dispatcher_ratio", d / p, "ratio", ">= 3"),
         ("daemon_over_transport_limit_ratio", d / lim, "ratio", None),
+        # CPU seconds per event received, in the subscriber's process: what each costs a core,
+        # whatever rate the source delivers (the daemon's includes stats + pca and final results)
+        ("daemon_cpu_per_event", d_cpu * 1e6, "us", None),
+        ("remote_dispatcher_cpu_per_event", p_cpu * 1e6, "us", None),
+        ("remote_dispatcher_over_daemon_cpu_per_event_ratio", p_cpu / d_cpu, "ratio", None),
         # the daemon with no consumers: receive, decode, validate, coalesce, route
         ("intake_only_events_per_s", i, "events/s", None),
         ("intake_only_over_raw_ratio", i / r, "ratio", None),
@@ -298,8 +311,8 @@ def main() -> None:
         # the daemon counts those from the RunStop's num_events; the RemoteDispatcher keeps 0MQ's
         # default receive high-water mark (1000), so it loses events when it lags
         ("raw_events_lost", sum(x for _, x in raw), "events", None),
-        ("remote_dispatcher_events_lost", sum(x for _, x in peer), "events", None),
-        ("daemon_events_counted_missing", sum(x for _, x in daemon), "events", None),
+        ("remote_dispatcher_events_lost", sum(x[1] for x in peer), "events", None),
+        ("daemon_events_counted_missing", sum(x[1] for x in daemon), "events", None),
     ]:
         print(json.dumps({"benchmark": "documents", "figure": figure, "value": round(value, 4), "unit": unit, "target": target}))
 

@@ -265,17 +265,24 @@ def test_daemon_trends_its_own_metrics_through_the_proxy_and_a_restart(proxy, be
     metrics = scrape(daemon.http.url)
     label = (("consumer", "trends"), ("series", "last_event"))
     crossing = metrics[("beamlens_forecast_crossing", label)]
-    assert math.isfinite(crossing)
     # the same as the library's fit on the samples it was conditioned on (refit_every: 1: no state between fits)
     model = TrendModel(window=40, refit_every=1)
     model.set_data(x, y, optimise=True)
     assert crossing == pytest.approx(model.crossing(target, "above", horizon=x[-1] + 120.0).mean, abs=0.2)
-    # and near the target: the gauge's slope is 1 while events flow at an even pace; a busy machine delays
-    # them (slopes 0.84-0.99, crossings 0.04-9.7 s off over a 31-34 s lead measured on a shared 2-core machine)
-    slope = np.polyfit(x - x[0], y - x[0], 1)[0]
-    lead = target - x[-1]
-    assert 0.5 < slope < 1.2 and crossing == pytest.approx(target, abs=0.5 * lead)
     assert metrics[("beamlens_forecast_remaining", label)] == pytest.approx(crossing - x[-1], abs=1e-3)
+    # and near the target when the samples end on the ramp: the gauge's slope is 1 while events flow at
+    # an even pace. The last samples are those read at the RunStop, so the gauge is flat from the last
+    # event to the stop's routing: on a quiet machine a few samples; on a machine under load it can be
+    # seconds, and the forecast then rightly flattens too (a 1.5 s flat end of this 4 s window moves the
+    # crossing 23 s later, 3 s gives none within the horizon: both what the library's fit says, above)
+    rose = np.flatnonzero(np.diff(y) > 0)
+    flat_s = x[-1] - x[rose[-1] + 1] if len(rose) else x[-1] - x[0]
+    if flat_s <= 0.5:
+        slope = np.polyfit(x - x[0], y - x[0], 1)[0]
+        lead = target - x[-1]
+        # a busy machine delays events (slopes 0.84-0.99, crossings 0.04-9.7 s off over a 31-34 s lead
+        # measured on a shared 2-core machine)
+        assert math.isfinite(crossing) and 0.5 < slope < 1.2 and crossing == pytest.approx(target, abs=0.5 * lead)
     assert metrics[("beamlens_forecast_alert_within", label)] == 3600.0
     for reason, key in (("no_match", 'metric/beamlens_documents_received_total{source="elsewhere"}'),
                         ("ambiguous", 'metric/beamlens_documents_received_total{source="test"}')):
