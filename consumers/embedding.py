@@ -10,9 +10,9 @@ other point mapped out of sample, :func:`~beamlens.consumers.spectral.manifold.t
 off-manifold ratio).
 
 Event path (constant cost per spectrum): each spectrum is preprocessed, stored, scored in the
-basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra, once
-the stored spectra have grown by ``update_growth`` since the last update, a basis update is a job on the daemon's pool
-(:func:`~beamlens.consumers.spectral.incremental.basis_update`): it adds the spectra stored since
+basis of the last update and mapped into the current embedding. Every ``batch_size`` spectra,
+once the stored spectra have grown by ``update_growth`` since the last update, a basis update is a
+job on the daemon's pool (:func:`~beamlens.consumers.spectral.incremental.basis_update`): it adds the spectra stored since
 the last update to a copy of the PCA statistics (the ``O(m c²)`` rank update) and computes the
 eigendecomposition; installing it writes the statistics back (unless a re-measured point, a merge
 or :meth:`EmbeddingConsumer.results` changed them meanwhile: the spectra then stay pending and the
@@ -173,8 +173,9 @@ class EmbeddingConsumer(SpectralConsumer):
     def process(self, batch: Batch, staged: object = None) -> bool:
         """Store, score and map the batch's spectra; submit a refit when one is due. Each time the
         count passes a multiple of ``batch_size`` (and has grown by ``update_growth`` since the
-        last update) the pending spectra join the PCA statistics and a basis update is submitted (the eigendecomposition runs on the daemon's pool), whose result
-        re-scores every spectrum. Returns False."""
+        last update) the pending spectra join the PCA statistics and a basis update is submitted
+        (the eigendecomposition runs on the daemon's pool), whose result re-scores every spectrum.
+        Returns False."""
         b = self.buffers
         before = self._n_stored()
         y, pos, old = self.preprocessed(batch)
