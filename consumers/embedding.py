@@ -54,7 +54,7 @@ from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
 from .spectral.incremental import (
     basis_update, catch_up, forget, merge_moments, moment_specs, pending_rows, principal_basis, snapshot,
 )
-from .spectral.manifold import ManifoldModel, embed, model_from, transform
+from .spectral.manifold import ManifoldModel, embed, model_from, transform, warm_up
 
 
 class EmbeddingParams(SpectralParams):
@@ -139,6 +139,14 @@ class EmbeddingConsumer(SpectralConsumer):
         basis job's updated statistics are installed only if none happened since its snapshot."""
         self._refit_pending = False
         """A refit job was submitted and not installed yet (scheduling only, not result state)."""
+        c = self.prep.n_out
+        self._scratch = (np.empty(c), np.empty((c, c)))
+        """The basis job's copy of the PCA statistics, reused by each job (one is pending at most):
+        the job updates it in place and its installation copies it back into the buffers."""
+        self._projection: tuple[np.ndarray, np.ndarray] | None = None
+        """``(components.T (c, k) C-ordered, components @ basis mean (k,))`` of the published
+        basis, for scoring (cleared whenever the basis is written)."""
+        self._score_names = [f"score_{i + 1}" for i in range(self.k)]
         self._n_off_manifold = 0  # triggers so far (the first is logged at INFO, later ones at DEBUG)
 
     def spectral_buffers(self) -> list[BufferSpec]:
@@ -182,12 +190,13 @@ class EmbeddingConsumer(SpectralConsumer):
         has_basis = b.pca_basis_mean[0] == b.pca_basis_mean[0]  # written whole: finite iff published
         if len(y):
             was = np.isfinite(old).all(axis=1)
-            if was.any():  # re-measured points: their previous spectra leave the statistics
+            remeasured = int(np.count_nonzero(was))
+            if remeasured:  # their previous spectra leave the statistics
                 forget(b, "pca", pos[was], old[was])
                 self._stats_changed += 1
-            b.n_points[0] += len(y) - int(was.sum())
+            b.n_points[0] += len(y) - remeasured
             if has_basis:
-                self._score(y, pos)
+                self._write_scores(y, pos)
             model = self._current_model()
             if model is not None:
                 coords, ratio = transform(model, y)
@@ -212,7 +221,7 @@ class EmbeddingConsumer(SpectralConsumer):
         if n_src > n_dest:
             dest.lle_fit[...] = src.lle_fit
             dest.lle_fit_n[...] = src.lle_fit_n
-        self._model = self._mapped = None
+        self._model = self._mapped = self._projection = None
 
     def results(self) -> None:
         """Basis from the PCA statistics, every stored spectrum re-scored in it and mapped into the
@@ -276,7 +285,7 @@ class EmbeddingConsumer(SpectralConsumer):
         self._basis_pending = True
         self._updated_at = self._n_stored()
         changed = self._stats_changed
-        self.run.submit(basis_update, *snapshot(b, "pca"), b.spectra[pending], self.k,
+        self.run.submit(basis_update, *snapshot(b, "pca", self._scratch), b.spectra[pending], self.k,
                         then=lambda result: self._install_basis(result, b, pending, changed))
 
     def _install_basis(self, result: tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None],
@@ -297,11 +306,10 @@ class EmbeddingConsumer(SpectralConsumer):
             b.pca_added[pending] = 1
         if basis is not None:
             b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
+            self._projection = None
             # every point at once on the nav buffer (no copy of the stored rows): NaN rows, points
             # not measured, score NaN, as they were
-            scores = b.spectra @ b.pca_components.T - b.pca_components @ b.pca_basis_mean
-            for i in range(self.k):
-                b[f"score_{i + 1}"][...] = scores[:, i]
+            self._write_scores(b.spectra, slice(None))
 
     def _write_basis(self, basis: tuple[np.ndarray, np.ndarray, np.ndarray] | None, x: np.ndarray,
                      pos: np.ndarray) -> None:
@@ -309,13 +317,20 @@ class EmbeddingConsumer(SpectralConsumer):
             return
         b = self.buffers
         b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
-        self._score(x, pos)
+        self._projection = None
+        self._write_scores(x, pos)
 
-    def _score(self, x: np.ndarray, pos: np.ndarray) -> None:
+    def _write_scores(self, x: np.ndarray, pos: np.ndarray | slice) -> None:
+        """Score spectra ``x`` ``(m, c)`` in the published basis (``x · Cᵀ − C · mean``, no
+        centred copy of ``x``) and write them at ``pos``."""
         b = self.buffers
-        scores = x @ b.pca_components.T - b.pca_components @ b.pca_basis_mean
-        for i in range(self.k):
-            b[f"score_{i + 1}"][pos] = scores[:, i]
+        if self._projection is None:
+            comps = b.pca_components
+            self._projection = (np.ascontiguousarray(comps.T), comps @ b.pca_basis_mean)
+        ct, offset = self._projection
+        scores = x @ ct - offset
+        for i, name in enumerate(self._score_names):
+            b[name][pos] = scores[:, i]
 
     def _write_coords(self, pos: np.ndarray, coords: np.ndarray, ratio: np.ndarray) -> None:
         b = self.buffers
@@ -356,7 +371,10 @@ class EmbeddingConsumer(SpectralConsumer):
 
     def _install(self, result: tuple[np.ndarray, np.ndarray, int, ManifoldModel]) -> None:
         """Adopt a finished fit (on the daemon's thread): the fitted spectra's coordinates, then
-        every map rederived. A fit older than the installed one is dropped."""
+        every map rederived. A fit older than the installed one is dropped. When the fit took
+        every spectrum of its snapshot, the spectra stored since (mapped out of sample just now)
+        are the newest: their median off-manifold ratio becomes ``embedding_residual``, so a scan
+        that outran the fit is still checked against it (and may trigger the next refit)."""
         self._refit_pending = False
         pos, coords, n, model = result
         b = self.buffers
@@ -367,7 +385,11 @@ class EmbeddingConsumer(SpectralConsumer):
         b.lle_fit_n[0] = n
         b.embedding_fits[0] += 1
         self._model = model  # built by the job from the same spectra and coordinates: what the buffers give
-        self._derive_map(*self.stored())
+        x, stored = self.stored()
+        self._derive_map(x, stored)
+        if len(pos) == n and len(stored) > n:
+            newest = stored[~np.isfinite(b.lle_fit[stored, 0])]
+            self._note_residual(float(np.median(b.manifold_residual[newest])))
 
 
 @dataclass(frozen=True)
@@ -441,4 +463,5 @@ def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
         stored since.
     """
     coords, model = in_worker(fit_model, x, settings) if in_process else fit_model(x, settings)
+    warm_up()  # the event path maps the next spectrum into this model with the compiled kernel
     return pos, coords, n, model

@@ -17,6 +17,8 @@ from beamlens.consumers.spectral.consumer import edge_position
 from beamlens.consumers.spectral.manifold import barycenter_weights, fit_manifold, transform
 from beamlens.daemon.sim.datasets import corroding_steel_map, reaction_path_map
 
+from partitions import feed, make_batches, new_instance
+from spectral_drive import event_signals, map_descriptor
 from spectral_replay import replay
 
 
@@ -138,11 +140,11 @@ def test_out_of_sample_weights_reproduce_scikit_learn_transform():
 
 
 def test_one_spectrum_path_equals_the_batched_mapping():
-    """The event path maps one spectrum at a time (LAPACK's Cholesky solve of the local Gram
-    system); a page goes through the batched path (``numpy.linalg.solve``). Both give the same
-    coordinates and off-manifold ratios, for spectra on and off the fitted manifold, and for an
-    exact duplicate of a fitted spectrum (its local Gram matrix is singular but for the
-    regularisation)."""
+    """The event path maps one spectrum at a time (the compiled kernel: exhaustive neighbour
+    scan, Cholesky solve of the local Gram system); a page goes through the batched path (k-d
+    tree, ``numpy.linalg.solve``). Both give the same coordinates and off-manifold ratios, for
+    spectra on and off the fitted manifold, and for an exact duplicate of a fitted spectrum (its
+    local Gram matrix is singular but for the regularisation)."""
     data = corroding_steel_map(seed=0)
     x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)
     model = fit_manifold(x[:300], np.arange(300.0))
@@ -152,3 +154,33 @@ def test_one_spectrum_path_equals_the_batched_mapping():
         y_one, ratio_one = transform(model, spectrum[None])
         np.testing.assert_allclose(y_one[0], y_page[i], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(ratio_one[0], ratio_page[i], rtol=1e-9, atol=1e-12)
+
+
+def test_a_scan_that_outruns_its_first_fit_is_checked_against_it_at_install():
+    """The first fit is submitted at ``min_points`` and returns after the scan has gone on (here:
+    after every point): installing it maps the spectra stored since out of sample, and their
+    median off-manifold ratio becomes ``embedding_residual`` (the gauge operators watch), so a
+    new phase that arrived while the fit ran still triggers the next refit."""
+    data = reaction_path_map(seed=3)
+    order = np.argsort(data.progress.ravel(), kind="stable")  # goethite only at the end
+    x = data.spectra.reshape(-1, len(data.energy)).astype(np.float64)[order]
+    n = len(x)
+    _, desc = map_descriptor(len(data.energy), data.energy, data.shape)
+    signals = event_signals(desc)
+    first = n // 2  # the fit's snapshot ends half way along the path
+    params = {"min_points": first, "final_refit": False, "refit_in_process": False, "refit_residual_ratio": 2.0}
+    c, acc = new_instance(embedding_module.EmbeddingConsumer, params, signals, n)
+    jobs = []
+    c.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
+    feed(c, make_batches(signals[0], x, np.arange(n), 1), acc)
+    assert np.isnan(c.buffers.embedding_residual[0])  # nothing mapped yet: no fit installed
+    fits = [j for j in jobs if j[0] is embedding_module.fit_job]
+    assert len(fits) == 1
+    job, args, then = fits[0]
+    jobs.clear()
+    then(job(*args))
+    newest = np.arange(first, n)
+    assert c.buffers.embedding_residual[0] == np.median(c.buffers.manifold_residual[newest])
+    assert c.buffers.embedding_residual[0] > 2.0  # the later phases lie off the early ones' manifold
+    feed(c, make_batches(signals[0], x[-1:], np.array([n - 1]), 1), acc)  # the next point sees it
+    assert [j for j in jobs if j[0] is embedding_module.fit_job]

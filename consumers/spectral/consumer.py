@@ -17,6 +17,7 @@ on the order in which the points arrived, nor on how the run was split and merge
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -143,8 +144,9 @@ class SpectralConsumer(Consumer):
         """
         b = self.buffers
         e0 = float(b.prep_e0[0])
-        y, ok, dropped = self.prep(self.raw(batch), e0=e0 if np.isfinite(e0) else None)
-        if self.prep.e0 is not None and not np.isfinite(e0) and self.prep.mode in ("pre_edge", "edge"):
+        known = math.isfinite(e0)
+        y, ok, dropped = self.prep(self.raw(batch), e0=e0 if known else None)
+        if self.prep.e0 is not None and not known and self.prep.mode in ("pre_edge", "edge"):
             b.prep_e0[0] = self.prep.e0
         pos = batch.nav_index
         if not ok.all():  # the usual page has every spectrum usable: no counting, no copies

@@ -173,11 +173,23 @@ def merge_moments(dest: Buffers, src: Buffers, prefix: str) -> None:
     _store(dest, prefix, *_combine(*_state(dest, prefix), n2, m2, s2))
 
 
-def snapshot(buffers: Buffers, prefix: str) -> tuple[float, np.ndarray, np.ndarray]:
+def snapshot(buffers: Buffers, prefix: str, into: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[float, np.ndarray, np.ndarray]:
     """Copies ``(n, mean (c,), scatter (c, c))`` of the statistics, for :func:`basis_of` on the
-    daemon's pool (a job never sees the buffers)."""
+    daemon's pool (a job never sees the buffers).
+
+    Args:
+        into: arrays ``(mean (c,), scatter (c, c))`` float64 to copy into (a consumer's scratch,
+            reused from one job to the next once the previous job is installed): a fresh
+            ``c × c`` copy costs its page faults on every update, several times the copy itself
+            (measured: 0.86 ms against 0.1 ms for 400 channels).
+    """
     n, mean, scatter = _state(buffers, prefix)
-    return n, mean.copy(), scatter.copy()
+    if into is None:
+        return n, mean.copy(), scatter.copy()
+    np.copyto(into[0], mean)
+    np.copyto(into[1], scatter)
+    return n, into[0], into[1]
 
 
 def principal_basis(buffers: Buffers, prefix: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -283,10 +283,10 @@ def repair_nonfinite(x: np.ndarray, max_fraction: float) -> np.ndarray:
     Returns:
         bool ``(n,)``: rows that are all finite afterwards.
     """
-    finite = np.isfinite(x)
-    if finite.all():
-        return np.ones(len(x), dtype=bool)
-    bad = ~finite
+    ok = np.isfinite(x).all(axis=1)
+    if ok.all():
+        return ok
+    bad = ~np.isfinite(x)
     counts = bad.sum(axis=1)
     fixable = np.flatnonzero((counts > 0) & (counts <= max_fraction * x.shape[1]) & (counts < x.shape[1] - 1))
     idx = np.arange(x.shape[1])
