@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-under-load venv bench clean system-deps lock image
+.PHONY: demo test test-under-load venv bench bench-openvino clean system-deps lock image
 
 # System packages the tests use: promtool and the server (Debian `prometheus`), headless Chromium for the
 # live page, buildah and mmdebstrap to build and run the container image. `make system-deps` installs the missing ones when run as root (CI, fresh machines) and
@@ -68,6 +68,22 @@ test-under-load: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+## The defects benchmark with onnxruntime's OpenVINO execution provider beside the CPU one, in a
+## venv of its own ($(OV_VENV)): the onnxruntime-openvino wheel (the `openvino` extra) replaces the
+## onnxruntime module, so onnxruntime itself is removed there first. Not needed by the tests.
+OV_VENV  ?= .venv-openvino
+OV_STAMP := $(OV_VENV)/.installed
+$(OV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	PYTHONWARNINGS='ignore:Editable installation' $(OV_VENV)/bin/python -m pip install --quiet -e .
+	$(OV_VENV)/bin/python -m pip uninstall --quiet -y onnxruntime
+	$(OV_VENV)/bin/python -m pip install --quiet 'onnxruntime-openvino>=1.18,<2'
+	touch $(OV_STAMP)
+
+bench-openvino: $(OV_STAMP)
+	$(OV_VENV)/bin/python benchmarks/defects.py
+
 ## Re-pin the container image's dependencies (hashes) after changing pyproject.toml.
 lock: $(STAMP)
 	$(BIN)/python -m pip install --quiet pip-tools
@@ -75,4 +91,4 @@ lock: $(STAMP)
 		-o requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache test-artifacts
+	rm -rf $(VENV) $(OV_VENV) build *.egg-info .pytest_cache test-artifacts

@@ -20,6 +20,11 @@ both networks on held-out simulated frames (``--eval-frames`` of a default-param
 ``--eval-seed``: neither the training, the calibration nor the model cards' evaluation seed) close
 the output, with the int8 network's loss against fp32 (accepted within 0.01, see its model card).
 
+Where onnxruntime has the OpenVINO execution provider (the optional ``beamlens[openvino]``
+wheel; ``make bench-openvino`` runs this benchmark in a venv of its own with it), both networks
+also run on it in the same rounds (CPU fp32, OpenVINO fp32, OpenVINO int8, call by call, the same
+threads), and the OpenVINO int8 network's held-out precision and recall are scored beside fp32's.
+
 Prints one JSON line per figure::
 
     python benchmarks/defects.py --frames 200 --batch 8 --threads 2 --size 256 [--stage-workers 1]
@@ -163,6 +168,19 @@ consumers:
     return (n1 - n0) / (w1 - w0), (c1 - c0) / (n1 - n0)
 
 
+def openvino_sessions(threads: int, int8_model, int8_card) -> tuple | None:
+    """``(fp32, int8)`` sessions on onnxruntime's OpenVINO execution provider (no spin-waiting, as
+    in the daemon), or None where this onnxruntime has none (the ``onnxruntime-openvino`` wheel,
+    ``make bench-openvino``)."""
+    import onnxruntime as ort
+
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        return None
+    ov = ["OpenVINOExecutionProvider"]
+    return (load_session(providers=ov, threads=threads, spinning=False),
+            load_session(int8_model, load_card(int8_card), providers=ov, threads=threads, spinning=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200)
@@ -189,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     int8 = load_session(int8_model, load_card(int8_card), providers=["CPUExecutionProvider"], threads=args.threads,
                         spinning=False)
     consumer_s, bare_s, daemon_fps, daemon_cpu, quiet_s, quiet_cpu, int8_s, int8_cpu, paired = ([] for _ in range(9))
+    openvino = openvino_sessions(args.threads, int8_model, int8_card)
+    ov_s, ov_paired, ov_cpu_paired = [], [], []
     for _ in range(args.rounds):
         consumer_s.append(run_consumer(frames, args.batch, args.threads, args.stage_workers))
         bare_s.append(run_bare(net.session, tiles, args.batch * per))
@@ -202,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         quiet_cpu.append(cpu[0] / len(frames))
         int8_cpu.append(cpu[1] / len(frames))
         paired.append(wall[0] / wall[1])
+        if openvino:  # the same three calls in turn: CPU fp32, OpenVINO fp32, OpenVINO int8
+            wall, _ = run_paired([fp32_quiet, *openvino], tiles, args.batch * per)
+            ov_s.append(wall[1:])
+            ov_paired.append(wall[1] / wall[2])
+            ov_cpu_paired.append(wall[0] / wall[2])
     # the fastest round of each (timeit's rule): on a shared machine the slower rounds measure the neighbours
     fps_c = len(frames) / min(consumer_s)
     # the bare reference is the faster of onnxruntime's spinning default and the daemon's no-spinning
@@ -227,14 +252,24 @@ def main(argv: list[str] | None = None) -> None:
         ("bare_int8_cpu_seconds_per_frame", min(int8_cpu), "s", None),
         ("int8_to_fp32_cpu_ratio", min(quiet_cpu) / min(int8_cpu), "ratio", None),
     ]
+    if openvino:
+        fastest = np.min(ov_s, axis=0)
+        figures += [
+            ("openvino_fp32_frames_per_second", len(frames) / fastest[0], "frames/s", None),
+            ("openvino_int8_frames_per_second", len(frames) / fastest[1], "frames/s", None),
+            ("openvino_int8_to_fp32_ratio", statistics.median(ov_paired), "ratio", ">= 1.5"),
+            ("openvino_int8_to_cpu_provider_fp32_ratio", statistics.median(ov_cpu_paired), "ratio", None),
+        ]
     if args.eval_frames:
         nets = {"fp32": DefectNet(fp32_quiet, card), "int8": DefectNet(int8, load_card(int8_card))}
+        if openvino:
+            nets["openvino_int8"] = DefectNet(openvino[1], load_card(int8_card))
         scores = {k: evaluate(n, args.eval_frames, args.eval_seed) for k, n in nets.items()}
         for k in nets:
             figures += [(f"{k}_held_out_precision", scores[k]["precision"], "ratio", None),
                         (f"{k}_held_out_recall", scores[k]["recall"], "ratio", None)]
-        figures += [(f"int8_{m}_loss", scores["fp32"][m] - scores["int8"][m], "ratio", "<= 0.01")
-                    for m in ("precision", "recall")]
+        figures += [(f"{k}_{m}_loss", scores["fp32"][m] - scores[k][m], "ratio", "<= 0.01")
+                    for k in nets if k != "fp32" for m in ("precision", "recall")]
         common_eval = {"eval_frames": args.eval_frames, "eval_seed": args.eval_seed,
                        "eval_defects": scores["fp32"]["defects"]}
     else:

@@ -54,7 +54,8 @@ from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
 from .spectral.incremental import (
     basis_update, catch_up, forget, merge_moments, moment_specs, pending_rows, principal_basis, snapshot,
 )
-from .spectral.manifold import ManifoldModel, embed, model_from, transform, warm_up
+from .spectral.manifold import ManifoldModel, embed, model_from, transform
+from .spectral.mapping import map_spectra, warm_up
 
 
 class EmbeddingParams(SpectralParams):
@@ -199,7 +200,7 @@ class EmbeddingConsumer(SpectralConsumer):
                 self._write_scores(y, pos)
             model = self._current_model()
             if model is not None:
-                coords, ratio = transform(model, y)
+                coords, ratio = map_spectra(model, y)
                 self._write_coords(pos, coords, ratio)
                 self._note_residual(float(ratio[0] if len(ratio) == 1 else np.median(ratio)))
         if self._refit_due():
@@ -462,6 +463,10 @@ def fit_job(x: np.ndarray, pos: np.ndarray, n: int, settings: FitSettings,
         buffers), so installing the fit costs the daemon's thread only the mapping of spectra
         stored since.
     """
-    coords, model = in_worker(fit_model, x, settings) if in_process else fit_model(x, settings)
-    warm_up()  # the event path maps the next spectrum into this model with the compiled kernel
+    # the event path maps the next spectra into this model with the compiled kernel: load it now
+    if in_process:
+        coords, model = in_worker(fit_model, x, settings, meanwhile=warm_up)
+    else:
+        coords, model = fit_model(x, settings)
+        warm_up()
     return pos, coords, n, model

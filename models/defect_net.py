@@ -165,9 +165,18 @@ def load_session(model_path: Path = MODEL_PATH, card: dict[str, Any] | None = No
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
+    session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                   providers=provider_entries(chosen, opts.intra_op_num_threads))
     log.info("defect network %s loaded (sha256 %s..., providers %s)", Path(model_path).name, digest[:12], session.get_providers())
     return session
+
+
+def provider_entries(providers: list[str], threads: int) -> list[str | tuple[str, dict[str, str]]]:
+    """onnxruntime's ``providers`` argument for ``providers`` (names, in order) with ``threads``
+    intra-op threads: the OpenVINO execution provider keeps a thread pool of its own, sized to
+    every core of the host unless told (``num_of_threads``, onnxruntime's OpenVINO EP provider
+    options), so it is given the same count as the CPU provider's ``intra_op_num_threads``."""
+    return [(p, {"num_of_threads": str(threads)}) if p == "OpenVINOExecutionProvider" else p for p in providers]
 
 
 def normalise(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from beamlens.models.defect_net import (MODELS, DefectNet, available_cores, cgroup_cpu_limit, evaluate, load_card,
-                                        load_session, sha256_file)
+                                        load_session, provider_entries, sha256_file)
 from beamlens.models.quantize_defects import MAX_LOSS
 
 from defects_helpers import feed, make_consumer
@@ -89,3 +89,14 @@ def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
     (tmp_path / "self_none").write_text("2:cpu,cpuacct:/elsewhere\n")
     assert cgroup_cpu_limit(v1, tmp_path / "self_none") is None  # root unlimited, own cgroup not mounted here
     assert cgroup_cpu_limit(v1, tmp_path / "missing") is None
+
+
+def test_the_openvino_provider_gets_the_sessions_thread_count():
+    """OpenVINO's execution provider sizes its own thread pool to every core of the host unless
+    told: it is given the same count as the CPU provider's intra-op threads; other providers go by
+    name, in the order given."""
+    entries = provider_entries(["CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"], 3)
+    assert entries == ["CUDAExecutionProvider", ("OpenVINOExecutionProvider", {"num_of_threads": "3"}),
+                       "CPUExecutionProvider"]
+    session = load_session(providers=["OpenVINOExecutionProvider", "CPUExecutionProvider"], threads=1)
+    assert session.get_providers()[-1] == "CPUExecutionProvider"  # this onnxruntime may lack OpenVINO: dropped

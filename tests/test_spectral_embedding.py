@@ -15,6 +15,7 @@ from sklearn.manifold import LocallyLinearEmbedding
 import beamlens.consumers.embedding as embedding_module
 from beamlens.consumers.spectral.consumer import edge_position
 from beamlens.consumers.spectral.manifold import barycenter_weights, fit_manifold, transform
+from beamlens.consumers.spectral.mapping import map_spectra
 from beamlens.daemon.sim.datasets import corroding_steel_map, reaction_path_map
 
 from partitions import feed, make_batches, new_instance
@@ -76,15 +77,23 @@ def test_mlle_fits_run_off_the_router_thread_when_threaded(monkeypatch):
     assert np.isfinite(r.get("emb", "progress")).all()  # every point mapped, in sample or out of sample
 
 
+def test_in_worker_does_the_callers_other_work_while_the_worker_computes():
+    """``meanwhile`` (the fit job loads the compiled mapping kernel there) runs on the calling
+    thread after the worker got the call, and the worker's result still comes back."""
+    calls: list[int] = []
+    pid = embedding_module.in_worker(os.getpid, meanwhile=lambda: calls.append(threading.get_ident()))
+    assert pid != os.getpid() and calls == [threading.get_ident()]
+
+
 def test_mlle_refits_run_in_a_worker_process_that_ends_with_its_job(monkeypatch):
     """With ``refit_in_process`` each pool job computes its fit in a worker process of its own
     (another pid), and that process is gone when the job has returned: none outlives the run."""
     pids: list[int] = []
     real = embedding_module.in_worker
 
-    def recording(fn, *args):
+    def recording(fn, *args, **kwargs):
         pids.append(real(os.getpid))  # the worker this job would use: a process other than ours
-        return real(fn, *args)
+        return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(embedding_module, "in_worker", recording)
     data = reaction_path_map(seed=2)
@@ -151,7 +160,7 @@ def test_one_spectrum_path_equals_the_batched_mapping():
     new = np.vstack([x[300:], x[:5], x[300:310] * 3.0 + 0.5])
     y_page, ratio_page = transform(model, new)
     for i, spectrum in enumerate(new):
-        y_one, ratio_one = transform(model, spectrum[None])
+        y_one, ratio_one = map_spectra(model, spectrum[None])
         np.testing.assert_allclose(y_one[0], y_page[i], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(ratio_one[0], ratio_page[i], rtol=1e-9, atol=1e-12)
 

@@ -45,15 +45,22 @@ def _worker_init() -> None:
     threadpool_limits(1)
 
 
-def in_worker(fn: Callable[..., T], *args: Any) -> T:
+def in_worker(fn: Callable[..., T], *args: Any, meanwhile: Callable[[], object] | None = None) -> T:
     """``fn(*args)`` computed in a worker process started for this call and stopped before it
     returns (see the module docstring).
 
+    Args:
+        meanwhile: called on this thread once the worker has the call, while it computes (work
+            the caller needs anyway, done in the wait).
+
     Raises:
-        Exception: whatever ``fn`` raised; ``BrokenProcessPool`` when the worker died.
+        Exception: whatever ``fn`` or ``meanwhile`` raised; ``BrokenProcessPool`` when the worker died.
     """
     pool = ProcessPoolExecutor(1, mp_context=_context(), initializer=_worker_init)
     try:
-        return pool.submit(fn, *args).result()
+        future = pool.submit(fn, *args)
+        if meanwhile is not None:
+            meanwhile()
+        return future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
