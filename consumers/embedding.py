@@ -52,7 +52,7 @@ from .base import Batch, Buffers, BufferSpec, SignalInfo
 from .spectral.background import in_worker
 from .spectral.consumer import SpectralConsumer, SpectralParams, edge_position
 from .spectral.incremental import (
-    basis_update, catch_up, forget, merge_moments, moment_specs, pending_rows, principal_basis, snapshot,
+    IN_JOB, basis_update, catch_up, forget, merge_moments, moment_specs, pending_rows, principal_basis, snapshot,
 )
 from .spectral.manifold import ManifoldModel, embed, model_from, transform
 from .spectral.mapping import map_spectra, warm_up
@@ -283,28 +283,33 @@ class EmbeddingConsumer(SpectralConsumer):
         the eigendecomposition are the job's, off the event path."""
         b = self.buffers
         pending = pending_rows(b, "pca", b.spectra)
+        b.pca_added[pending] = IN_JOB  # marked in the nav buffer: a roll of the window moves the marks
         self._basis_pending = True
         self._updated_at = self._n_stored()
         changed = self._stats_changed
         self.run.submit(basis_update, *snapshot(b, "pca", self._scratch), b.spectra[pending], self.k,
-                        then=lambda result: self._install_basis(result, b, pending, changed))
+                        then=lambda result: self._install_basis(result, b, changed))
 
     def _install_basis(self, result: tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None],
-                       buffers: Buffers, pending: np.ndarray, changed: int) -> None:
-        """A basis job finished (daemon thread): adopt its statistics (with ``pending`` added) when
-        nothing changed the statistics or a stored spectrum since its snapshot (else they stay
-        pending for the next update, and :meth:`results` adds them anyway), then publish the basis
-        and re-score every stored spectrum."""
+                       buffers: Buffers, changed: int) -> None:
+        """A basis job finished (daemon thread): adopt its statistics (the points marked
+        :data:`~.spectral.incremental.IN_JOB` added) when nothing changed the statistics or a
+        stored spectrum since its snapshot (else those points are pending again for the next
+        update, and :meth:`results` adds them anyway), then publish the basis and re-score every
+        stored spectrum."""
         self._basis_pending = False
         b = self.buffers
         if b is not buffers:  # restored or replaced meanwhile: the job's snapshot is of other buffers
             return
         n, mean, scatter, basis = result
-        if changed == self._stats_changed and len(pending):
+        in_job = b.pca_added == IN_JOB
+        if changed == self._stats_changed:
             b.pca_n[0] = n
             b.pca_mean[...] = mean
             b.pca_scatter[...] = scatter
-            b.pca_added[pending] = 1
+            b.pca_added[in_job] = 1
+        else:
+            b.pca_added[in_job] = 0
         if basis is not None:
             b.pca_basis_mean[...], b.pca_components[...], b.explained_variance_ratio[...] = basis
             self._projection = None

@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA
 from beamlens.consumers.base import Buffers
 from beamlens.consumers.embedding import EmbeddingConsumer
 from beamlens.consumers.pca import PCAConsumer
+from beamlens.daemon.results import ConsumerSlot
 from beamlens.consumers.spectral.incremental import add_rows, basis_update, catch_up, moment_specs, snapshot
 from beamlens.daemon.sim.datasets import reaction_path_map
 
@@ -55,12 +56,12 @@ def test_a_stale_basis_job_leaves_the_statistics_and_results_stay_exact():
     basis_jobs = [j for j in jobs if j[0].__name__ == "basis_update"]
     assert len(basis_jobs) == 1
     job, args, then = basis_jobs[0]
-    pending = int(np.sum(c.buffers.pca_added[:40] == 0))
+    pending = int(np.sum(c.buffers.pca_added[:40] != 1))  # not in the statistics (the job's included)
     # point 1 re-measured while the job runs: its snapshot holds the old spectrum
     feed(c, make_batches(signals[0], flat[100:101], np.array([1]), 1), acc)
     then(job(*args))
     assert np.isfinite(c.buffers.pca_components).all()  # the basis is published
-    assert int(np.sum(c.buffers.pca_added[:40] == 0)) == pending  # its statistics were not installed
+    assert int(np.sum(c.buffers.pca_added[:40] == 0)) == pending  # its statistics were not installed: all pending
     # a fresh job with nothing changed meanwhile installs them
     jobs.clear()
     c._submit_basis()
@@ -111,3 +112,31 @@ def test_basis_updates_wait_for_update_growth_and_the_run_still_ends_exact(cls, 
     comps = c.buffers.pca_components if cls is EmbeddingConsumer else c.buffers.components
     np.testing.assert_allclose(np.abs(comps @ ref.components_.T), np.eye(3), atol=1e-8)
     np.testing.assert_allclose(c.buffers.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-8)
+
+
+def test_a_window_rolled_on_while_a_basis_job_runs_keeps_each_spectrum_in_the_statistics_once():
+    """A run of unknown length at its point limit rolls its nav buffers on in place
+    (``ConsumerSlot.roll_nav``) between points, possibly while a basis job runs: the points that
+    job adds are marked in the ``pca_added`` nav buffer, so the marks move with them, and each
+    spectrum enters the statistics exactly once (before, the job's point indices went stale: the
+    moved points were added a second time and empty rows were marked added)."""
+    signals, flat, n = _run()
+    c, acc = new_instance(EmbeddingConsumer, {"batch_size": 16, "update_growth": 0.0, "final_refit": False,
+                                              "min_points": 1000, "max_fit_points": 1000}, signals, 48)
+    jobs = []
+    c.run.submit = lambda job, *args, then=None: jobs.append((job, args, then))
+    feed(c, make_batches(signals[0], flat[:16], np.arange(16), 1), acc)
+    for job, args, then in jobs:  # the updates up to 16 points, installed
+        then(job(*args))
+    jobs.clear()
+    feed(c, make_batches(signals[0], flat[16:32], np.arange(16, 32), 1), acc)
+    (job, args, then), = jobs  # adds points 16..31; not run yet
+    ConsumerSlot("emb", c).roll_nav(8)  # the oldest 8 points leave the window; 16..31 move to 8..23
+    then(job(*args))
+    added = c.buffers.pca_added
+    assert set(np.unique(added)) <= {0, 1}
+    np.testing.assert_array_equal(added[:24], 1)  # every point in the window is in the statistics
+    c.results()
+    assert c.buffers.pca_n[0] == 32  # each spectrum once, the 8 rolled out included
+    ref = PCA(3).fit(flat[:32])
+    np.testing.assert_allclose(np.abs(c.buffers.pca_components @ ref.components_.T), np.eye(3), atol=1e-8)

@@ -28,20 +28,25 @@ from ..base import Buffers, BufferSpec
 
 MAX_SCATTER_CHANNELS = 4096
 """Largest spectrum (channels) whose scatter matrix a consumer keeps (128 MiB of float64)."""
+IN_JOB = 2
+"""``{prefix}_added`` value of a point whose spectrum a pending basis job is adding to its copy
+of the statistics (still pending for everything else)."""
 
 
 def moment_specs(prefix: str, n_channels: int) -> list[BufferSpec]:
     """Private buffers of the PCA state: ``{prefix}_n`` (``single`` ``(1,)``), ``{prefix}_mean``
     (``single`` ``(c,)``) and ``{prefix}_scatter`` (``single`` ``(c, c)``), float64, merged by
     :func:`merge_moments` (rule ``None``: the consumer's :meth:`merge` calls it), and
-    ``{prefix}_added`` (``nav``, uint8, ``fill``): 1 where the point's stored spectrum is in them.
+    ``{prefix}_added`` (``nav``, uint8, ``fill``): 1 where the point's stored spectrum is in them,
+    :data:`IN_JOB` where a basis job is adding it (the mark moves with the point when the daemon
+    rolls a window of nav buffers on), 0 where it is pending.
 
     Points are stored at once and added to the statistics in bulk by :func:`catch_up` or, off the
     event path, :func:`basis_update` (one ``O(m c²)`` update per basis update instead of one per
     point); a merged or restored state keeps its pending points pending, so the result is the same."""
     return [
         BufferSpec(f"{prefix}_added", "nav", dtype="uint8", private=True,
-                   description="1 where the point's spectrum is in the PCA statistics"),
+                   description="1 where the point's spectrum is in the PCA statistics, 2 while a basis job adds it"),
         BufferSpec(f"{prefix}_n", "single", (1,), private=True, description="spectra in the PCA statistics"),
         BufferSpec(f"{prefix}_mean", "single", (n_channels,), private=True, description="mean spectrum"),
         BufferSpec(f"{prefix}_scatter", "single", (n_channels, n_channels), private=True,
@@ -129,8 +134,8 @@ def forget(buffers: Buffers, prefix: str, pos: np.ndarray, old: np.ndarray) -> N
 
 def pending_rows(buffers: Buffers, prefix: str, spectra: np.ndarray) -> np.ndarray:
     """Nav indices ``(m,)`` int64, in nav order, of the stored spectra (finite rows of the nav
-    buffer ``spectra`` ``(nav, c)``) not yet in the statistics."""
-    pending = np.flatnonzero(buffers[f"{prefix}_added"] == 0)
+    buffer ``spectra`` ``(nav, c)``) not yet in the statistics (a basis job's included)."""
+    pending = np.flatnonzero(buffers[f"{prefix}_added"] != 1)
     if len(spectra.shape) < 2 or not spectra.shape[1] or not len(pending):
         return pending
     pending = pending[np.isfinite(spectra[pending, 0])]  # cheap first pass; then whole rows of those
